@@ -1,0 +1,195 @@
+"""Model loading and training modes: the one place every script and notebook gets its CLIP from.
+
+    model, preprocess, tokenizer = load_model()                       # OpenAI ViT-L/14, as the paper
+    model, preprocess, tokenizer = load_model(checkout_path="clip_epoch_4_global_step_final.pth")
+    model, preprocess, tokenizer = load_model("assets/tiny-clip.json", pretrained="none")
+"""
+import os
+import pickle
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+
+# OpenAI trained ViT-L/14 with QuickGELU; open_clip's plain "ViT-L-14" (nn.GELU) is another model for these weights.
+DEFAULT_MODEL = "ViT-L-14-quickgelu"
+DEFAULT_PRETRAINED = "openai"
+
+
+class InputError(ValueError):
+    """A user's mistake (a file, a column, a flag); the message names the culprit and the scripts print it as one line."""
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_num_workers():
+    """DataLoader workers: as many as this process may use, up to 8 (the original's fixed 9 ignored the machine)."""
+    return min(8, len(os.sched_getaffinity(0)))
+
+
+def run_cli(main):
+    """Run a script's main(): a user's mistake ends in one line naming the culprit and exit status 2, not a traceback."""
+    try:
+        main()
+    except InputError as e:
+        # raised in a DataLoader worker, it arrives wrapped in the worker's traceback: keep its own last line
+        message = re.sub(r"^[\w.]*InputError: ", "", str(e).strip().splitlines()[-1])
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def resolve_model_name(model=DEFAULT_MODEL):
+    """An open_clip model name, or the path of an open_clip model-config JSON file (registered under its file stem)."""
+    if model.endswith(".json"):
+        if not os.path.isfile(model):
+            raise InputError(f"--model {model}: no such model-config file")
+        open_clip.add_model_config(model)
+        model = os.path.splitext(os.path.basename(model))[0]
+    if open_clip.get_model_config(model) is None:
+        raise InputError(f"--model {model}: not an open_clip model name (see open_clip.list_models()) nor a config .json file")
+    return model
+
+
+def read_state_dict(path):
+    """Tensors of a weights file (.pth/.pt/.bin state dict, OpenAI's TorchScript .pt, or .safetensors), never running pickled code."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such weights file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state_dict = load_file(path)
+        elif zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+            state_dict = torch.jit.load(path, map_location="cpu").state_dict()  # OpenAI's own download format
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise InputError(f"{path}: refused: it holds more than tensors, and loading it could run code "
+                         f"({str(e).splitlines()[0][:200]})") from None
+    except Exception as e:
+        raise InputError(f"{path}: not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise InputError(f"{path}: not a state dict of tensors")
+    # checkpoints saved from a DDP-wrapped model carry a "module." prefix
+    return {k.removeprefix("module."): v for k, v in state_dict.items()
+            if k not in ("input_resolution", "context_length", "vocab_size")}  # TorchScript-only entries
+
+
+def load_weights(model, path):
+    """Load an OpenAI-format state dict (fp16 or fp32) into `model`, keeping the model's dtype; names the file on mismatch."""
+    state_dict = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                   if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        parts = [f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("wrong shapes", wrong_shape)) if keys]
+        raise InputError(f"{path}: does not fit this model architecture: {'; '.join(parts)}")
+    on_meta = next(model.parameters()).is_meta
+    # assign=True on a meta-device model skips paying for a random init that the file overwrites anyway
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, assign=on_meta)
+    if on_meta and getattr(model, "attn_mask", None) is not None and model.attn_mask.is_meta:
+        # the causal text mask is a non-persistent buffer: not in any file, so rebuild it as open_clip does
+        n = model.attn_mask.shape[0]
+        model.attn_mask = torch.full((n, n), float("-inf")).triu_(1)
+    return model
+
+
+def load_model(model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, checkout_path=None, device="cpu"):
+    """Build (model, preprocess, tokenizer) in fp32, in eval mode.
+
+    model:         an open_clip model name, or the path of an open_clip model-config JSON file.
+    pretrained:    an open_clip weights tag ("openai"), a local weights file, or "none" (random init).
+    checkout_path: an OpenAI-format state dict (fp16 or fp32), e.g. one written by train_pair_pos_neg.py;
+                   it holds every tensor, so `pretrained` is then not loaded at all.
+    """
+    name = resolve_model_name(model)
+    weights_file = checkout_path or (pretrained if pretrained and os.path.isfile(pretrained) else None)
+    if weights_file:
+        with torch.device("meta"):
+            clip = open_clip.create_model(name, pretrained=None, device="meta")
+        load_weights(clip, weights_file)
+    elif pretrained in (None, "", "none"):
+        clip = open_clip.create_model(name, pretrained=None)
+    elif pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep in pretrained:
+        raise InputError(f"--pretrained {pretrained}: no such weights file")
+    else:
+        if not open_clip.get_pretrained_cfg(name, pretrained):
+            raise InputError(f"--pretrained {pretrained}: not a weights tag of {name} "
+                             f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}), nor a file")
+        try:
+            clip = open_clip.create_model(name, pretrained=pretrained)
+        except RuntimeError as e:
+            raise InputError(f"could not fetch the '{pretrained}' weights of {name} ({str(e).splitlines()[0][:160]}); "
+                             f"offline, pass a local file instead: --pretrained /path/to/weights.pt (or .bin, .safetensors)") from None
+    preprocess = image_transform_v2(PreprocessCfg(**clip.visual.preprocess_cfg), is_train=False)
+    return clip.to(device).eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+@dataclass(frozen=True)
+class TrainingMode:
+    visual_blocks: int  # the last k blocks of the image tower are trained; ALL: the whole tower
+    text_blocks: int  # likewise for the text tower
+    extra: tuple = ()  # other trained tensors, by name
+    optimizer: type = torch.optim.Adam
+
+
+ALL = -1
+TEXT_TOWER = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+TRAINING_MODES = {
+    "all": TrainingMode(ALL, ALL, ("logit_scale",)),
+    "visual": TrainingMode(ALL, 0),
+    "visual_upper_layers": TrainingMode(3, 0, ("visual.ln_post",)),
+    "visual_upper_layers_textual_upper_layers": TrainingMode(
+        3, 2, ("visual.ln_post", "ln_final", "text_projection"), torch.optim.AdamW),
+    "visual_upper_layers_textual_upper_layers_deeper": TrainingMode(
+        4, 3, ("visual.ln_post", "ln_final", "text_projection"), torch.optim.AdamW),
+    "visual_last_layer": TrainingMode(1, 0, ("visual.ln_post",)),
+}
+
+
+def _tower_prefixes(blocks, depth, whole_tower, block_prefix):
+    if blocks == ALL:
+        return whole_tower
+    if blocks > depth:
+        raise InputError(f"this model has {depth} blocks in {block_prefix.rsplit('.', 1)[0]}; the mode trains the last {blocks}")
+    return tuple(f"{block_prefix}.{i}" for i in range(depth - blocks, depth))
+
+
+def trainable_parameters(model, training_mode, train_logit_scale=False):
+    """Freeze everything `training_mode` does not train (requires_grad_(False)) and return the trained parameters.
+
+    Blocks are counted from the top of each tower, so a mode means the same on any depth. `logit_scale` only
+    trains in mode "all" and only when the loss uses it (the triplet loss does not, so it never moves there).
+    """
+    mode = TRAINING_MODES[training_mode]
+    if not (hasattr(model, "visual") and hasattr(model.visual, "transformer") and hasattr(model, "transformer")):
+        raise InputError("training modes need a CLIP with a ViT image tower and OpenAI's text tower layout")
+    prefixes = mode.extra
+    prefixes += _tower_prefixes(mode.visual_blocks, len(model.visual.transformer.resblocks), ("visual",),
+                                "visual.transformer.resblocks")
+    prefixes += _tower_prefixes(mode.text_blocks, len(model.transformer.resblocks), TEXT_TOWER, "transformer.resblocks")
+    if not train_logit_scale:
+        prefixes = tuple(p for p in prefixes if p != "logit_scale")
+    trained = []
+    for name, param in model.named_parameters():
+        train = any(name == p or name.startswith(p + ".") for p in prefixes)
+        param.requires_grad_(train)
+        if train:
+            trained.append(param)
+    return trained
+
+
+def make_optimizer(params, training_mode, learning_rate):
+    """The optimizer the original used for the mode: Adam, or AdamW (torch's default weight decay)."""
+    return TRAINING_MODES[training_mode].optimizer(params, lr=learning_rate)

@@ -1,0 +1,88 @@
+"""(prompt, preferred image, other image) triplets from a parquet file or a DataFrame."""
+import os
+
+import pandas as pd
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset
+
+from clip_model import DEFAULT_MODEL, InputError
+
+# as the original: a truncated JPEG loads (the missing part grey) instead of stopping a long run
+ImageFile.LOAD_TRUNCATED_IMAGES = True
+
+COLUMNS = ("prompt", "pos_path", "neg_path")
+
+
+def load_pairs(parquet_file_or_pandas_dataframe):
+    """Read and check a pair table: the columns, at least one row, string prompts, image files that exist.
+
+    Raises InputError naming the file, the column or the row; returns the DataFrame with a fresh 0..n-1 index.
+    """
+    source = parquet_file_or_pandas_dataframe
+    if isinstance(source, pd.DataFrame):
+        df, where = source, "the DataFrame"
+    else:
+        where = str(source)
+        if not os.path.isfile(where):
+            raise InputError(f"{where}: no such parquet file")
+        try:
+            df = pd.read_parquet(where)
+        except Exception as e:
+            raise InputError(f"{where}: not a readable parquet file ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(f"{where}: missing column {', '.join(repr(c) for c in missing)} "
+                         f"(needs {', '.join(COLUMNS)}; has {', '.join(map(str, df.columns))})")
+    if len(df) == 0:
+        raise InputError(f"{where}: no rows")
+    df = df.reset_index(drop=True)
+    for column in COLUMNS:
+        not_str = ~df[column].map(lambda v: isinstance(v, str))
+        if not_str.any():
+            row = int(not_str.idxmax())
+            raise InputError(f"{where}: row {row}, column {column!r}: expected a string, got {df[column][row]!r}")
+    for column in ("pos_path", "neg_path"):
+        exists = df[column].map(os.path.isfile)
+        if not exists.all():
+            row = int((~exists).idxmax())
+            raise InputError(f"{where}: row {row}, column {column!r}: no such image file {df[column][row]!r}")
+    return df
+
+
+def open_image(path, preprocess):
+    """Decode one image and preprocess it; an unreadable file raises InputError naming it."""
+    try:
+        with Image.open(path) as image:
+            return preprocess(image)
+    except Exception as e:
+        raise InputError(f"{path}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+
+
+class PromptImagePair(Dataset):
+    """Items are (text_tokens, pos_image, neg_image): the prompt's 77 CLIP token ids and both preprocessed images.
+
+    Example:
+        df = pd.read_parquet('data.parquet')
+        preprocess_fn = torchvision.transforms.Compose([torchvision.transforms.Resize(224), torchvision.transforms.ToTensor()])
+        dataset = PromptImagePair(df, preprocess_fn)
+        text, pos_img, neg_img = dataset[0]
+
+    `tokenizer` defaults to the tokenizer of the default model (OpenAI's CLIP BPE, truncated to 77 tokens).
+    """
+
+    def __init__(self, parquet_file_or_pandas_dataframe, preprocess, tokenizer=None):
+        self.df = load_pairs(parquet_file_or_pandas_dataframe)
+        self.preprocess = preprocess
+        if tokenizer is None:
+            import open_clip
+            tokenizer = open_clip.get_tokenizer(DEFAULT_MODEL)
+        self.tokenizer = tokenizer
+
+    def __len__(self):
+        return len(self.df)
+
+    def __getitem__(self, idx):
+        prompt, pos_path, neg_path = self.df.loc[idx, list(COLUMNS)]
+        text = self.tokenizer(prompt)[0]
+        return text, open_image(pos_path, self.preprocess), open_image(neg_path, self.preprocess)
+

@@ -1,0 +1,101 @@
+"""Pairwise accuracy: how often the model scores the preferred image above the other one for the prompt.
+
+    python validate.py validation_data.parquet --checkout_path clip_epoch_4_global_step_final.pth
+"""
+import argparse
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, default_device, default_num_workers, load_model,
+                        run_cli)
+from data_set import load_pairs, open_image
+
+
+class ImageFiles(Dataset):
+    def __init__(self, paths, preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, idx):
+        return open_image(self.paths[idx], self.preprocess)
+
+
+@torch.no_grad()
+def encode_images(model, preprocess, paths, device, batch_size=1024, num_workers=0, progress=True):
+    """L2-normalised embeddings of the images at `paths`, in order, as a float32 tensor on the CPU."""
+    loader = DataLoader(ImageFiles(list(paths), preprocess), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=torch.device(device).type == "cuda")
+    return torch.cat([model.encode_image(images.to(device), normalize=True).float().cpu()
+                      for images in tqdm(loader, desc="images", disable=not progress)])
+
+
+@torch.no_grad()
+def encode_prompts(model, tokenizer, prompts, device, batch_size=1024):
+    """L2-normalised embeddings of `prompts`, in order, as a float32 tensor on the CPU."""
+    prompts = list(prompts)
+    return torch.cat([model.encode_text(tokenizer(prompts[i:i + batch_size]).to(device), normalize=True).float().cpu()
+                      for i in range(0, len(prompts), batch_size)])
+
+
+def pair_scores(model, preprocess, tokenizer, pairs, device, batch_size=1024, num_workers=0, progress=True):
+    """Cosine similarity of each pair's prompt with its preferred and its other image: (pos_score, neg_score).
+
+    Preference data repeats images and prompts across pairs, so each distinct one is encoded once.
+    """
+    images = pd.Index(pd.unique(pd.concat([pairs["pos_path"], pairs["neg_path"]], ignore_index=True)))
+    prompts = pd.Index(pd.unique(pairs["prompt"]))
+    image_features = encode_images(model, preprocess, images, device, batch_size, num_workers, progress)
+    text_features = encode_prompts(model, tokenizer, prompts, device, batch_size)
+    text = text_features[prompts.get_indexer(pairs["prompt"])]
+    pos_score = (text * image_features[images.get_indexer(pairs["pos_path"])]).sum(1)
+    neg_score = (text * image_features[images.get_indexer(pairs["neg_path"])]).sum(1)
+    return pos_score, neg_score
+
+
+def pair_accuracy(model, preprocess, tokenizer, pairs, device, batch_size=1024, num_workers=0, progress=True):
+    """Fraction of pairs with cos(prompt, pos) >= cos(prompt, neg)."""
+    pos_score, neg_score = pair_scores(model, preprocess, tokenizer, pairs, device, batch_size, num_workers, progress)
+    return (pos_score >= neg_score).float().mean().item()  # a tie counts as correct, as in the original
+
+
+def validate_image_pair_classifier(parquet_file_or_pandas_dataframe, checkout_path=None, device=None, batch_size=1024,
+                                   num_workers=None, model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED):
+    """Pairwise accuracy of a (fine-tuned) CLIP on a pair table, as a fraction.
+
+    Example:
+        accuracy = validate_image_pair_classifier("validation_data.parquet", checkout_path="classifier_checkpoint.pth")
+        print(f"Accuracy: {accuracy * 100:.2f}%")
+    """
+    device = device or default_device()
+    num_workers = default_num_workers() if num_workers is None else num_workers
+    if batch_size < 1 or num_workers < 0:
+        raise InputError(f"--batch_size must be at least 1 and --num_workers at least 0 (got {batch_size}, {num_workers})")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device on this machine; use --device cpu")
+    pairs = load_pairs(parquet_file_or_pandas_dataframe)  # before the model: a typo costs seconds, not a ViT-L/14 load
+    clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path, device)
+    return pair_accuracy(clip, preprocess, tokenizer, pairs, device, batch_size, num_workers)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parquet_file", help="pairs: columns prompt, pos_path, neg_path")
+    parser.add_argument("--checkout_path", default=None, help="fine-tuned weights (OpenAI-format state dict)")
+    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--batch_size", type=int, default=1024)
+    parser.add_argument("--num_workers", type=int, default=default_num_workers())
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name or model-config .json")
+    parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="open_clip weights tag, weights file, or none")
+    args = parser.parse_args()
+    accuracy = validate_image_pair_classifier(args.parquet_file, args.checkout_path, args.device, args.batch_size,
+                                              args.num_workers, args.model, args.pretrained)
+    print(f"Accuracy: {accuracy * 100:.2f}%")
+
+
+if __name__ == "__main__":
+    run_cli(main)
