@@ -4,6 +4,8 @@
     model, preprocess, tokenizer = load_model(checkout_path="clip_epoch_4_global_step_final.pth")
     model, preprocess, tokenizer = load_model("assets/tiny-clip.json", pretrained="none")
 """
+import contextlib
+import logging
 import os
 import pickle
 import re
@@ -69,8 +71,11 @@ def read_state_dict(path):
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise InputError(f"{path}: refused: it holds more than tensors, and loading it could run code "
-                         f"({str(e).splitlines()[0][:200]})") from None
+        unsafe = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
+        if unsafe:  # weights_only refused to import a callable: the file could run code if loaded with pickle
+            raise InputError(f"{path}: refused: it holds more than tensors ({unsafe.group(1)}), and loading it "
+                             f"could run code") from None
+        raise InputError(f"{path}: not a checkpoint (not a tensor pickle)") from None
     except Exception as e:
         raise InputError(f"{path}: not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
@@ -105,6 +110,16 @@ def load_weights(model, path):
     return model
 
 
+@contextlib.contextmanager
+def _open_clip_quiet():
+    """open_clip logs to the root logger what this module reports itself (random init, a failed download)."""
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def load_model(model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, checkout_path=None, device="cpu"):
     """Build (model, preprocess, tokenizer) in fp32, in eval mode.
 
@@ -116,11 +131,12 @@ def load_model(model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, checkout_path
     name = resolve_model_name(model)
     weights_file = checkout_path or (pretrained if pretrained and os.path.isfile(pretrained) else None)
     if weights_file:
-        with torch.device("meta"):
+        with torch.device("meta"), _open_clip_quiet():
             clip = open_clip.create_model(name, pretrained=None, device="meta")
         load_weights(clip, weights_file)
     elif pretrained in (None, "", "none"):
-        clip = open_clip.create_model(name, pretrained=None)
+        with _open_clip_quiet():
+            clip = open_clip.create_model(name, pretrained=None)
     elif pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep in pretrained:
         raise InputError(f"--pretrained {pretrained}: no such weights file")
     else:
@@ -128,10 +144,11 @@ def load_model(model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, checkout_path
             raise InputError(f"--pretrained {pretrained}: not a weights tag of {name} "
                              f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}), nor a file")
         try:
-            clip = open_clip.create_model(name, pretrained=pretrained)
-        except RuntimeError as e:
-            raise InputError(f"could not fetch the '{pretrained}' weights of {name} ({str(e).splitlines()[0][:160]}); "
-                             f"offline, pass a local file instead: --pretrained /path/to/weights.pt (or .bin, .safetensors)") from None
+            with _open_clip_quiet():
+                clip = open_clip.create_model(name, pretrained=pretrained)
+        except RuntimeError:
+            raise InputError(f"could not download the '{pretrained}' weights of {name} (no network, or not in the hub cache); "
+                             f"pass a local file instead: --pretrained /path/to/weights.pt (or .bin, .safetensors)") from None
     preprocess = image_transform_v2(PreprocessCfg(**clip.visual.preprocess_cfg), is_train=False)
     return clip.to(device).eval(), preprocess, open_clip.get_tokenizer(name)
 
