@@ -4,7 +4,8 @@
         --training_mode visual_upper_layers_textual_upper_layers --batch_size 32 --n_epochs 10 \\
         --save_folder ./clip_model --loss_name triplet
 
-Devices, processes, --mixed_precision and --gradient_accumulation_steps come from `accelerate launch`.
+Devices, processes and --mixed_precision come from `accelerate launch` (or its config); gradient accumulation from
+--gradient_accumulation_steps here, or from accelerate (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, a DeepSpeed config).
 """
 import argparse
 import os
@@ -50,7 +51,8 @@ def save_checkpoint(accelerator, model, save_folder, *names):
 
 def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=5, save_folder="./clip_finetune",
                    loss_name="triplet", checkout_path=None, learning_rate=3e-5, model=DEFAULT_MODEL,
-                   pretrained=DEFAULT_PRETRAINED, num_workers=None, save_every=800, seed=42):
+                   pretrained=DEFAULT_PRETRAINED, num_workers=None, save_every=800, seed=42,
+                   gradient_accumulation_steps=None):
     """Fine-tune a CLIP on a pair table and save checkpoints into `save_folder`; returns the path of the last one.
 
     Example (a notebook, one process):
@@ -62,13 +64,14 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
     if training_mode not in TRAINING_MODES:
         raise InputError(f"--training_mode {training_mode}: unknown; choose from {', '.join(TRAINING_MODES)}")
     for flag, value, least in (("batch_size", batch_size, 1), ("n_epochs", n_epochs, 1), ("save_every", save_every, 1),
-                               ("num_workers", num_workers, 0)):
+                               ("num_workers", num_workers, 0), ("gradient_accumulation_steps", gradient_accumulation_steps or 1, 1)):
         if value < least:
             raise InputError(f"--{flag} must be at least {least} (got {value})")
     pairs = load_pairs(training_file)  # before the model: a typo costs seconds, not a ViT-L/14 load
 
     # a seeded sampler gives every process the same shuffle, so N processes see the batches one process would
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps or 1,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(seed)
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path)
     optimizer = make_optimizer(trainable_parameters(clip, training_mode), training_mode, learning_rate)
@@ -119,10 +122,12 @@ def main():
     parser.add_argument("--num_workers", type=int, default=default_num_workers(), help="DataLoader workers per process")
     parser.add_argument("--save_every", type=int, default=800, help="optimizer steps between checkpoints")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=None,
+                        help="batches per optimizer step (default: accelerate's setting, else 1)")
     args = parser.parse_args()
     finetune_model(args.training_file, args.training_mode, args.batch_size, args.n_epochs, args.save_folder,
                    args.loss_name, args.checkout_path, args.learning_rate, args.model, args.pretrained,
-                   args.num_workers, args.save_every, args.seed)
+                   args.num_workers, args.save_every, args.seed, args.gradient_accumulation_steps)
 
 
 if __name__ == "__main__":

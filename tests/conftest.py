@@ -26,3 +26,24 @@ def tiny_init(tmp_path):
     path = str(tmp_path / "init.pth")
     torch.save(load_model(TINY_CLIP, pretrained="none")[0].state_dict(), path)
     return path
+
+
+def assert_same_steps(ours, expected, start, learning_rate):
+    """Two runs moved the same tensors, and each element the same way wherever the step was made by a gradient.
+
+    Adam's step is lr * m / (sqrt(v) + eps): where a gradient is float noise (exactly zero in exact arithmetic, as
+    for the attention key biases) its step is noise of up to lr, whatever the order of the float reductions. So
+    directions and values are compared where the reference stepped by more than lr / 2, which must be three quarters of the
+    elements that moved.
+    """
+    moved = {k for k in start if not torch.equal(expected[k], start[k])}
+    assert moved == {k for k in start if not torch.equal(ours[k], start[k])}
+    clear_elements = moved_elements = 0
+    for name in moved:
+        expected_step, our_step = expected[name] - start[name], ours[name] - start[name]
+        clear = expected_step.abs() > learning_rate / 2
+        assert torch.equal(torch.sign(expected_step[clear]), torch.sign(our_step[clear])), name
+        assert torch.allclose(expected_step[clear], our_step[clear], rtol=0, atol=0.2 * learning_rate), name
+        clear_elements += clear.sum().item()
+        moved_elements += (expected_step != 0).sum().item()  # e.g. embeddings of tokens never seen do not move
+    assert clear_elements > 0.75 * moved_elements, (clear_elements, moved_elements)

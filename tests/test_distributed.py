@@ -1,0 +1,51 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY_CLIP, assert_same_steps
+
+LEARNING_RATE = 1e-3
+
+
+def train(launcher, tmp_path, name, pairs_file, init, batch_size, env=None, extra=()):
+    save_folder = tmp_path / name
+    result = subprocess.run(
+        [sys.executable, "-m", *launcher, "train_pair_pos_neg.py", "--training_file", pairs_file,
+         "--training_mode", "all", "--batch_size", str(batch_size), "--n_epochs", "1", "--save_folder", str(save_folder),
+         "--model", TINY_CLIP, "--checkout_path", init, "--learning_rate", str(LEARNING_RATE), "--num_workers", "0", *extra],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(save_folder / "clip_epoch_0_global_step_final.pth", weights_only=True)
+
+
+@pytest.fixture
+def one_process_batch_4(shapes_pairs, tiny_init, tmp_path):
+    pairs_file = str(tmp_path / "pairs.parquet")
+    shapes_pairs.iloc[:8].to_parquet(pairs_file)  # 8 pairs: two optimizer steps of 4 pairs
+    launcher = ["accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return pairs_file, train(launcher, tmp_path, "one", pairs_file, tiny_init, 4)
+
+
+def test_two_processes_with_batch_2_end_on_the_weights_of_one_with_batch_4(one_process_batch_4, tiny_init, tmp_path):
+    pairs_file, one = one_process_batch_4
+    two = train(["torch.distributed.run", "--nproc_per_node", "2"], tmp_path, "two", pairs_file, tiny_init, 2,
+                env={"ACCELERATE_USE_CPU": "1"})
+    assert_same_steps(two, one, torch.load(tiny_init, weights_only=True), LEARNING_RATE)
+
+
+@pytest.mark.parametrize("how", ["flag", "accelerate_env"])
+def test_gradient_accumulation_of_2_batches_of_2_ends_on_the_weights_of_batch_4(how, one_process_batch_4, tiny_init,
+                                                                                tmp_path):
+    pairs_file, one = one_process_batch_4
+    launcher = ["accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if how == "flag":
+        accumulated = train(launcher, tmp_path, "accumulated", pairs_file, tiny_init, 2,
+                            extra=["--gradient_accumulation_steps", "2"])
+    else:  # what accelerate's DeepSpeed launcher and configs set
+        accumulated = train(launcher, tmp_path, "accumulated", pairs_file, tiny_init, 2,
+                            env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"})
+    assert_same_steps(accumulated, one, torch.load(tiny_init, weights_only=True), LEARNING_RATE)

@@ -1,0 +1,92 @@
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY_CLIP
+from torch.utils.data import DataLoader
+
+from clip_model import InputError, default_device, load_model
+from data_set import PromptImagePair
+from validate import pair_scores, validate_image_pair_classifier
+
+
+def original_scores(pairs, checkout_path):
+    """The original's loop: every pair's prompt and both images encoded, batch after batch, then cosine compared."""
+    model, preprocess, tokenizer = load_model(TINY_CLIP, checkout_path=checkout_path)
+    pos_scores, neg_scores = [], []
+    with torch.no_grad():
+        for text, pos, neg in DataLoader(PromptImagePair(pairs, preprocess, tokenizer), batch_size=7):
+            text_features, pos_features, neg_features = [
+                f / f.norm(dim=-1, keepdim=True) for f in (model.encode_text(text), model.encode_image(pos),
+                                                           model.encode_image(neg))]
+            pos_scores.append((text_features * pos_features).sum(1))
+            neg_scores.append((text_features * neg_features).sum(1))
+    return torch.cat(pos_scores), torch.cat(neg_scores)
+
+
+@pytest.fixture
+def repeating_pairs(shapes_pairs):
+    """Preference data repeats images and prompts across pairs; the last pair is a tie (the same image twice)."""
+    pairs = shapes_pairs.copy()
+    pairs.loc[5:10, "pos_path"] = pairs.pos_path[0]
+    pairs.loc[11:15, "prompt"] = pairs.prompt[1]
+    pairs.loc[len(pairs) - 1, "neg_path"] = pairs.pos_path[len(pairs) - 1]
+    return pairs
+
+
+def test_scores_and_accuracy_equal_the_originals_on_the_same_weights(repeating_pairs, tiny_init):
+    expected_pos, expected_neg = original_scores(repeating_pairs, tiny_init)
+    model, preprocess, tokenizer = load_model(TINY_CLIP, checkout_path=tiny_init)
+    pos, neg = pair_scores(model, preprocess, tokenizer, repeating_pairs, "cpu", batch_size=5, progress=False)
+    assert torch.allclose(pos, expected_pos, atol=1e-6) and torch.allclose(neg, expected_neg, atol=1e-6)
+    accuracy = validate_image_pair_classifier(repeating_pairs, tiny_init, "cpu", num_workers=0, model=TINY_CLIP)
+    assert accuracy == (expected_pos >= expected_neg).float().mean().item()
+
+
+def test_a_tie_counts_as_correct(repeating_pairs, tiny_init):
+    tie = repeating_pairs.iloc[-1:]
+    assert tie.pos_path.item() == tie.neg_path.item()
+    assert validate_image_pair_classifier(tie, tiny_init, "cpu", num_workers=0, model=TINY_CLIP) == 1.0
+
+
+def run_validate(*args):
+    return subprocess.run([sys.executable, "validate.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_the_cli_prints_the_originals_line(shapes_pairs, tiny_init, tmp_path):
+    shapes_pairs.to_parquet(tmp_path / "pairs.parquet")
+    result = run_validate(str(tmp_path / "pairs.parquet"), "--checkout_path", tiny_init, "--model", TINY_CLIP,
+                          "--device", "cpu", "--num_workers", "1")
+    assert result.returncode == 0, result.stderr
+    accuracy = validate_image_pair_classifier(shapes_pairs, tiny_init, "cpu", num_workers=0, model=TINY_CLIP)
+    assert re.fullmatch(r"Accuracy: \d+\.\d\d%\n", result.stdout)
+    assert result.stdout == f"Accuracy: {accuracy * 100:.2f}%\n"
+
+
+def test_the_cli_names_a_missing_column_in_one_line(shapes_pairs, tmp_path):
+    shapes_pairs.drop(columns="prompt").to_parquet(tmp_path / "pairs.parquet")
+    result = run_validate(str(tmp_path / "pairs.parquet"), "--model", TINY_CLIP, "--pretrained", "none")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'pairs.parquet'}: missing column 'prompt' "
+                                                  f"(needs prompt, pos_path, neg_path; has pos_path, neg_path)"]
+
+
+def test_the_cli_names_an_unreadable_image_from_a_loader_worker_in_one_line(shapes_pairs, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    shapes_pairs.loc[3, "neg_path"] = str(tmp_path / "broken.png")
+    shapes_pairs.to_parquet(tmp_path / "pairs.parquet")
+    result = run_validate(str(tmp_path / "pairs.parquet"), "--model", TINY_CLIP, "--pretrained", "none",
+                          "--device", "cpu", "--num_workers", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'broken.png'}: cannot read image")
+
+
+def test_the_device_defaults_to_cuda_only_where_there_is_one(monkeypatch, shapes_pairs):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == "cpu"
+    with pytest.raises(InputError, match="--device cuda: no CUDA device on this machine"):
+        validate_image_pair_classifier(shapes_pairs, device="cuda", model=TINY_CLIP, pretrained="none")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_device() == "cuda"
