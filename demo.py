@@ -64,7 +64,7 @@ def make_pairs(folder, n_pairs, seed):
     return pd.DataFrame(rows)
 
 
-def run_demo(out="demo_out", n_train=1200, n_val=300, n_epochs=8, batch_size=32, learning_rate=5e-4, seed=0):
+def run_demo(out="demo_out", n_train=1200, n_val=300, n_epochs=5, batch_size=32, learning_rate=5e-4, seed=0):
     """Make the data, save a random init, validate it, fine-tune it through `accelerate launch`, validate again."""
     train_file, val_file = os.path.join(out, "train.parquet"), os.path.join(out, "val.parquet")
     make_pairs(os.path.join(out, "train"), n_train, seed).to_parquet(train_file)
@@ -95,7 +95,7 @@ def run_demo(out="demo_out", n_train=1200, n_val=300, n_epochs=8, batch_size=32,
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out")
-    parser.add_argument("--n_epochs", type=int, default=8)
+    parser.add_argument("--n_epochs", type=int, default=5)
     args = parser.parse_args()
     run_demo(os.path.abspath(args.out), n_epochs=args.n_epochs)
 
