@@ -16,7 +16,8 @@ COLUMNS = ("prompt", "pos_path", "neg_path")
 def load_pairs(parquet_file_or_pandas_dataframe):
     """Read and check a pair table: the columns, at least one row, string prompts, image files that exist.
 
-    Raises InputError naming the file, the column or the row; returns the DataFrame with a fresh 0..n-1 index.
+    Raises InputError naming the file, the column or the row. Rows are named by the frame's index where it is a
+    unique integer index (a parquet file's 0..n-1, or the rows a filtered frame kept), else by position.
     """
     source = parquet_file_or_pandas_dataframe
     if isinstance(source, pd.DataFrame):
@@ -35,7 +36,8 @@ def load_pairs(parquet_file_or_pandas_dataframe):
                          f"(needs {', '.join(COLUMNS)}; has {', '.join(map(str, df.columns))})")
     if len(df) == 0:
         raise InputError(f"{where}: no rows")
-    df = df.reset_index(drop=True)
+    if not (df.index.is_unique and pd.api.types.is_integer_dtype(df.index)):
+        df = df.reset_index(drop=True)
     for column in COLUMNS:
         not_str = ~df[column].map(lambda v: isinstance(v, str))
         if not_str.any():
@@ -47,6 +49,26 @@ def load_pairs(parquet_file_or_pandas_dataframe):
             row = int((~exists).idxmax())
             raise InputError(f"{where}: row {row}, column {column!r}: no such image file {df[column][row]!r}")
     return df
+
+
+def readable(path):
+    """Whether PIL can identify and verify the file as an image (cheap: no full decode)."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:
+        return False
+
+
+def drop_unreadable_pairs(pairs):
+    """The pairs whose two images both read, and the sorted paths of the images that do not."""
+    paths = pd.unique(pd.concat([pairs["pos_path"], pairs["neg_path"]], ignore_index=True))
+    bad = sorted(p for p in paths if not readable(p))
+    keep = ~(pairs["pos_path"].isin(bad) | pairs["neg_path"].isin(bad))
+    if not keep.any():
+        raise InputError(f"no pair left: every pair has an unreadable image (first: {', '.join(bad[:3])})")
+    return pairs[keep], bad
 
 
 def open_image(path, preprocess):
@@ -68,11 +90,13 @@ class PromptImagePair(Dataset):
         text, pos_img, neg_img = dataset[0]
 
     `tokenizer` defaults to the tokenizer of the default model (OpenAI's CLIP BPE, truncated to 77 tokens).
+    `with_row=True` puts the row number first in each item, so a training loop can name a batch's rows.
     """
 
-    def __init__(self, parquet_file_or_pandas_dataframe, preprocess, tokenizer=None):
+    def __init__(self, parquet_file_or_pandas_dataframe, preprocess, tokenizer=None, with_row=False):
         self.df = load_pairs(parquet_file_or_pandas_dataframe)
         self.preprocess = preprocess
+        self.with_row = with_row
         if tokenizer is None:
             import open_clip
             tokenizer = open_clip.get_tokenizer(DEFAULT_MODEL)
@@ -82,7 +106,7 @@ class PromptImagePair(Dataset):
         return len(self.df)
 
     def __getitem__(self, idx):
-        prompt, pos_path, neg_path = self.df.loc[idx, list(COLUMNS)]
-        text = self.tokenizer(prompt)[0]
-        return text, open_image(pos_path, self.preprocess), open_image(neg_path, self.preprocess)
+        prompt, pos_path, neg_path = self.df.iloc[idx][list(COLUMNS)]
+        item = self.tokenizer(prompt)[0], open_image(pos_path, self.preprocess), open_image(neg_path, self.preprocess)
+        return (self.df.index[idx], *item) if self.with_row else item
 

@@ -8,8 +8,13 @@ Devices, processes and --mixed_precision come from `accelerate launch` (or its c
 --gradient_accumulation_steps here, or from accelerate (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, a DeepSpeed config).
 """
 import argparse
+import csv
+import glob
+import json
 import os
+import shutil
 
+import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -18,13 +23,17 @@ from tqdm import tqdm
 
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, TRAINING_MODES, InputError, default_num_workers, load_model,
                         make_optimizer, run_cli, trainable_parameters)
-from data_set import PromptImagePair, load_pairs
-from losses import TripletLoss
+from data_set import PromptImagePair, drop_unreadable_pairs, load_pairs
+from losses import PairwiseLoss, TripletLoss
+from validate import pair_accuracy
 
-LOSSES = {"triplet": TripletLoss}
+LOSSES = {"triplet": TripletLoss, "pairwise": PairwiseLoss}
+SAVE_FORMATS = ("pth", "safetensors")
+METRICS = ("epoch", "step", "loss", "learning_rate", "val_accuracy")
+STATE_PREFIX = "training_state_step_"
 
 
-def save_checkpoint(accelerator, model, save_folder, *names):
+def save_checkpoint(accelerator, model, save_folder, names, save_format="pth"):
     """Write the model's fp32 OpenAI-format state dict once under each name (later names are hard links).
 
     Every process takes part (FSDP/DeepSpeed gather the weights); only the main process writes.
@@ -32,79 +41,196 @@ def save_checkpoint(accelerator, model, save_folder, *names):
     """
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-        first = os.path.join(save_folder, names[0])
-        tmp = first + ".tmp"
-        torch.save(state_dict, tmp)
-        os.replace(tmp, first)
-        for name in names[1:]:
-            tmp = os.path.join(save_folder, name + ".tmp")
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            try:
-                os.link(first, tmp)  # the same bytes under the original's second name, without a second 1.7 GB file
-            except OSError:
-                torch.save(state_dict, tmp)
-            os.replace(tmp, os.path.join(save_folder, name))
+        state_dict = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in state_dict.items()}
+        paths = [os.path.join(save_folder, f"{name}.{save_format}") for name in names]
+        tmp = paths[0] + ".tmp"
+        if save_format == "safetensors":
+            from safetensors.torch import save_file
+            save_file(state_dict, tmp)
+        else:
+            torch.save(state_dict, tmp)
+        os.replace(tmp, paths[0])
+        for path in paths[1:]:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            os.link(paths[0], path + ".tmp")  # the same bytes under the original's second name: no second file
+            os.replace(path + ".tmp", path)
     accelerator.wait_for_everyone()
+
+
+def save_training_state(accelerator, save_folder, progress):
+    """accelerate's save_state (model, optimizer, RNG) plus our position, into a folder renamed into place when whole;
+    only the newest such folder is kept."""
+    final = os.path.join(save_folder, f"{STATE_PREFIX}{progress['step']}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "progress.json"), "w") as f:
+            json.dump(progress, f)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for older in glob.glob(os.path.join(save_folder, f"{STATE_PREFIX}*")):
+            if older != final and not older.endswith(".tmp"):
+                shutil.rmtree(older)
+    accelerator.wait_for_everyone()
+
+
+def find_training_state(resume_from_checkpoint, save_folder):
+    """The state folder to resume from: the path given, or for "latest" the newest complete one in save_folder."""
+    if resume_from_checkpoint == "latest":
+        states = [p for p in glob.glob(os.path.join(save_folder, f"{STATE_PREFIX}*")) if not p.endswith(".tmp")]
+        if not states:
+            raise InputError(f"--resume_from_checkpoint latest: no training state in {save_folder}")
+        return max(states, key=lambda p: int(p.rsplit("_", 1)[1]))
+    if not os.path.isfile(os.path.join(resume_from_checkpoint, "progress.json")):
+        raise InputError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a training state folder "
+                         f"(a {STATE_PREFIX}N folder in a save_folder)")
+    return resume_from_checkpoint
+
+
+class MetricsLog:
+    """save_folder/metrics.csv, a row per optimizer step, and the same to accelerate's trackers (--report_to)."""
+
+    def __init__(self, accelerator, save_folder, resumed_step):
+        self.accelerator, self.path = accelerator, os.path.join(save_folder, "metrics.csv")
+        if accelerator.is_main_process:
+            if resumed_step is not None and os.path.exists(self.path):  # drop the steps a killed run did not save
+                rows = pd.read_csv(self.path)
+                rows[rows.step <= resumed_step].to_csv(self.path, index=False)
+            elif resumed_step is None or not os.path.exists(self.path):
+                with open(self.path, "w", newline="") as f:
+                    csv.writer(f).writerow(METRICS)
+
+    def log(self, **row):
+        self.accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
+        if self.accelerator.is_main_process:
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f).writerow(["" if row.get(k) is None else row[k] for k in METRICS])
 
 
 def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=5, save_folder="./clip_finetune",
                    loss_name="triplet", checkout_path=None, learning_rate=3e-5, model=DEFAULT_MODEL,
                    pretrained=DEFAULT_PRETRAINED, num_workers=None, save_every=800, seed=42,
-                   gradient_accumulation_steps=None):
+                   gradient_accumulation_steps=None, validation_file=None, report_to=None, save_format="pth",
+                   resume_from_checkpoint=None, skip_bad_images=False, skip_nonfinite_loss=False):
     """Fine-tune a CLIP on a pair table and save checkpoints into `save_folder`; returns the path of the last one.
 
     Example (a notebook, one process):
         finetune_model("training_file.parquet", "visual_upper_layers", batch_size=32, n_epochs=1)
     """
     num_workers = default_num_workers() if num_workers is None else num_workers
-    if loss_name not in LOSSES:
-        raise InputError(f"--loss_name {loss_name}: unknown; choose from {', '.join(LOSSES)}")
-    if training_mode not in TRAINING_MODES:
-        raise InputError(f"--training_mode {training_mode}: unknown; choose from {', '.join(TRAINING_MODES)}")
+    for flag, value, choices in (("loss_name", loss_name, LOSSES), ("training_mode", training_mode, TRAINING_MODES),
+                                 ("save_format", save_format, SAVE_FORMATS)):
+        if value not in choices:
+            raise InputError(f"--{flag} {value}: unknown; choose from {', '.join(choices)}")
     for flag, value, least in (("batch_size", batch_size, 1), ("n_epochs", n_epochs, 1), ("save_every", save_every, 1),
                                ("num_workers", num_workers, 0), ("gradient_accumulation_steps", gradient_accumulation_steps or 1, 1)):
         if value < least:
             raise InputError(f"--{flag} must be at least {least} (got {value})")
-    pairs = load_pairs(training_file)  # before the model: a typo costs seconds, not a ViT-L/14 load
+    # the data is checked before the model loads: a typo costs seconds, not a ViT-L/14 load
+    pairs = load_pairs(training_file)
+    validation_pairs = load_pairs(validation_file) if validation_file is not None else None
+    state_dir = find_training_state(resume_from_checkpoint, save_folder) if resume_from_checkpoint else None
 
     # a seeded sampler gives every process the same shuffle, so N processes see the batches one process would
-    accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps or 1,
+    accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps or 1, log_with=report_to,
+                              project_dir=save_folder,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(seed)
+    if skip_bad_images:
+        pairs, bad = drop_unreadable_pairs(pairs)
+        if bad and accelerator.is_main_process:
+            print(f"skipping pairs with unreadable images: {len(bad)} images, first: {', '.join(bad[:5])}; "
+                  f"{len(pairs)} pairs left")
+    loss_fn = LOSSES[loss_name]()
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path)
-    optimizer = make_optimizer(trainable_parameters(clip, training_mode), training_mode, learning_rate)
-    loader = DataLoader(PromptImagePair(pairs, preprocess, tokenizer), batch_size=batch_size, shuffle=True,
-                        num_workers=num_workers, pin_memory=accelerator.device.type == "cuda",
+    optimizer = make_optimizer(trainable_parameters(clip, training_mode, loss_fn.uses_logit_scale), training_mode,
+                               learning_rate)
+    loader = DataLoader(PromptImagePair(pairs, preprocess, tokenizer, with_row=True), batch_size=batch_size,
+                        shuffle=True, num_workers=num_workers, pin_memory=accelerator.device.type == "cuda",
                         persistent_workers=num_workers > 0)
     # the model itself is prepared and called, so DDP synchronises gradients and autocast applies
     clip, optimizer, loader = accelerator.prepare(clip, optimizer, loader)
-    loss_fn = LOSSES[loss_name]()
     if accelerator.is_main_process:
         os.makedirs(save_folder, exist_ok=True)
 
+    progress = {"epoch": 0, "batches_done": 0, "step": 0, "skipped_steps": 0}
+    if state_dir:
+        accelerator.load_state(state_dir)
+        with open(os.path.join(state_dir, "progress.json")) as f:
+            progress = json.load(f)
+        accelerator.print(f"resuming from {state_dir}: epoch {progress['epoch']}, step {progress['step']}")
+    metrics = MetricsLog(accelerator, save_folder, progress["step"] if state_dir else None)
+    if report_to:
+        accelerator.init_trackers("social_reward", config={
+            "training_mode": training_mode, "batch_size": batch_size, "n_epochs": n_epochs, "loss_name": loss_name,
+            "learning_rate": learning_rate, "model": model, "num_processes": accelerator.num_processes})
+
+    def validate():
+        if validation_pairs is None:
+            return None
+        accuracy = None
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(clip).eval()
+            accuracy = pair_accuracy(unwrapped, preprocess, tokenizer, validation_pairs, accelerator.device,
+                                     num_workers=num_workers, progress=False)
+            unwrapped.train()
+            tqdm.write(f"step {progress['step']}: validation Accuracy: {accuracy * 100:.2f}%")
+        accelerator.wait_for_everyone()
+        return accuracy
+
     clip.train()
-    step = 0
-    for epoch in range(n_epochs):
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process)
-        for text, pos_images, neg_images in bar:
+    for epoch in range(progress["epoch"], n_epochs):
+        loader.set_epoch(epoch)  # the epoch's shuffle, the same after a resume
+        skip = progress["batches_done"] if epoch == progress["epoch"] else 0
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        bar = tqdm(epoch_loader, desc=f"epoch {epoch}", initial=skip, total=len(loader),
+                   disable=not accelerator.is_local_main_process)
+        losses = []
+        for batch_index, (rows, text, pos_images, neg_images) in enumerate(bar, start=skip):
             with accelerator.accumulate(clip):
-                image_features, text_features, _ = clip(torch.cat([pos_images, neg_images]), text)
+                image_features, text_features, logit_scale = clip(torch.cat([pos_images, neg_images]), text)
                 pos_features, neg_features = image_features.float().chunk(2)
-                loss = loss_fn(text_features.float(), pos_features, neg_features)
+                extra = (logit_scale.float(),) if loss_fn.uses_logit_scale else ()
+                loss = loss_fn(text_features.float(), pos_features, neg_features, *extra)
+                all_losses = accelerator.gather(loss.detach()[None])
+                if not torch.isfinite(all_losses).all():
+                    bad_rows = accelerator.gather(rows.to(accelerator.device)).tolist()
+                    if not skip_nonfinite_loss:
+                        raise InputError(f"step {progress['step'] + 1} (epoch {epoch}): the loss is not finite "
+                                         f"({all_losses.tolist()}) on the batch of rows {bad_rows}; the last "
+                                         f"checkpoint in {save_folder} is intact (--skip_nonfinite_loss skips such steps)")
+                    progress["skipped_steps"] += 1
+                    accelerator.print(f"skipped a step with a non-finite loss, rows {bad_rows}")
+                    optimizer.zero_grad()
+                    continue
+                losses.append(all_losses.mean())
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                step += 1
-                bar.set_postfix(loss=f"{loss.item():.4f}", step=step)
-                if step % save_every == 0:
-                    save_checkpoint(accelerator, clip, save_folder, f"clip_epoch_{epoch}_global_step_{step}.pth")
-        save_checkpoint(accelerator, clip, save_folder, f"clip_epoch_{epoch}_global_step_final.pth",
-                        f"clip_epoch_{epoch}_global_step_{step}.pth")
+            if not accelerator.sync_gradients:
+                continue
+            progress.update(step=progress["step"] + 1, epoch=epoch, batches_done=batch_index + 1)
+            step, step_loss, losses = progress["step"], torch.stack(losses).mean().item(), []
+            bar.set_postfix(loss=f"{step_loss:.4f}", step=step)
+            epoch_end = batch_index + 1 == len(loader)
+            names = [f"clip_epoch_{epoch}_global_step_{step}"] if step % save_every == 0 else []
+            if epoch_end:
+                names = [f"clip_epoch_{epoch}_global_step_final", f"clip_epoch_{epoch}_global_step_{step}"]
+            metrics.log(epoch=epoch, step=step, loss=step_loss, learning_rate=optimizer.param_groups[0]["lr"],
+                        val_accuracy=validate() if names else None)
+            if names:
+                save_checkpoint(accelerator, clip, save_folder, names, save_format)
+                save_training_state(accelerator, save_folder, {**progress, "epoch": epoch + epoch_end,
+                                                               "batches_done": 0 if epoch_end else batch_index + 1})
+    if progress["skipped_steps"]:
+        accelerator.print(f"skipped {progress['skipped_steps']} steps with a non-finite loss")
     accelerator.end_training()
-    return os.path.join(save_folder, f"clip_epoch_{n_epochs - 1}_global_step_final.pth")
+    return os.path.join(save_folder, f"clip_epoch_{n_epochs - 1}_global_step_final.{save_format}")
 
 
 def main():
@@ -124,10 +250,15 @@ def main():
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=None,
                         help="batches per optimizer step (default: accelerate's setting, else 1)")
+    parser.add_argument("--validation_file", default=None, help="pairs to measure accuracy on at each checkpoint")
+    parser.add_argument("--report_to", default=None, help="an accelerate tracker: tensorboard, wandb, mlflow, ...")
+    parser.add_argument("--save_format", default="pth", choices=SAVE_FORMATS)
+    parser.add_argument("--resume_from_checkpoint", default=None,
+                        help="'latest' (in --save_folder) or a training_state_step_N folder")
+    parser.add_argument("--skip_bad_images", action="store_true", help="skip pairs whose images cannot be read")
+    parser.add_argument("--skip_nonfinite_loss", action="store_true", help="skip steps whose loss is nan/inf")
     args = parser.parse_args()
-    finetune_model(args.training_file, args.training_mode, args.batch_size, args.n_epochs, args.save_folder,
-                   args.loss_name, args.checkout_path, args.learning_rate, args.model, args.pretrained,
-                   args.num_workers, args.save_every, args.seed, args.gradient_accumulation_steps)
+    finetune_model(**vars(args))
 
 
 if __name__ == "__main__":

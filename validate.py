@@ -3,6 +3,7 @@
     python validate.py validation_data.parquet --checkout_path clip_epoch_4_global_step_final.pth
 """
 import argparse
+import sys
 
 import pandas as pd
 import torch
@@ -11,7 +12,7 @@ from tqdm import tqdm
 
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, default_device, default_num_workers, load_model,
                         run_cli)
-from data_set import load_pairs, open_image
+from data_set import drop_unreadable_pairs, load_pairs, open_image
 
 
 class ImageFiles(Dataset):
@@ -63,9 +64,20 @@ def pair_accuracy(model, preprocess, tokenizer, pairs, device, batch_size=1024, 
     return (pos_score >= neg_score).float().mean().item()  # a tie counts as correct, as in the original
 
 
+def write_pair_scores(pairs, pos_score, neg_score, path):
+    """Every pair with its pos_score, neg_score and whether it counted as correct, as csv or parquet by extension."""
+    table = pairs.assign(pos_score=pos_score.numpy(), neg_score=neg_score.numpy(),
+                         correct=(pos_score >= neg_score).numpy())
+    table.to_parquet(path) if path.endswith(".parquet") else table.to_csv(path, index_label="row")
+
+
 def validate_image_pair_classifier(parquet_file_or_pandas_dataframe, checkout_path=None, device=None, batch_size=1024,
-                                   num_workers=None, model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED):
+                                   num_workers=None, model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED,
+                                   scores_out=None, skip_bad_images=False):
     """Pairwise accuracy of a (fine-tuned) CLIP on a pair table, as a fraction.
+
+    scores_out:      also write every pair's scores there (.csv or .parquet).
+    skip_bad_images: leave out the pairs whose images cannot be read (reported) instead of stopping.
 
     Example:
         accuracy = validate_image_pair_classifier("validation_data.parquet", checkout_path="classifier_checkpoint.pth")
@@ -77,9 +89,19 @@ def validate_image_pair_classifier(parquet_file_or_pandas_dataframe, checkout_pa
         raise InputError(f"--batch_size must be at least 1 and --num_workers at least 0 (got {batch_size}, {num_workers})")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA device on this machine; use --device cpu")
+    if scores_out is not None and not scores_out.endswith((".csv", ".parquet")):
+        raise InputError(f"--scores_out {scores_out}: name a .csv or .parquet file")
     pairs = load_pairs(parquet_file_or_pandas_dataframe)  # before the model: a typo costs seconds, not a ViT-L/14 load
+    if skip_bad_images:
+        pairs, bad = drop_unreadable_pairs(pairs)
+        if bad:
+            print(f"skipping pairs with unreadable images: {len(bad)} images, first: {', '.join(bad[:5])}; "
+                  f"{len(pairs)} pairs left", file=sys.stderr)
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path, device)
-    return pair_accuracy(clip, preprocess, tokenizer, pairs, device, batch_size, num_workers)
+    pos_score, neg_score = pair_scores(clip, preprocess, tokenizer, pairs, device, batch_size, num_workers)
+    if scores_out is not None:
+        write_pair_scores(pairs, pos_score, neg_score, scores_out)
+    return (pos_score >= neg_score).float().mean().item()  # a tie counts as correct, as in the original
 
 
 def main():
@@ -91,9 +113,12 @@ def main():
     parser.add_argument("--num_workers", type=int, default=default_num_workers())
     parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name or model-config .json")
     parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="open_clip weights tag, weights file, or none")
+    parser.add_argument("--scores_out", default=None, help="write each pair's scores here (.csv or .parquet)")
+    parser.add_argument("--skip_bad_images", action="store_true", help="skip pairs whose images cannot be read")
     args = parser.parse_args()
     accuracy = validate_image_pair_classifier(args.parquet_file, args.checkout_path, args.device, args.batch_size,
-                                              args.num_workers, args.model, args.pretrained)
+                                              args.num_workers, args.model, args.pretrained, args.scores_out,
+                                              args.skip_bad_images)
     print(f"Accuracy: {accuracy * 100:.2f}%")
 
 

@@ -55,7 +55,7 @@ def test_checkpoints_keep_the_original_names_and_cadence(shapes_pairs, tiny_init
     # 10 pairs in batches of 3: 4 steps an epoch; a checkpoint every 3 steps and at each epoch end
     finetune_model(shapes_pairs.iloc[:10], "visual_last_layer", batch_size=3, n_epochs=2, save_folder=str(save_folder),
                    checkout_path=tiny_init, model=TINY_CLIP, num_workers=0, save_every=3)
-    assert sorted(os.listdir(save_folder)) == sorted([
+    assert sorted(f for f in os.listdir(save_folder) if f.endswith(".pth")) == sorted([
         "clip_epoch_0_global_step_3.pth", "clip_epoch_0_global_step_4.pth", "clip_epoch_0_global_step_final.pth",
         "clip_epoch_1_global_step_6.pth", "clip_epoch_1_global_step_8.pth", "clip_epoch_1_global_step_final.pth"])
     final, last_step = save_folder / "clip_epoch_1_global_step_final.pth", save_folder / "clip_epoch_1_global_step_8.pth"
