@@ -14,7 +14,7 @@ COLUMNS = ("prompt", "pos_path", "neg_path")
 
 
 def load_pairs(parquet_file_or_pandas_dataframe):
-    """Read and check a pair table: the columns, at least one row, string prompts, image files that exist.
+    """Read and check a pair table: the columns, at least one row, string prompts, image files that exist and are not empty.
 
     Raises InputError naming the file, the column or the row. Rows are named by the frame's index where it is a
     unique integer index (a parquet file's 0..n-1, or the rows a filtered frame kept), else by position.
@@ -44,10 +44,11 @@ def load_pairs(parquet_file_or_pandas_dataframe):
             row = int(not_str.idxmax())
             raise InputError(f"{where}: row {row}, column {column!r}: expected a string, got {df[column][row]!r}")
     for column in ("pos_path", "neg_path"):
-        exists = df[column].map(os.path.isfile)
-        if not exists.all():
-            row = int((~exists).idxmax())
-            raise InputError(f"{where}: row {row}, column {column!r}: no such image file {df[column][row]!r}")
+        sizes = df[column].map(lambda path: os.path.getsize(path) if os.path.isfile(path) else -1)
+        if (sizes <= 0).any():
+            row = int((sizes <= 0).idxmax())
+            problem = "no such image file" if sizes[row] < 0 else "empty (zero-byte) image file"
+            raise InputError(f"{where}: row {row}, column {column!r}: {problem} {df[column][row]!r}")
     return df
 
 

@@ -1,0 +1,80 @@
+"""Score and rank images for a prompt: the cosine similarity validate.py compares, best first.
+
+    python score.py --prompt "a cat astronaut, digital art" a.png b.png c.png --checkout_path clip_final.pth \\
+        --output scores.csv --grid ranking.png
+"""
+import argparse
+import math
+import os
+
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, default_device, default_num_workers, load_model,
+                        run_cli)
+from validate import encode_images, encode_prompts
+
+
+def score_images(prompt, image_paths, model, preprocess, tokenizer, device="cpu", batch_size=1024, num_workers=0):
+    """Cosine similarity of `prompt` with each image, in the order given (a float tensor)."""
+    image_features = encode_images(model, preprocess, image_paths, device, batch_size, num_workers)
+    return image_features @ encode_prompts(model, tokenizer, [prompt], device)[0]
+
+
+def rank_images(prompt, image_paths, checkout_path=None, device=None, batch_size=1024, num_workers=None,
+                model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED):
+    """A DataFrame of path, score, best first.
+
+    Example:
+        ranking = rank_images("a red fox in the snow", ["a.png", "b.png"], checkout_path="clip_final.pth")
+    """
+    missing = [p for p in image_paths if not os.path.isfile(p)]
+    if missing:
+        raise InputError(f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    device = device or default_device()
+    num_workers = default_num_workers() if num_workers is None else num_workers
+    clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path, device)
+    scores = score_images(prompt, image_paths, clip, preprocess, tokenizer, device, batch_size, num_workers)
+    ranking = pd.DataFrame({"path": list(image_paths), "score": scores.numpy()})
+    return ranking.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def contact_sheet(ranking, path, thumb=224, columns=5):
+    """Draw the ranked images in a grid, each with its rank and score underneath, and save it to `path`."""
+    columns = min(columns, len(ranking))
+    rows, label = math.ceil(len(ranking) / columns), 28
+    sheet = Image.new("RGB", (columns * thumb, rows * (thumb + label)), "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default(size=15)
+    for i, (image_path, score) in enumerate(zip(ranking.path, ranking.score)):
+        x, y = (i % columns) * thumb, (i // columns) * (thumb + label)
+        with Image.open(image_path) as image:
+            sheet.paste(ImageOps.pad(image.convert("RGB"), (thumb, thumb), color="white"), (x, y))
+        draw.text((x + 6, y + thumb + 6), f"#{i + 1}  {score:.4f}  {os.path.basename(image_path)[:24]}", fill="black", font=font)
+    sheet.save(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", help="image files to rank")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--checkout_path", default=None, help="fine-tuned weights (OpenAI-format state dict)")
+    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--batch_size", type=int, default=1024)
+    parser.add_argument("--num_workers", type=int, default=default_num_workers())
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name or model-config .json")
+    parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="open_clip weights tag, weights file, or none")
+    parser.add_argument("--output", default=None, help="write path,score rows to this .csv")
+    parser.add_argument("--grid", default=None, help="draw the ranking into this image file (.png)")
+    args = parser.parse_args()
+    ranking = rank_images(args.prompt, args.images, args.checkout_path, args.device, args.batch_size,
+                          args.num_workers, args.model, args.pretrained)
+    for rank, (path, score) in enumerate(zip(ranking.path, ranking.score), start=1):
+        print(f"{rank:>4}  {score:.4f}  {path}")
+    if args.output:
+        ranking.to_csv(args.output, index=False)
+    if args.grid:
+        contact_sheet(ranking, args.grid)
+
+
+if __name__ == "__main__":
+    run_cli(main)
