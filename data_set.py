@@ -13,11 +13,12 @@ ImageFile.LOAD_TRUNCATED_IMAGES = True
 COLUMNS = ("prompt", "pos_path", "neg_path")
 
 
-def load_pairs(parquet_file_or_pandas_dataframe):
+def load_pairs(parquet_file_or_pandas_dataframe, check_files=True):
     """Read and check a pair table: the columns, at least one row, string prompts, image files that exist and are not empty.
 
     Raises InputError naming the file, the column or the row. Rows are named by the frame's index where it is a
     unique integer index (a parquet file's 0..n-1, or the rows a filtered frame kept), else by position.
+    check_files=False leaves missing and empty image files to drop_unreadable_pairs (--skip_bad_images).
     """
     source = parquet_file_or_pandas_dataframe
     if isinstance(source, pd.DataFrame):
@@ -42,8 +43,10 @@ def load_pairs(parquet_file_or_pandas_dataframe):
         not_str = ~df[column].map(lambda v: isinstance(v, str))
         if not_str.any():
             row = int(not_str.idxmax())
-            raise InputError(f"{where}: row {row}, column {column!r}: expected a string, got {df[column][row]!r}")
-    for column in ("pos_path", "neg_path"):
+            value = df[column][row]
+            raise InputError(f"{where}: row {row}, column {column!r}: expected a string, got "
+                             f"{'null' if pd.isna(value) else repr(value)}")
+    for column in ("pos_path", "neg_path") if check_files else ():
         sizes = df[column].map(lambda path: os.path.getsize(path) if os.path.isfile(path) else -1)
         if (sizes <= 0).any():
             row = int((sizes <= 0).idxmax())

@@ -132,7 +132,7 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
         if value < least:
             raise InputError(f"--{flag} must be at least {least} (got {value})")
     # the data is checked before the model loads: a typo costs seconds, not a ViT-L/14 load
-    pairs = load_pairs(training_file)
+    pairs = load_pairs(training_file, check_files=not skip_bad_images)
     validation_pairs = load_pairs(validation_file) if validation_file is not None else None
     state_dir = find_training_state(resume_from_checkpoint, save_folder) if resume_from_checkpoint else None
 

@@ -91,7 +91,8 @@ def validate_image_pair_classifier(parquet_file_or_pandas_dataframe, checkout_pa
         raise InputError(f"--device {device}: no CUDA device on this machine; use --device cpu")
     if scores_out is not None and not scores_out.endswith((".csv", ".parquet")):
         raise InputError(f"--scores_out {scores_out}: name a .csv or .parquet file")
-    pairs = load_pairs(parquet_file_or_pandas_dataframe)  # before the model: a typo costs seconds, not a ViT-L/14 load
+    # the data is checked before the model loads: a typo costs seconds, not a ViT-L/14 load
+    pairs = load_pairs(parquet_file_or_pandas_dataframe, check_files=not skip_bad_images)
     if skip_bad_images:
         pairs, bad = drop_unreadable_pairs(pairs)
         if bad:
