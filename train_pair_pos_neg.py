@@ -17,12 +17,12 @@ import shutil
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, TRAINING_MODES, InputError, default_num_workers, load_model,
-                        make_optimizer, run_cli, trainable_parameters)
+                        load_weights, make_optimizer, run_cli, trainable_parameters)
 from data_set import PromptImagePair, drop_unreadable_pairs, load_pairs
 from losses import PairwiseLoss, TripletLoss
 from validate import pair_accuracy
@@ -59,8 +59,8 @@ def save_checkpoint(accelerator, model, save_folder, names, save_format="pth"):
 
 
 def save_training_state(accelerator, save_folder, progress):
-    """accelerate's save_state (model, optimizer, RNG) plus our position, into a folder renamed into place when whole;
-    only the newest such folder is kept."""
+    """accelerate's save_state (optimizer, RNG; the weights are in progress["checkpoint"]) plus our position, into a
+    folder renamed into place when whole; only the newest such folder is kept."""
     final = os.path.join(save_folder, f"{STATE_PREFIX}{progress['step']}")
     tmp = final + ".tmp"
     if accelerator.is_main_process and os.path.exists(tmp):
@@ -157,12 +157,18 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
     clip, optimizer, loader = accelerator.prepare(clip, optimizer, loader)
     if accelerator.is_main_process:
         os.makedirs(save_folder, exist_ok=True)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if not sharded:  # the weights are in the checkpoint saved at the same step: not a second copy in the state folder
+        accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+        accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
     progress = {"epoch": 0, "batches_done": 0, "step": 0, "skipped_steps": 0}
     if state_dir:
-        accelerator.load_state(state_dir)
         with open(os.path.join(state_dir, "progress.json")) as f:
             progress = json.load(f)
+        if not sharded:
+            load_weights(accelerator.unwrap_model(clip), os.path.join(save_folder, progress["checkpoint"]))
+        accelerator.load_state(state_dir)
         accelerator.print(f"resuming from {state_dir}: epoch {progress['epoch']}, step {progress['step']}")
     metrics = MetricsLog(accelerator, save_folder, progress["step"] if state_dir else None)
     if report_to:
@@ -226,7 +232,8 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
             if names:
                 save_checkpoint(accelerator, clip, save_folder, names, save_format)
                 save_training_state(accelerator, save_folder, {**progress, "epoch": epoch + epoch_end,
-                                                               "batches_done": 0 if epoch_end else batch_index + 1})
+                                                               "batches_done": 0 if epoch_end else batch_index + 1,
+                                                               "checkpoint": f"{names[0]}.{save_format}"})
     if progress["skipped_steps"]:
         accelerator.print(f"skipped {progress['skipped_steps']} steps with a non-finite loss")
     accelerator.end_training()

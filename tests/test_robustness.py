@@ -233,3 +233,11 @@ def test_a_non_string_prompt_is_always_named_by_its_row(prompts):
                 PromptImagePair(frame, PREPROCESS)
         else:
             assert len(PromptImagePair(frame, PREPROCESS)) == len(prompts)
+
+
+def test_the_training_state_holds_no_second_copy_of_the_weights(shapes_pairs, tiny_init, tmp_path):
+    finetune_model(shapes_pairs.iloc[:6], "visual_last_layer", batch_size=3, n_epochs=1, save_folder=str(tmp_path / "run"),
+                   checkout_path=tiny_init, model=TINY_CLIP, num_workers=0)
+    (state,) = glob.glob(str(tmp_path / "run" / "training_state_step_*"))
+    largest = max(os.path.getsize(f) for f in glob.glob(os.path.join(state, "*")))
+    assert largest < os.path.getsize(tiny_init) / 10  # optimizer state of the trained block, RNG, position
