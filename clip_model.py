@@ -207,6 +207,19 @@ def trainable_parameters(model, training_mode, train_logit_scale=False):
     return trained
 
 
+def train_mode(model):
+    """model.train(), with the transformer blocks that train nothing in eval mode.
+
+    CLIP has no dropout, so eval changes one thing there: PyTorch runs its fused attention kernel (the inference
+    fast path of nn.MultiheadAttention) on the frozen trunk, about 15% off a ViT-L/14 step on a CPU.
+    """
+    model.train()
+    for blocks in (model.visual.transformer.resblocks, model.transformer.resblocks):
+        for block in blocks:
+            block.train(any(p.requires_grad for p in block.parameters()))
+    return model
+
+
 def make_optimizer(params, training_mode, learning_rate):
     """The optimizer the original used for the mode: Adam, or AdamW (torch's default weight decay)."""
     return TRAINING_MODES[training_mode].optimizer(params, lr=learning_rate)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, TRAINING_MODES, InputError, default_num_workers, load_model,
-                        load_weights, make_optimizer, run_cli, trainable_parameters)
+                        load_weights, make_optimizer, run_cli, train_mode, trainable_parameters)
 from data_set import PromptImagePair, drop_unreadable_pairs, load_pairs
 from losses import PairwiseLoss, TripletLoss
 from validate import pair_accuracy
@@ -184,12 +184,12 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
             unwrapped = accelerator.unwrap_model(clip).eval()
             accuracy = pair_accuracy(unwrapped, preprocess, tokenizer, validation_pairs, accelerator.device,
                                      num_workers=num_workers, progress=False)
-            unwrapped.train()
+            train_mode(unwrapped)
             tqdm.write(f"step {progress['step']}: validation Accuracy: {accuracy * 100:.2f}%")
         accelerator.wait_for_everyone()
         return accuracy
 
-    clip.train()
+    train_mode(accelerator.unwrap_model(clip))
     for epoch in range(progress["epoch"], n_epochs):
         loader.set_epoch(epoch)  # the epoch's shuffle, the same after a resume
         skip = progress["batches_done"] if epoch == progress["epoch"] else 0

@@ -12,18 +12,18 @@ from tqdm import tqdm
 
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, default_device, default_num_workers, load_model,
                         run_cli)
-from data_set import drop_unreadable_pairs, load_pairs, open_image
+from data_set import drop_unreadable_pairs, load_pairs, open_image, resize_target
 
 
 class ImageFiles(Dataset):
     def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = paths, preprocess
+        self.paths, self.preprocess, self.draft_size = paths, preprocess, resize_target(preprocess)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, idx):
-        return open_image(self.paths[idx], self.preprocess)
+        return open_image(self.paths[idx], self.preprocess, self.draft_size)
 
 
 @torch.no_grad()
@@ -50,7 +50,9 @@ def pair_scores(model, preprocess, tokenizer, pairs, device, batch_size=1024, nu
     """
     images = pd.Index(pd.unique(pd.concat([pairs["pos_path"], pairs["neg_path"]], ignore_index=True)))
     prompts = pd.Index(pd.unique(pairs["prompt"]))
-    image_features = encode_images(model, preprocess, images, device, batch_size, num_workers, progress)
+    # no encode call holds more images than the original's did (a batch of pairs' images): larger calls are slower
+    # on a CPU, and the set of distinct images can be twice the number of pairs
+    image_features = encode_images(model, preprocess, images, device, min(batch_size, len(pairs)), num_workers, progress)
     text_features = encode_prompts(model, tokenizer, prompts, device, batch_size)
     text = text_features[prompts.get_indexer(pairs["prompt"])]
     pos_score = (text * image_features[images.get_indexer(pairs["pos_path"])]).sum(1)

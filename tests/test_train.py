@@ -3,34 +3,19 @@ import os
 import pytest
 import torch
 from conftest import TINY_CLIP, assert_same_steps
-from torch.utils.data import default_collate
+from original import original_train
 
-from clip_model import TRAINING_MODES, InputError, load_model, make_optimizer, trainable_parameters
-from data_set import PromptImagePair
+from clip_model import TRAINING_MODES, InputError, load_model, trainable_parameters
 from losses import TripletLoss
 from train_pair_pos_neg import finetune_model
 from validate import validate_image_pair_classifier
-
-
-def original_step(init, pairs, mode, learning_rate):
-    """One step as the original computed it: nothing frozen, encode_text/encode_image, optimizer over the mode's tensors."""
-    model, preprocess, tokenizer = load_model(TINY_CLIP, checkout_path=init)
-    optimizer = make_optimizer(trainable_parameters(model, mode), mode, learning_rate)
-    for param in model.parameters():
-        param.requires_grad_(True)  # the original's `requires_grad = False` froze nothing
-    text, pos, neg = default_collate([PromptImagePair(pairs, preprocess, tokenizer)[i] for i in range(len(pairs))])
-    features = [f / f.norm(dim=-1, keepdim=True) for f in (model.encode_text(text), model.encode_image(pos),
-                                                           model.encode_image(neg))]
-    TripletLoss()(*features).backward()
-    optimizer.step()
-    return model.state_dict()
 
 
 @pytest.mark.parametrize("mode", list(TRAINING_MODES))
 def test_one_step_moves_the_same_tensors_in_the_same_directions_as_the_original(mode, shapes_pairs, tiny_init, tmp_path):
     learning_rate = 1e-3
     pairs = shapes_pairs.iloc[:12]
-    expected = original_step(tiny_init, pairs, mode, learning_rate)
+    expected = original_train(pairs, mode, len(pairs), 1, None, tiny_init, learning_rate, TINY_CLIP)
     ours = torch.load(finetune_model(pairs, mode, batch_size=12, n_epochs=1, save_folder=str(tmp_path / "run"),
                                      checkout_path=tiny_init, learning_rate=learning_rate, model=TINY_CLIP,
                                      num_workers=0), weights_only=True)
@@ -82,3 +67,13 @@ def test_bad_flags_are_refused_before_the_model_loads(shapes_pairs, tmp_path):
                             ({"n_epochs": 0}, "--n_epochs must be at least 1")):
         with pytest.raises(InputError, match=message):
             finetune_model(shapes_pairs, save_folder=str(tmp_path), model="no-such-model", **kwargs)
+
+
+def test_train_mode_puts_only_the_frozen_blocks_in_eval(tiny_init):
+    from clip_model import train_mode
+    model = load_model(TINY_CLIP, checkout_path=tiny_init)[0]
+    trainable_parameters(model, "visual_upper_layers_textual_upper_layers")
+    train_mode(model)
+    assert model.training and model.visual.ln_post.training
+    assert [b.training for b in model.visual.transformer.resblocks] == [False, True, True, True]
+    assert [b.training for b in model.transformer.resblocks] == [False, False, True, True]

@@ -5,25 +5,10 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, TINY_CLIP
-from torch.utils.data import DataLoader
+from original import original_scores
 
 from clip_model import InputError, default_device, load_model
-from data_set import PromptImagePair
 from validate import pair_scores, validate_image_pair_classifier
-
-
-def original_scores(pairs, checkout_path):
-    """The original's loop: every pair's prompt and both images encoded, batch after batch, then cosine compared."""
-    model, preprocess, tokenizer = load_model(TINY_CLIP, checkout_path=checkout_path)
-    pos_scores, neg_scores = [], []
-    with torch.no_grad():
-        for text, pos, neg in DataLoader(PromptImagePair(pairs, preprocess, tokenizer), batch_size=7):
-            text_features, pos_features, neg_features = [
-                f / f.norm(dim=-1, keepdim=True) for f in (model.encode_text(text), model.encode_image(pos),
-                                                           model.encode_image(neg))]
-            pos_scores.append((text_features * pos_features).sum(1))
-            neg_scores.append((text_features * neg_features).sum(1))
-    return torch.cat(pos_scores), torch.cat(neg_scores)
 
 
 @pytest.fixture
@@ -37,7 +22,7 @@ def repeating_pairs(shapes_pairs):
 
 
 def test_scores_and_accuracy_equal_the_originals_on_the_same_weights(repeating_pairs, tiny_init):
-    expected_pos, expected_neg = original_scores(repeating_pairs, tiny_init)
+    expected_pos, expected_neg = original_scores(repeating_pairs, tiny_init, TINY_CLIP, batch_size=7)
     model, preprocess, tokenizer = load_model(TINY_CLIP, checkout_path=tiny_init)
     pos, neg = pair_scores(model, preprocess, tokenizer, repeating_pairs, "cpu", batch_size=5, progress=False)
     assert torch.allclose(pos, expected_pos, atol=1e-6) and torch.allclose(neg, expected_neg, atol=1e-6)

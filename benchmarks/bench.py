@@ -1,0 +1,210 @@
+"""Training and validation as a user runs them, against the original's costs (benchmarks/original.py).
+
+    python benchmarks/bench.py                         # small config and ViT-L/14, CPU, fp32: about 15 minutes
+    python benchmarks/bench.py --models small --steps 3 --json bench.json
+
+Each measurement runs in its own process, so peak memory (RSS) is that run's alone. Training: the README's mode,
+batch 2, a weights file to start from (random weights, fp16 as OpenAI ships them), photographs as 1-4 MP JPEGs.
+Validation: a couple of dozen images making two dozen pairs (preference data repeats images), and pairs where
+nothing repeats. Decoding: JPEG images/s at full scale and at reduced scale (PIL draft), and the scores' change.
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+MODELS = {"small": os.path.join(ROOT, "assets", "tiny-clip.json"), "vit-l": "ViT-L-14-quickgelu"}
+MODE = "visual_upper_layers_textual_upper_layers"  # the README's recipe
+PROMPTS = ["an astronaut in a white spacesuit", "a ginger tabby cat", "a cup of coffee on a saucer",
+           "a rocket on the launch pad", "galaxies in deep space", "a motorcycle in a workshop",
+           "old coins on a table", "the cratered surface of the moon"]
+
+
+def make_photographs(folder, count):
+    """`count` JPEGs of 1 to 4 megapixels, cut and scaled from the photographs scikit-image ships."""
+    import skimage
+    from PIL import Image
+    sources = [os.path.join(os.path.dirname(skimage.__file__), "data", n) for n in
+               ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg",
+                "motorcycle_left.png", "coins.png", "moon.png", "retina.jpg", "ihc.png")]
+    rng, paths = random.Random(0), []
+    for i in range(count):
+        megapixels = 1 + 3 * i / max(count - 1, 1)
+        width = int((megapixels * 1e6 * 4 / 3) ** 0.5)
+        with Image.open(sources[i % len(sources)]) as source:
+            image = source.convert("RGB").rotate(rng.uniform(-8, 8)).resize((width, width * 3 // 4), Image.BICUBIC)
+        paths.append(os.path.join(folder, f"photo_{i}.jpg"))
+        image.save(paths[-1], quality=90)
+    return paths
+
+
+def make_pairs(paths, n_pairs, repeat):
+    """Pairs over `paths`: with `repeat`, each image and prompt appears in several pairs; without, none does."""
+    import pandas as pd
+    rng = random.Random(1)
+    if repeat:
+        rows = [(PROMPTS[i % len(PROMPTS)], *rng.sample(paths, 2)) for i in range(n_pairs)]
+    else:
+        rows = [(f"{PROMPTS[i % len(PROMPTS)]}, number {i}", paths[2 * i], paths[2 * i + 1]) for i in range(n_pairs)]
+    return pd.DataFrame(rows, columns=["prompt", "pos_path", "neg_path"])
+
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def worker(args):
+    """One measurement, in this process; prints its result as JSON."""
+    import pandas as pd
+    import torch
+    from original import original_scores, original_train
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    pairs = pd.read_parquet(args.pairs)
+    stamps = [time.perf_counter()]
+    start = stamps[0]
+    if args.worker == "train":
+        # a timestamp after every optimizer step: the training code is timed as it is, with nothing added to it
+        register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+        with tempfile.TemporaryDirectory() as save_folder:
+            if args.impl == "ours":
+                from train_pair_pos_neg import finetune_model
+                finetune_model(pairs, MODE, args.batch_size, 1, save_folder, checkout_path=args.weights,
+                               learning_rate=3e-5, model=args.model, num_workers=args.num_workers)
+            else:
+                original_train(pairs, MODE, args.batch_size, 1, save_folder, args.weights, 3e-5, args.model)
+            end = time.perf_counter()
+        steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # the first step (warm-up) is left out
+        step_s = statistics.median(steps)
+        result = {"step_s": step_s, "pairs_per_s": args.batch_size / step_s, "steps": len(steps) + 1,
+                  "until_first_step_s": stamps[1] - start, "after_last_step_s": end - stamps[-1], "run_s": end - start}
+    else:
+        if args.impl == "ours":
+            from validate import validate_image_pair_classifier
+            accuracy = validate_image_pair_classifier(pairs, args.weights, "cpu", num_workers=args.num_workers,
+                                                      model=args.model)
+        else:
+            pos, neg = original_scores(pairs, args.weights, args.model, batch_size=args.batch_size)
+            accuracy = (pos >= neg).float().mean().item()
+        result = {"run_s": time.perf_counter() - start, "accuracy": accuracy}
+    print(json.dumps({**result, "peak_rss_gb": peak_rss_gb()}))
+
+
+def measure(what, impl, model, weights, pairs_file, batch_size, num_workers):
+    command = [sys.executable, os.path.abspath(__file__), "--worker", what, "--impl", impl, "--model", model,
+               "--weights", weights, "--pairs", pairs_file, "--batch_size", str(batch_size),
+               "--num_workers", str(num_workers)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode:
+        raise SystemExit(f"{what}/{impl} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def decode_benchmark(paths, model, weights):
+    """JPEG images/s at full scale and through PIL's draft, and how much that moves the scores."""
+    import torch
+    from clip_model import load_model
+    from data_set import open_image, resize_target
+    clip, preprocess, tokenizer = load_model(model, checkout_path=weights)
+    target = resize_target(preprocess)
+    out = {}
+    for label, draft in (("full_scale", None), ("draft", target)):
+        t = time.perf_counter()
+        images = torch.stack([open_image(p, preprocess, draft) for p in paths])
+        out[f"{label}_images_per_s"] = len(paths) / (time.perf_counter() - t)
+        with torch.no_grad():
+            out[f"{label}_features"] = clip.encode_image(images, normalize=True)
+    text = clip.encode_text(tokenizer(PROMPTS), normalize=True).detach()
+    full, draft = out.pop("full_scale_features") @ text.T, out.pop("draft_features") @ text.T
+    out["max_score_change"] = (full - draft).abs().max().item()
+    out["same_best_prompt"] = bool((full.argmax(1) == draft.argmax(1)).all())
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="small,vit-l")
+    parser.add_argument("--steps", type=int, default=4, help="training steps measured (after one warm-up step)")
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--worker", choices=["train", "validate"], help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=["ours", "original"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--pairs", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import torch
+    from clip_model import load_model
+    results = {"machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "batch_size": args.batch_size,
+               "mode": MODE, "runs": {}}
+    with tempfile.TemporaryDirectory() as folder:
+        photos = make_photographs(folder, 48)
+        train_file, repeat_file, distinct_file = (os.path.join(folder, f) for f in ("train.parquet", "repeat.parquet",
+                                                                                   "distinct.parquet"))
+        make_pairs(photos, args.batch_size * (args.steps + 1), repeat=True).to_parquet(train_file)
+        make_pairs(photos[:24], 24, repeat=True).to_parquet(repeat_file)  # 24 images make 24 pairs
+        make_pairs(photos, 24, repeat=False).to_parquet(distinct_file)  # 48 images, 24 prompts, no repeats
+        for label in args.models.split(","):
+            model = MODELS[label]
+            weights = os.path.join(folder, f"{label}.pth")
+            torch.manual_seed(0)
+            torch.save({k: v.half() for k, v in load_model(model, pretrained="none")[0].state_dict().items()}, weights)
+            run = {}
+            for impl in ("ours", "original"):
+                run[f"train_{impl}"] = measure("train", impl, model, weights, train_file, args.batch_size,
+                                               args.num_workers)
+                for data, pairs_file in (("repeat", repeat_file), ("distinct", distinct_file)):
+                    run[f"validate_{data}_{impl}"] = measure("validate", impl, model, weights, pairs_file, 1024,
+                                                             args.num_workers)
+                print(label, impl, "done", file=sys.stderr)
+            run["decode"] = decode_benchmark(photos[:12], model, weights)
+            results["runs"][label] = run
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def print_table(results):
+    print(f"{results['date']}, {results['machine']}, torch {results['torch']}, fp32, batch {results['batch_size']}, "
+          f"mode {results['mode']}")
+    print(f"{'model':6} {'what':22} {'ours':>12} {'original':>12} {'ratio':>7}   peak RSS GB ours / original")
+    for label, run in results["runs"].items():
+        ours, original = run["train_ours"], run["train_original"]
+        print(f"{label:6} {'train pairs/s':22} {ours['pairs_per_s']:12.3f} {original['pairs_per_s']:12.3f} "
+              f"{ours['pairs_per_s'] / original['pairs_per_s']:6.2f}x   {ours['peak_rss_gb']:.2f} / "
+              f"{original['peak_rss_gb']:.2f} ({ours['peak_rss_gb'] / original['peak_rss_gb']:.2f})")
+        print(f"{label:6} {'train s/step':22} {ours['step_s']:12.2f} {original['step_s']:12.2f}")
+        print(f"{label:6} {'train whole run s':22} {ours['run_s']:12.1f} {original['run_s']:12.1f} "
+              f"{original['run_s'] / ours['run_s']:6.2f}x   (before 1st step: {ours['until_first_step_s']:.1f} / "
+              f"{original['until_first_step_s']:.1f} s; after last: {ours['after_last_step_s']:.1f} / "
+              f"{original['after_last_step_s']:.1f} s)")
+        for data in ("repeat", "distinct"):
+            ours, original = run[f"validate_{data}_ours"], run[f"validate_{data}_original"]
+            print(f"{label:6} {'validate ' + data + ' s':22} {ours['run_s']:12.1f} {original['run_s']:12.1f} "
+                  f"{original['run_s'] / ours['run_s']:6.2f}x   {ours['peak_rss_gb']:.2f} / {original['peak_rss_gb']:.2f}"
+                  f"   accuracy {ours['accuracy'] * 100:.2f}% / {original['accuracy'] * 100:.2f}%")
+        decode = run["decode"]
+        print(f"{label:6} {'decode 1-4 MP images/s':22} {decode['draft_images_per_s']:12.1f} "
+              f"{decode['full_scale_images_per_s']:12.1f} "
+              f"{decode['draft_images_per_s'] / decode['full_scale_images_per_s']:6.2f}x   max score change "
+              f"{decode['max_score_change']:.5f}, same best prompt: {decode['same_best_prompt']}")
+
+
+if __name__ == "__main__":
+    main()
