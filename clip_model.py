@@ -30,9 +30,22 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_num_workers():
-    """DataLoader workers: as many as this process may use, up to 8 (the original's fixed 9 ignored the machine)."""
-    return min(8, len(os.sched_getaffinity(0)))
+def default_num_workers(device):
+    """DataLoader workers: on a GPU, the CPUs this process may use, up to 8 (the original's fixed 9 ignored the
+    machine); on a CPU none, since the model already uses every core and a decoding process only competes with it."""
+    return 0 if torch.device(device).type == "cpu" else min(8, len(os.sched_getaffinity(0)))
+
+
+def add_model_flags(parser, inference=False):
+    """The flags every script shares: which model and weights; with `inference`, where and how fast to encode."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name or model-config .json")
+    parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="open_clip weights tag, weights file, or none")
+    parser.add_argument("--checkout_path", default=None, help="fine-tuned weights (OpenAI-format state dict)")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="DataLoader workers (default: 0 on a CPU, else the CPUs here, at most 8)")
+    if inference:
+        parser.add_argument("--device", default=default_device())
+        parser.add_argument("--batch_size", type=int, default=1024)
 
 
 def run_cli(main):

@@ -10,8 +10,8 @@ import os
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, default_device, default_num_workers, load_model,
-                        run_cli)
+from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, add_model_flags, default_device,
+                        default_num_workers, load_model, run_cli)
 from validate import encode_images, encode_prompts
 
 
@@ -32,7 +32,7 @@ def rank_images(prompt, image_paths, checkout_path=None, device=None, batch_size
     if missing:
         raise InputError(f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     device = device or default_device()
-    num_workers = default_num_workers() if num_workers is None else num_workers
+    num_workers = default_num_workers(device) if num_workers is None else num_workers
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path, device)
     scores = score_images(prompt, image_paths, clip, preprocess, tokenizer, device, batch_size, num_workers)
     ranking = pd.DataFrame({"path": list(image_paths), "score": scores.numpy()})
@@ -57,12 +57,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", help="image files to rank")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--checkout_path", default=None, help="fine-tuned weights (OpenAI-format state dict)")
-    parser.add_argument("--device", default=default_device())
-    parser.add_argument("--batch_size", type=int, default=1024)
-    parser.add_argument("--num_workers", type=int, default=default_num_workers())
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name or model-config .json")
-    parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="open_clip weights tag, weights file, or none")
+    add_model_flags(parser, inference=True)
     parser.add_argument("--output", default=None, help="write path,score rows to this .csv")
     parser.add_argument("--grid", default=None, help="draw the ranking into this image file (.png)")
     args = parser.parse_args()

@@ -21,8 +21,9 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, TRAINING_MODES, InputError, default_num_workers, load_model,
-                        load_weights, make_optimizer, run_cli, train_mode, trainable_parameters)
+from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, TRAINING_MODES, InputError, add_model_flags,
+                        default_num_workers, load_model, load_weights, make_optimizer, run_cli, train_mode,
+                        trainable_parameters)
 from data_set import PromptImagePair, drop_unreadable_pairs, load_pairs
 from losses import PairwiseLoss, TripletLoss
 from validate import pair_accuracy
@@ -122,13 +123,13 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
     Example (a notebook, one process):
         finetune_model("training_file.parquet", "visual_upper_layers", batch_size=32, n_epochs=1)
     """
-    num_workers = default_num_workers() if num_workers is None else num_workers
     for flag, value, choices in (("loss_name", loss_name, LOSSES), ("training_mode", training_mode, TRAINING_MODES),
                                  ("save_format", save_format, SAVE_FORMATS)):
         if value not in choices:
             raise InputError(f"--{flag} {value}: unknown; choose from {', '.join(choices)}")
     for flag, value, least in (("batch_size", batch_size, 1), ("n_epochs", n_epochs, 1), ("save_every", save_every, 1),
-                               ("num_workers", num_workers, 0), ("gradient_accumulation_steps", gradient_accumulation_steps or 1, 1)):
+                               ("num_workers", 0 if num_workers is None else num_workers, 0),
+                               ("gradient_accumulation_steps", gradient_accumulation_steps or 1, 1)):
         if value < least:
             raise InputError(f"--{flag} must be at least {least} (got {value})")
     # the data is checked before the model loads: a typo costs seconds, not a ViT-L/14 load
@@ -141,6 +142,7 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
                               project_dir=save_folder,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(seed)
+    num_workers = default_num_workers(accelerator.device) if num_workers is None else num_workers
     if skip_bad_images:
         pairs, bad = drop_unreadable_pairs(pairs)
         if bad and accelerator.is_main_process:
@@ -248,11 +250,8 @@ def main():
     parser.add_argument("--n_epochs", type=int, default=5)
     parser.add_argument("--save_folder", default="./clip_finetune")
     parser.add_argument("--loss_name", default="triplet", choices=list(LOSSES))
-    parser.add_argument("--checkout_path", default=None, help="weights to start from (OpenAI-format state dict)")
     parser.add_argument("--learning_rate", type=float, default=3e-5)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name or model-config .json")
-    parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="open_clip weights tag, weights file, or none")
-    parser.add_argument("--num_workers", type=int, default=default_num_workers(), help="DataLoader workers per process")
+    add_model_flags(parser)  # --model, --pretrained, --checkout_path (weights to start from), --num_workers
     parser.add_argument("--save_every", type=int, default=800, help="optimizer steps between checkpoints")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=None,

@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, default_device, default_num_workers, load_model,
-                        run_cli)
+from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, add_model_flags, default_device,
+                        default_num_workers, load_model, run_cli)
 from data_set import drop_unreadable_pairs, load_pairs, open_image, resize_target
 
 
@@ -86,7 +86,7 @@ def validate_image_pair_classifier(parquet_file_or_pandas_dataframe, checkout_pa
         print(f"Accuracy: {accuracy * 100:.2f}%")
     """
     device = device or default_device()
-    num_workers = default_num_workers() if num_workers is None else num_workers
+    num_workers = default_num_workers(device) if num_workers is None else num_workers
     if batch_size < 1 or num_workers < 0:
         raise InputError(f"--batch_size must be at least 1 and --num_workers at least 0 (got {batch_size}, {num_workers})")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -110,12 +110,7 @@ def validate_image_pair_classifier(parquet_file_or_pandas_dataframe, checkout_pa
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("parquet_file", help="pairs: columns prompt, pos_path, neg_path")
-    parser.add_argument("--checkout_path", default=None, help="fine-tuned weights (OpenAI-format state dict)")
-    parser.add_argument("--device", default=default_device())
-    parser.add_argument("--batch_size", type=int, default=1024)
-    parser.add_argument("--num_workers", type=int, default=default_num_workers())
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name or model-config .json")
-    parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="open_clip weights tag, weights file, or none")
+    add_model_flags(parser, inference=True)
     parser.add_argument("--scores_out", default=None, help="write each pair's scores here (.csv or .parquet)")
     parser.add_argument("--skip_bad_images", action="store_true", help="skip pairs whose images cannot be read")
     args = parser.parse_args()

@@ -3,7 +3,8 @@
     python benchmarks/bench.py                         # small config and ViT-L/14, CPU, fp32: about 15 minutes
     python benchmarks/bench.py --models small --steps 3 --json bench.json
 
-Each measurement runs in its own process, so peak memory (RSS) is that run's alone. Training: the README's mode,
+Each measurement runs in its own process, so peak memory (RSS) is that run's alone; the scripts run with their
+defaults (on a CPU: no DataLoader workers). Training: the README's mode,
 batch 2, a weights file to start from (random weights, fp16 as OpenAI ships them), photographs as 1-4 MP JPEGs.
 Validation: a couple of dozen images making two dozen pairs (preference data repeats images), and pairs where
 nothing repeats. Decoding: JPEG images/s at full scale and at reduced scale (PIL draft), and the scores' change.
@@ -80,7 +81,7 @@ def worker(args):
             if args.impl == "ours":
                 from train_pair_pos_neg import finetune_model
                 finetune_model(pairs, MODE, args.batch_size, 1, save_folder, checkout_path=args.weights,
-                               learning_rate=3e-5, model=args.model, num_workers=args.num_workers)
+                               learning_rate=3e-5, model=args.model)
             else:
                 original_train(pairs, MODE, args.batch_size, 1, save_folder, args.weights, 3e-5, args.model)
             end = time.perf_counter()
@@ -91,8 +92,7 @@ def worker(args):
     else:
         if args.impl == "ours":
             from validate import validate_image_pair_classifier
-            accuracy = validate_image_pair_classifier(pairs, args.weights, "cpu", num_workers=args.num_workers,
-                                                      model=args.model)
+            accuracy = validate_image_pair_classifier(pairs, args.weights, "cpu", model=args.model)
         else:
             pos, neg = original_scores(pairs, args.weights, args.model, batch_size=args.batch_size)
             accuracy = (pos >= neg).float().mean().item()
@@ -100,10 +100,9 @@ def worker(args):
     print(json.dumps({**result, "peak_rss_gb": peak_rss_gb()}))
 
 
-def measure(what, impl, model, weights, pairs_file, batch_size, num_workers):
+def measure(what, impl, model, weights, pairs_file, batch_size):
     command = [sys.executable, os.path.abspath(__file__), "--worker", what, "--impl", impl, "--model", model,
-               "--weights", weights, "--pairs", pairs_file, "--batch_size", str(batch_size),
-               "--num_workers", str(num_workers)]
+               "--weights", weights, "--pairs", pairs_file, "--batch_size", str(batch_size)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode:
         raise SystemExit(f"{what}/{impl} failed:\n{result.stderr[-3000:]}")
@@ -136,7 +135,6 @@ def main():
     parser.add_argument("--models", default="small,vit-l")
     parser.add_argument("--steps", type=int, default=4, help="training steps measured (after one warm-up step)")
     parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--worker", choices=["train", "validate"], help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=["ours", "original"], help=argparse.SUPPRESS)
@@ -166,11 +164,9 @@ def main():
             torch.save({k: v.half() for k, v in load_model(model, pretrained="none")[0].state_dict().items()}, weights)
             run = {}
             for impl in ("ours", "original"):
-                run[f"train_{impl}"] = measure("train", impl, model, weights, train_file, args.batch_size,
-                                               args.num_workers)
+                run[f"train_{impl}"] = measure("train", impl, model, weights, train_file, args.batch_size)
                 for data, pairs_file in (("repeat", repeat_file), ("distinct", distinct_file)):
-                    run[f"validate_{data}_{impl}"] = measure("validate", impl, model, weights, pairs_file, 1024,
-                                                             args.num_workers)
+                    run[f"validate_{data}_{impl}"] = measure("validate", impl, model, weights, pairs_file, 1024)
                 print(label, impl, "done", file=sys.stderr)
             run["decode"] = decode_benchmark(photos[:12], model, weights)
             results["runs"][label] = run
