@@ -89,16 +89,17 @@ def resize_target(preprocess):
     return None
 
 
-def open_image(path, preprocess, draft_size=None):
+def open_image(path, preprocess, draft_size=None, where=None):
     """Decode one image (a JPEG at reduced scale, at least draft_size * DRAFT_MARGIN on its shortest side) and
-    preprocess it; an unreadable file raises InputError naming it."""
+    preprocess it; an unreadable file raises InputError naming it, after `where` (its row and column)."""
     try:
         with Image.open(path) as image:
             if draft_size and image.format == "JPEG":
                 image.draft(image.mode if image.mode in ("RGB", "L") else None, (draft_size * DRAFT_MARGIN,) * 2)
             return preprocess(image)
     except Exception as e:
-        raise InputError(f"{path}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+        raise InputError(f"{where + ': ' if where else ''}{path}: cannot read image ({reason})") from None
 
 
 class PromptImagePair(Dataset):
@@ -129,7 +130,9 @@ class PromptImagePair(Dataset):
 
     def __getitem__(self, idx):
         prompt, pos_path, neg_path = self.df.iloc[idx][list(COLUMNS)]
-        item = (self.tokenizer(prompt)[0], open_image(pos_path, self.preprocess, self.draft_size),
-                open_image(neg_path, self.preprocess, self.draft_size))
-        return (self.df.index[idx], *item) if self.with_row else item
+        row = self.df.index[idx]
+        item = (self.tokenizer(prompt)[0],
+                open_image(pos_path, self.preprocess, self.draft_size, f"row {row}, column 'pos_path'"),
+                open_image(neg_path, self.preprocess, self.draft_size, f"row {row}, column 'neg_path'"))
+        return (row, *item) if self.with_row else item
 

@@ -83,7 +83,7 @@ def run_demo(out="demo_out", n_train=1200, n_val=300, n_epochs=5, batch_size=32,
                     "train_pair_pos_neg.py", "--training_file", train_file, "--training_mode", "all",
                     "--batch_size", str(batch_size), "--n_epochs", str(n_epochs), "--save_folder", save_folder,
                     "--model", TINY_CLIP, "--checkout_path", init, "--learning_rate", str(learning_rate),
-                    "--num_workers", "1", "--seed", str(seed)],
+                    "--seed", str(seed)],
                    check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     final = os.path.join(save_folder, f"clip_epoch_{n_epochs - 1}_global_step_final.pth")
     after = validate_image_pair_classifier(val_file, final, "cpu", num_workers=0, model=TINY_CLIP)

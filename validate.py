@@ -16,20 +16,22 @@ from data_set import drop_unreadable_pairs, load_pairs, open_image, resize_targe
 
 
 class ImageFiles(Dataset):
-    def __init__(self, paths, preprocess):
+    def __init__(self, paths, preprocess, wheres=None):
         self.paths, self.preprocess, self.draft_size = paths, preprocess, resize_target(preprocess)
+        self.wheres = wheres or [None] * len(paths)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, idx):
-        return open_image(self.paths[idx], self.preprocess, self.draft_size)
+        return open_image(self.paths[idx], self.preprocess, self.draft_size, self.wheres[idx])
 
 
 @torch.no_grad()
-def encode_images(model, preprocess, paths, device, batch_size=1024, num_workers=0, progress=True):
-    """L2-normalised embeddings of the images at `paths`, in order, as a float32 tensor on the CPU."""
-    loader = DataLoader(ImageFiles(list(paths), preprocess), batch_size=batch_size, num_workers=num_workers,
+def encode_images(model, preprocess, paths, device, batch_size=1024, num_workers=0, progress=True, wheres=None):
+    """L2-normalised embeddings of the images at `paths`, in order, as a float32 tensor on the CPU.
+    `wheres` names each image's place (e.g. its row) in the message of an unreadable one."""
+    loader = DataLoader(ImageFiles(list(paths), preprocess, wheres), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=torch.device(device).type == "cuda")
     return torch.cat([model.encode_image(images.to(device), normalize=True).float().cpu()
                       for images in tqdm(loader, desc="images", disable=not progress)])
@@ -48,11 +50,15 @@ def pair_scores(model, preprocess, tokenizer, pairs, device, batch_size=1024, nu
 
     Preference data repeats images and prompts across pairs, so each distinct one is encoded once.
     """
-    images = pd.Index(pd.unique(pd.concat([pairs["pos_path"], pairs["neg_path"]], ignore_index=True)))
+    paths = pd.concat([pairs["pos_path"], pairs["neg_path"]], keys=["pos_path", "neg_path"])
+    first_seen = paths[~paths.duplicated()]  # each distinct image, with the column and row it first appears in
+    images = pd.Index(first_seen.values)
+    wheres = [f"row {row}, column {column!r}" for column, row in first_seen.index]
     prompts = pd.Index(pd.unique(pairs["prompt"]))
     # no encode call holds more images than the original's did (a batch of pairs' images): larger calls are slower
     # on a CPU, and the set of distinct images can be twice the number of pairs
-    image_features = encode_images(model, preprocess, images, device, min(batch_size, len(pairs)), num_workers, progress)
+    image_features = encode_images(model, preprocess, images, device, min(batch_size, len(pairs)), num_workers, progress,
+                                   wheres)
     text_features = encode_prompts(model, tokenizer, prompts, device, batch_size)
     text = text_features[prompts.get_indexer(pairs["prompt"])]
     pos_score = (text * image_features[images.get_indexer(pairs["pos_path"])]).sum(1)

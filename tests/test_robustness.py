@@ -44,7 +44,8 @@ def break_pairs(case, pairs, tmp_path):
         expected = f"row 5, column 'neg_path': empty (zero-byte) image file '{tmp_path / 'empty.png'}'"
     elif case == "not an image":
         (tmp_path / "notes.png").write_text("these are notes")
-        pairs.loc[6, "pos_path"], expected = str(tmp_path / "notes.png"), f"{tmp_path / 'notes.png'}: cannot read image"
+        pairs.loc[6, "pos_path"] = str(tmp_path / "notes.png")
+        expected = f"row 6, column 'pos_path': {tmp_path / 'notes.png'}: cannot read image"
     pairs.to_parquet(path)
     return path, expected
 

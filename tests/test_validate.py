@@ -65,7 +65,8 @@ def test_the_cli_names_an_unreadable_image_from_a_loader_worker_in_one_line(shap
     result = run_validate(str(tmp_path / "pairs.parquet"), "--model", TINY_CLIP, "--pretrained", "none",
                           "--device", "cpu", "--num_workers", "1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'broken.png'}: cannot read image")
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: row 3, column 'neg_path': {tmp_path / 'broken.png'}: cannot read image")
 
 
 def test_the_device_defaults_to_cuda_only_where_there_is_one(monkeypatch, shapes_pairs):
