@@ -215,22 +215,27 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
                     progress["skipped_steps"] += 1
                     accelerator.print(f"skipped a step with a non-finite loss, rows {bad_rows}")
                     optimizer.zero_grad()
-                    continue
-                losses.append(all_losses.mean())
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            progress.update(step=progress["step"] + 1, epoch=epoch, batches_done=batch_index + 1)
-            step, step_loss, losses = progress["step"], torch.stack(losses).mean().item(), []
-            bar.set_postfix(loss=f"{step_loss:.4f}", step=step)
+                    losses = []  # the accumulation window goes with it
+                else:
+                    losses.append(all_losses.mean())
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad()
             epoch_end = batch_index + 1 == len(loader)
-            names = [f"clip_epoch_{epoch}_global_step_{step}"] if step % save_every == 0 else []
-            if epoch_end:
+            stepped = accelerator.sync_gradients and bool(losses)
+            if not (stepped or (epoch_end and accelerator.sync_gradients)):
+                continue
+            progress.update(step=progress["step"] + stepped, epoch=epoch, batches_done=batch_index + 1)
+            step = progress["step"]
+            names = [f"clip_epoch_{epoch}_global_step_{step}"] if stepped and step % save_every == 0 else []
+            if epoch_end:  # also when the epoch's last step was skipped: the original's names always exist
                 names = [f"clip_epoch_{epoch}_global_step_final", f"clip_epoch_{epoch}_global_step_{step}"]
-            metrics.log(epoch=epoch, step=step, loss=step_loss, learning_rate=optimizer.param_groups[0]["lr"],
-                        val_accuracy=validate() if names else None)
+            val_accuracy = validate() if names else None
+            if stepped:
+                step_loss, losses = torch.stack(losses).mean().item(), []
+                bar.set_postfix(loss=f"{step_loss:.4f}", step=step)
+                metrics.log(epoch=epoch, step=step, loss=step_loss, learning_rate=optimizer.param_groups[0]["lr"],
+                            val_accuracy=val_accuracy)
             if names:
                 save_checkpoint(accelerator, clip, save_folder, names, save_format)
                 save_training_state(accelerator, save_folder, {**progress, "epoch": epoch + epoch_end,

@@ -193,6 +193,9 @@ def test_skip_nonfinite_loss_skips_and_counts_the_steps(shapes_pairs, tiny_init,
                    save_folder=str(tmp_path / "run"), checkout_path=str(tmp_path / "nan.pth"), model=TINY_CLIP,
                    num_workers=0, skip_nonfinite_loss=True)
     assert "skipped 3 steps with a non-finite loss" in capsys.readouterr().out
+    # every step was skipped, the last of the epoch included: its checkpoint is still there under the original's names
+    assert sorted(f for f in os.listdir(tmp_path / "run") if f.startswith("clip_")) == [
+        "clip_epoch_0_global_step_0.pth", "clip_epoch_0_global_step_final.pth"]
 
 
 PREPROCESS = image_transform_v2(PreprocessCfg(size=(32, 32)), is_train=False)
