@@ -96,8 +96,9 @@ def read_state_dict(path):
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise InputError(f"{path}: not a state dict of tensors")
     # checkpoints saved from a DDP-wrapped model carry a "module." prefix
+    # TorchScript archives also carry these (the mask is a non-persistent buffer in an eager model)
     return {k.removeprefix("module."): v for k, v in state_dict.items()
-            if k not in ("input_resolution", "context_length", "vocab_size")}  # TorchScript-only entries
+            if k not in ("input_resolution", "context_length", "vocab_size", "attn_mask")}
 
 
 def load_weights(model, path):

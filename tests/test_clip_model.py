@@ -182,3 +182,11 @@ def test_a_model_config_json_builds_that_architecture():
     assert len(model.visual.transformer.resblocks) == 4 and model.text_projection.shape == (128, 64)
     assert preprocess.transforms[0].size == 64
     assert tokenizer(["a red circle"]).shape == (1, 77)
+
+
+def test_a_torchscript_archive_as_openai_ships_loads(tiny_init, tmp_path):
+    model = load_model(TINY_CLIP, checkout_path=tiny_init)[0]
+    torch.jit.script(model).save(str(tmp_path / "scripted.pt"))
+    loaded = load_model(TINY_CLIP, checkout_path=str(tmp_path / "scripted.pt"))[0].state_dict()
+    expected = model.state_dict()
+    assert set(loaded) == set(expected) and all(torch.equal(loaded[k], expected[k]) for k in expected)
