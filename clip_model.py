@@ -71,6 +71,13 @@ def resolve_model_name(model=DEFAULT_MODEL):
     return model
 
 
+def is_torchscript(path):
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
 def read_state_dict(path):
     """Tensors of a weights file (.pth/.pt/.bin state dict, OpenAI's TorchScript .pt, or .safetensors), never running pickled code."""
     if not os.path.isfile(path):
@@ -79,7 +86,7 @@ def read_state_dict(path):
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
             state_dict = load_file(path)
-        elif zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        elif is_torchscript(path):
             state_dict = torch.jit.load(path, map_location="cpu").state_dict()  # OpenAI's own download format
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)

@@ -67,13 +67,15 @@ def readable(path):
 
 
 def drop_unreadable_pairs(pairs):
-    """The pairs whose two images both read, and the sorted paths of the images that do not."""
+    """The pairs whose two images both read, and a line saying what was skipped (None if nothing was)."""
     paths = pd.unique(pd.concat([pairs["pos_path"], pairs["neg_path"]], ignore_index=True))
     bad = sorted(p for p in paths if not readable(p))
     keep = ~(pairs["pos_path"].isin(bad) | pairs["neg_path"].isin(bad))
     if not keep.any():
         raise InputError(f"no pair left: every pair has an unreadable image (first: {', '.join(bad[:3])})")
-    return pairs[keep], bad
+    skipped = (f"skipping pairs with unreadable images: {len(bad)} images, first: {', '.join(bad[:5])}; "
+               f"{keep.sum()} pairs left") if bad else None
+    return pairs[keep], skipped
 
 
 # JPEGs are decoded at a reduced scale (PIL's draft: DCT scaling by 1/2, 1/4, 1/8) that keeps at least this many

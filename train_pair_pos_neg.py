@@ -144,10 +144,9 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
     set_seed(seed)
     num_workers = default_num_workers(accelerator.device) if num_workers is None else num_workers
     if skip_bad_images:
-        pairs, bad = drop_unreadable_pairs(pairs)
-        if bad and accelerator.is_main_process:
-            print(f"skipping pairs with unreadable images: {len(bad)} images, first: {', '.join(bad[:5])}; "
-                  f"{len(pairs)} pairs left")
+        pairs, skipped = drop_unreadable_pairs(pairs)
+        if skipped:
+            accelerator.print(skipped)
     loss_fn = LOSSES[loss_name]()
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path)
     optimizer = make_optimizer(trainable_parameters(clip, training_mode, loss_fn.uses_logit_scale), training_mode,

@@ -66,16 +66,21 @@ def pair_scores(model, preprocess, tokenizer, pairs, device, batch_size=1024, nu
     return pos_score, neg_score
 
 
+def counted_correct(pos_score, neg_score):
+    """Which pairs count as correct: cos(prompt, pos) >= cos(prompt, neg); a tie counts, as in the original."""
+    return pos_score >= neg_score
+
+
 def pair_accuracy(model, preprocess, tokenizer, pairs, device, batch_size=1024, num_workers=0, progress=True):
-    """Fraction of pairs with cos(prompt, pos) >= cos(prompt, neg)."""
+    """Fraction of pairs counted correct."""
     pos_score, neg_score = pair_scores(model, preprocess, tokenizer, pairs, device, batch_size, num_workers, progress)
-    return (pos_score >= neg_score).float().mean().item()  # a tie counts as correct, as in the original
+    return counted_correct(pos_score, neg_score).float().mean().item()
 
 
 def write_pair_scores(pairs, pos_score, neg_score, path):
     """Every pair with its pos_score, neg_score and whether it counted as correct, as csv or parquet by extension."""
     table = pairs.assign(pos_score=pos_score.numpy(), neg_score=neg_score.numpy(),
-                         correct=(pos_score >= neg_score).numpy())
+                         correct=counted_correct(pos_score, neg_score).numpy())
     table.to_parquet(path) if path.endswith(".parquet") else table.to_csv(path, index_label="row")
 
 
@@ -102,15 +107,14 @@ def validate_image_pair_classifier(parquet_file_or_pandas_dataframe, checkout_pa
     # the data is checked before the model loads: a typo costs seconds, not a ViT-L/14 load
     pairs = load_pairs(parquet_file_or_pandas_dataframe, check_files=not skip_bad_images)
     if skip_bad_images:
-        pairs, bad = drop_unreadable_pairs(pairs)
-        if bad:
-            print(f"skipping pairs with unreadable images: {len(bad)} images, first: {', '.join(bad[:5])}; "
-                  f"{len(pairs)} pairs left", file=sys.stderr)
+        pairs, skipped = drop_unreadable_pairs(pairs)
+        if skipped:
+            print(skipped, file=sys.stderr)
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path, device)
     pos_score, neg_score = pair_scores(clip, preprocess, tokenizer, pairs, device, batch_size, num_workers)
     if scores_out is not None:
         write_pair_scores(pairs, pos_score, neg_score, scores_out)
-    return (pos_score >= neg_score).float().mean().item()  # a tie counts as correct, as in the original
+    return counted_correct(pos_score, neg_score).float().mean().item()
 
 
 def main():
