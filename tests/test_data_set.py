@@ -92,3 +92,16 @@ def test_zero_rows_missing_and_non_parquet_files_are_named(shapes_pairs, tmp_pat
     (tmp_path / "pairs.csv").write_text("prompt,pos_path,neg_path\n")
     with pytest.raises(InputError, match="pairs.csv: not a readable parquet file"):
         load_pairs(str(tmp_path / "pairs.csv"))
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_keeping_twice_the_resize_target(tmp_path):
+    from data_set import DRAFT_MARGIN, open_image, resize_target
+    Image.effect_noise((1600, 1200), 40).convert("RGB").save(tmp_path / "large.jpg", quality=90)
+    Image.effect_noise((1600, 1200), 40).convert("RGB").save(tmp_path / "large.png")
+    preprocess = torchvision.transforms.Compose([torchvision.transforms.Resize(64), torchvision.transforms.ToTensor()])
+    assert resize_target(preprocess) == 64
+    sizes = []
+    record = lambda image: sizes.append(image.size) or preprocess(image)  # noqa: E731
+    open_image(str(tmp_path / "large.jpg"), record, draft_size=64)
+    open_image(str(tmp_path / "large.png"), record, draft_size=64)  # only JPEGs have a reduced-scale decode
+    assert 64 * DRAFT_MARGIN <= min(sizes[0]) < 1200 and sizes[1] == (1600, 1200)

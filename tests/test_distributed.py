@@ -49,3 +49,14 @@ def test_gradient_accumulation_of_2_batches_of_2_ends_on_the_weights_of_batch_4(
         accumulated = train(launcher, tmp_path, "accumulated", pairs_file, tiny_init, 2,
                             env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"})
     assert_same_steps(accumulated, one, torch.load(tiny_init, weights_only=True), LEARNING_RATE)
+
+
+def test_mixed_precision_from_accelerate_launch_is_applied_and_checkpoints_stay_fp32(one_process_batch_4, tiny_init,
+                                                                                      tmp_path):
+    pairs_file, fp32 = one_process_batch_4
+    launcher = ["accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "bf16", "--dynamo_backend", "no"]
+    bf16 = train(launcher, tmp_path, "bf16", pairs_file, tiny_init, 4)
+    assert all(v.dtype == torch.float32 for v in bf16.values() if v.is_floating_point())
+    # autocast ran the matrix products in bf16: the run ends on other weights than the fp32 one
+    assert any(not torch.allclose(bf16[k], fp32[k], atol=1e-6) for k in fp32)

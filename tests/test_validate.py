@@ -76,3 +76,12 @@ def test_the_device_defaults_to_cuda_only_where_there_is_one(monkeypatch, shapes
         validate_image_pair_classifier(shapes_pairs, device="cuda", model=TINY_CLIP, pretrained="none")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_device() == "cuda"
+
+
+def test_each_distinct_image_is_decoded_and_encoded_once(repeating_pairs, tiny_init):
+    model, preprocess, tokenizer = load_model(TINY_CLIP, checkout_path=tiny_init)
+    opened = []
+    pair_scores(model, lambda image: opened.append(image.filename) or preprocess(image), tokenizer, repeating_pairs,
+                "cpu", progress=False)
+    distinct = set(repeating_pairs.pos_path) | set(repeating_pairs.neg_path)
+    assert sorted(opened) == sorted(distinct) and len(distinct) < 2 * len(repeating_pairs)
