@@ -102,7 +102,7 @@ class MetricsLog:
             if resumed_step is not None and os.path.exists(self.path):  # drop the steps a killed run did not save
                 rows = pd.read_csv(self.path)
                 rows[rows.step <= resumed_step].to_csv(self.path, index=False)
-            elif resumed_step is None or not os.path.exists(self.path):
+            else:
                 with open(self.path, "w", newline="") as f:
                     csv.writer(f).writerow(METRICS)
 
