@@ -43,6 +43,8 @@ def add_model_flags(parser, inference=False):
     parser.add_argument("--checkout_path", default=None, help="fine-tuned weights (OpenAI-format state dict)")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="DataLoader workers (default: 0 on a CPU, else the CPUs here, at most 8)")
+    parser.add_argument("--fast_decode", action="store_true",
+                        help="decode JPEGs at reduced scale (PIL draft), then resize: faster, scores move slightly")
     if inference:
         parser.add_argument("--device", default=default_device())
         parser.add_argument("--batch_size", type=int, default=1024)

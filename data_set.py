@@ -1,5 +1,5 @@
-"""(prompt, preferred image, other image) triplets from a parquet file or a DataFrame."""
-import os
+"""(prompt, preferred image, other image) triplets from a pair table, a DataFrame, or a public preference dataset."""
+from dataclasses import replace
 
 import pandas as pd
 from PIL import Image, ImageFile
@@ -7,79 +7,59 @@ from torchvision.transforms import Resize
 from torch.utils.data import Dataset
 
 from clip_model import DEFAULT_MODEL, InputError
+from pair_sources import TABLE as COLUMNS, describe, image_file, location_order, read_source
 
 # as the original: a truncated JPEG loads (the missing part grey) instead of stopping a long run
 ImageFile.LOAD_TRUNCATED_IMAGES = True
 
-COLUMNS = ("prompt", "pos_path", "neg_path")
 
-
-def load_pairs(parquet_file_or_pandas_dataframe, check_files=True):
-    """Read and check a pair table: the columns, at least one row, string prompts, image files that exist and are not empty.
+def load_pairs(parquet_file_or_pandas_dataframe, check_files=True, image_root=None):
+    """The pairs of a source (a pair table, Pick-a-Pic shards, an HPD v2 or ImageReward json), checked: columns,
+    string prompts, image files that exist and are not empty; see pair_sources.read_source.
 
     Raises InputError naming the file, the column or the row. Rows are named by the frame's index where it is a
     unique integer index (a parquet file's 0..n-1, or the rows a filtered frame kept), else by position.
     check_files=False leaves missing and empty image files to drop_unreadable_pairs (--skip_bad_images).
     """
-    source = parquet_file_or_pandas_dataframe
-    if isinstance(source, pd.DataFrame):
-        df, where = source, "the DataFrame"
-    else:
-        where = str(source)
-        if not os.path.isfile(where):
-            raise InputError(f"{where}: no such parquet file")
-        try:
-            df = pd.read_parquet(where)
-        except Exception as e:
-            raise InputError(f"{where}: not a readable parquet file ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise InputError(f"{where}: missing column {', '.join(repr(c) for c in missing)} "
-                         f"(needs {', '.join(COLUMNS)}; has {', '.join(map(str, df.columns))})")
-    if len(df) == 0:
-        raise InputError(f"{where}: no rows")
-    if not (df.index.is_unique and pd.api.types.is_integer_dtype(df.index)):
-        df = df.reset_index(drop=True)
-    for column in COLUMNS:
-        not_str = ~df[column].map(lambda v: isinstance(v, str))
-        if not_str.any():
-            row = int(not_str.idxmax())
-            value = df[column][row]
-            raise InputError(f"{where}: row {row}, column {column!r}: expected a string, got "
-                             f"{'null' if pd.isna(value) else repr(value)}")
-    for column in ("pos_path", "neg_path") if check_files else ():
-        sizes = df[column].map(lambda path: os.path.getsize(path) if os.path.isfile(path) else -1)
-        if (sizes <= 0).any():
-            row = int((sizes <= 0).idxmax())
-            problem = "no such image file" if sizes[row] < 0 else "empty (zero-byte) image file"
-            raise InputError(f"{where}: row {row}, column {column!r}: {problem} {df[column][row]!r}")
-    return df
+    return read_source(parquet_file_or_pandas_dataframe, image_root, check_files).pairs
 
 
-def readable(path):
-    """Whether PIL can identify and verify the file as an image (cheap: no full decode)."""
+def readable(ref):
+    """Whether PIL can identify and verify the image (a path, bytes or a parquet cell) as an image (no full decode)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(image_file(ref)) as image:
             image.verify()
         return True
     except Exception:
         return False
 
 
-def drop_unreadable_pairs(pairs):
-    """The pairs whose two images both read, and a line saying what was skipped (None if nothing was)."""
-    paths = pd.unique(pd.concat([pairs["pos_path"], pairs["neg_path"]], ignore_index=True))
-    bad = sorted(p for p in paths if not readable(p))
+def drop_unreadable_pairs(source):
+    """The source (a PairSource) without the pairs, and benchmark rows or entries, that have an image that does not
+    read, and a line saying what was skipped (None if nothing was)."""
+    pairs = source.pairs
+    images = pd.unique(pd.concat([pairs["pos_path"], pairs["neg_path"]] +
+                                 ([source.groups.images.explode()] if source.groups is not None else []),
+                                 ignore_index=True))
+    bad = {images[i] for i in location_order(images) if not readable(images[i])}
+    if not bad:
+        return source, None
     keep = ~(pairs["pos_path"].isin(bad) | pairs["neg_path"].isin(bad))
     if not keep.any():
-        raise InputError(f"no pair left: every pair has an unreadable image (first: {', '.join(bad[:3])})")
-    skipped = (f"skipping pairs with unreadable images: {len(bad)} images, first: {', '.join(bad[:5])}; "
-               f"{keep.sum()} pairs left") if bad else None
-    return pairs[keep], skipped
+        raise InputError(f"no pair left: every pair has an unreadable image (first: {', '.join(sorted(map(describe, bad))[:3])})")
+    groups = source.groups
+    if groups is not None:
+        groups = groups[[not bad.intersection(group) for group in groups.images]]
+    named = sorted(map(describe, bad))
+    skipped = (f"skipping pairs with unreadable images: {len(bad)} images, first: {', '.join(named[:5])}; "
+               f"{keep.sum()} pairs left" + (f", {len(groups)} of {len(source.groups)} benchmark rows"
+                                              if groups is not None else ""))
+    return replace(source, pairs=pairs[keep], groups=groups), skipped
 
 
-# JPEGs are decoded at a reduced scale (PIL's draft: DCT scaling by 1/2, 1/4, 1/8) that keeps at least this many
-# times the resize target on the shortest side; the exact antialiased resize then runs on far fewer pixels.
+# With --fast_decode, JPEGs are decoded at a reduced scale (PIL's draft: DCT scaling by 1/2, 1/4, 1/8) that keeps at
+# least this many times the resize target on the shortest side; the exact antialiased resize then runs on far fewer
+# pixels. The scores then differ slightly from the original's full-scale decoding, so it is not the default.
 DRAFT_MARGIN = 2
 
 
@@ -91,17 +71,23 @@ def resize_target(preprocess):
     return None
 
 
+def draft_size(preprocess, fast_decode):
+    """The reduced-scale decoding target for open_image: None (full decoding, the original's) unless fast_decode."""
+    return resize_target(preprocess) if fast_decode else None
+
+
 def open_image(path, preprocess, draft_size=None, where=None):
-    """Decode one image (a JPEG at reduced scale, at least draft_size * DRAFT_MARGIN on its shortest side) and
-    preprocess it; an unreadable file raises InputError naming it, after `where` (its row and column)."""
+    """Decode one image (a path, bytes, or a parquet cell; with draft_size, a JPEG at reduced scale, at least
+    draft_size * DRAFT_MARGIN on its shortest side) and preprocess it; an unreadable one raises InputError naming it,
+    after `where` (its row and column)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(image_file(path)) as image:
             if draft_size and image.format == "JPEG":
                 image.draft(image.mode if image.mode in ("RGB", "L") else None, (draft_size * DRAFT_MARGIN,) * 2)
             return preprocess(image)
     except Exception as e:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
-        raise InputError(f"{where + ': ' if where else ''}{path}: cannot read image ({reason})") from None
+        raise InputError(f"{where + ': ' if where else ''}{describe(path)}: cannot read image ({reason})") from None
 
 
 class PromptImagePair(Dataset):
@@ -113,15 +99,19 @@ class PromptImagePair(Dataset):
         dataset = PromptImagePair(df, preprocess_fn)
         text, pos_img, neg_img = dataset[0]
 
-    `tokenizer` defaults to the tokenizer of the default model (OpenAI's CLIP BPE, truncated to 77 tokens).
-    `with_row=True` puts the row number first in each item, so a training loop can name a batch's rows.
+    The pairs may come from any source pair_sources.read_source reads: a pair table (image paths or bytes),
+    Pick-a-Pic parquet shards (images decoded from the shards' bytes as items load), HPD v2 or ImageReward json
+    (with `image_root`). `tokenizer` defaults to the tokenizer of the default model (OpenAI's CLIP BPE, truncated to
+    77 tokens). `with_row=True` puts the row number first in each item, so a training loop can name a batch's rows.
+    `fast_decode=True` decodes JPEGs at reduced scale (faster; scores move slightly).
     """
 
-    def __init__(self, parquet_file_or_pandas_dataframe, preprocess, tokenizer=None, with_row=False):
-        self.df = load_pairs(parquet_file_or_pandas_dataframe)
+    def __init__(self, parquet_file_or_pandas_dataframe, preprocess, tokenizer=None, with_row=False, fast_decode=False,
+                 image_root=None):
+        self.df = load_pairs(parquet_file_or_pandas_dataframe, image_root=image_root)
         self.preprocess = preprocess
         self.with_row = with_row
-        self.draft_size = resize_target(preprocess)
+        self.draft_size = draft_size(preprocess, fast_decode)
         if tokenizer is None:
             import open_clip
             tokenizer = open_clip.get_tokenizer(DEFAULT_MODEL)
@@ -131,7 +121,7 @@ class PromptImagePair(Dataset):
         return len(self.df)
 
     def __getitem__(self, idx):
-        prompt, pos_path, neg_path = self.df.iloc[idx][list(COLUMNS)]
+        prompt, pos_path, neg_path = (self.df[column].iat[idx] for column in COLUMNS)
         row = self.df.index[idx]
         item = (self.tokenizer(prompt)[0],
                 open_image(pos_path, self.preprocess, self.draft_size, f"row {row}, column 'pos_path'"),

@@ -15,14 +15,16 @@ from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, add_model
 from validate import encode_images, encode_prompts
 
 
-def score_images(prompt, image_paths, model, preprocess, tokenizer, device="cpu", batch_size=1024, num_workers=0):
+def score_images(prompt, image_paths, model, preprocess, tokenizer, device="cpu", batch_size=1024, num_workers=0,
+                 fast_decode=False):
     """Cosine similarity of `prompt` with each image, in the order given (a float tensor)."""
-    image_features = encode_images(model, preprocess, image_paths, device, batch_size, num_workers)
+    image_features = encode_images(model, preprocess, image_paths, device, batch_size, num_workers,
+                                   fast_decode=fast_decode)
     return image_features @ encode_prompts(model, tokenizer, [prompt], device)[0]
 
 
 def rank_images(prompt, image_paths, checkout_path=None, device=None, batch_size=1024, num_workers=None,
-                model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED):
+                model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, fast_decode=False):
     """A DataFrame of path, score, best first.
 
     Example:
@@ -34,7 +36,7 @@ def rank_images(prompt, image_paths, checkout_path=None, device=None, batch_size
     device = device or default_device()
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path, device)
-    scores = score_images(prompt, image_paths, clip, preprocess, tokenizer, device, batch_size, num_workers)
+    scores = score_images(prompt, image_paths, clip, preprocess, tokenizer, device, batch_size, num_workers, fast_decode)
     ranking = pd.DataFrame({"path": list(image_paths), "score": scores.numpy()})
     return ranking.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
@@ -62,7 +64,7 @@ def main():
     parser.add_argument("--grid", default=None, help="draw the ranking into this image file (.png)")
     args = parser.parse_args()
     ranking = rank_images(args.prompt, args.images, args.checkout_path, args.device, args.batch_size,
-                          args.num_workers, args.model, args.pretrained)
+                          args.num_workers, args.model, args.pretrained, args.fast_decode)
     for rank, (path, score) in enumerate(zip(ranking.path, ranking.score), start=1):
         print(f"{rank:>4}  {score:.4f}  {path}")
     if args.output:

@@ -25,6 +25,7 @@ from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, TRAINING_MODES, Input
                         default_num_workers, load_model, load_weights, make_optimizer, run_cli, train_mode,
                         trainable_parameters)
 from data_set import PromptImagePair, drop_unreadable_pairs, load_pairs
+from pair_sources import read_source
 from losses import PairwiseLoss, TripletLoss
 from validate import pair_accuracy
 
@@ -117,8 +118,13 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
                    loss_name="triplet", checkout_path=None, learning_rate=3e-5, model=DEFAULT_MODEL,
                    pretrained=DEFAULT_PRETRAINED, num_workers=None, save_every=800, seed=42,
                    gradient_accumulation_steps=None, validation_file=None, report_to=None, save_format="pth",
-                   resume_from_checkpoint=None, skip_bad_images=False, skip_nonfinite_loss=False):
-    """Fine-tune a CLIP on a pair table and save checkpoints into `save_folder`; returns the path of the last one.
+                   resume_from_checkpoint=None, skip_bad_images=False, skip_nonfinite_loss=False, image_root=None,
+                   fast_decode=False):
+    """Fine-tune a CLIP on pairs and save checkpoints into `save_folder`; returns the path of the last one.
+
+    `training_file` and `validation_file` are any source pair_sources.read_source reads: a pair table (parquet or
+    DataFrame), Pick-a-Pic parquet shards (a list, a glob or a folder), an HPD v2 or ImageReward json (images under
+    `image_root`). Ties and unlabeled rows are left out.
 
     Example (a notebook, one process):
         finetune_model("training_file.parquet", "visual_upper_layers", batch_size=32, n_epochs=1)
@@ -133,8 +139,8 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
         if value < least:
             raise InputError(f"--{flag} must be at least {least} (got {value})")
     # the data is checked before the model loads: a typo costs seconds, not a ViT-L/14 load
-    pairs = load_pairs(training_file, check_files=not skip_bad_images)
-    validation_pairs = load_pairs(validation_file) if validation_file is not None else None
+    source = read_source(training_file, image_root, check_files=not skip_bad_images)
+    validation_pairs = load_pairs(validation_file, image_root=image_root) if validation_file is not None else None
     state_dir = find_training_state(resume_from_checkpoint, save_folder) if resume_from_checkpoint else None
 
     # a seeded sampler gives every process the same shuffle, so N processes see the batches one process would
@@ -143,15 +149,18 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(seed)
     num_workers = default_num_workers(accelerator.device) if num_workers is None else num_workers
+    if source.left_out:
+        accelerator.print(source.left_out)
     if skip_bad_images:
-        pairs, skipped = drop_unreadable_pairs(pairs)
+        source, skipped = drop_unreadable_pairs(source)
         if skipped:
             accelerator.print(skipped)
     loss_fn = LOSSES[loss_name]()
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path)
     optimizer = make_optimizer(trainable_parameters(clip, training_mode, loss_fn.uses_logit_scale), training_mode,
                                learning_rate)
-    loader = DataLoader(PromptImagePair(pairs, preprocess, tokenizer, with_row=True), batch_size=batch_size,
+    dataset = PromptImagePair(source.pairs, preprocess, tokenizer, with_row=True, fast_decode=fast_decode)
+    loader = DataLoader(dataset, batch_size=batch_size,
                         shuffle=True, num_workers=num_workers, pin_memory=accelerator.device.type == "cuda",
                         persistent_workers=num_workers > 0)
     # the model itself is prepared and called, so DDP synchronises gradients and autocast applies
@@ -184,7 +193,7 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(clip).eval()
             accuracy = pair_accuracy(unwrapped, preprocess, tokenizer, validation_pairs, accelerator.device,
-                                     num_workers=num_workers, progress=False)
+                                     num_workers=num_workers, progress=False, fast_decode=fast_decode)
             train_mode(unwrapped)
             tqdm.write(f"step {progress['step']}: validation Accuracy: {accuracy * 100:.2f}%")
         accelerator.wait_for_everyone()
@@ -248,7 +257,9 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--training_file", required=True, help="pairs: columns prompt, pos_path, neg_path")
+    parser.add_argument("--training_file", required=True, nargs="+",
+                        help="pairs: a table with columns prompt, pos_path, neg_path; Pick-a-Pic parquet shards "
+                             "(files, a glob or a folder); an HPD v2 train.json")
     parser.add_argument("--training_mode", default="all", choices=list(TRAINING_MODES))
     parser.add_argument("--batch_size", type=int, default=128, help="per process")
     parser.add_argument("--n_epochs", type=int, default=5)
@@ -256,11 +267,14 @@ def main():
     parser.add_argument("--loss_name", default="triplet", choices=list(LOSSES))
     parser.add_argument("--learning_rate", type=float, default=3e-5)
     add_model_flags(parser)  # --model, --pretrained, --checkout_path (weights to start from), --num_workers
+    parser.add_argument("--image_root", default=None,
+                        help="the image folder of an HPD v2 or ImageReward json (default: beside the json)")
     parser.add_argument("--save_every", type=int, default=800, help="optimizer steps between checkpoints")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=None,
                         help="batches per optimizer step (default: accelerate's setting, else 1)")
-    parser.add_argument("--validation_file", default=None, help="pairs to measure accuracy on at each checkpoint")
+    parser.add_argument("--validation_file", default=None, nargs="+",
+                        help="pairs to measure accuracy on at each checkpoint (any layout --training_file takes)")
     parser.add_argument("--report_to", default=None, help="an accelerate tracker: tensorboard, wandb, mlflow, ...")
     parser.add_argument("--save_format", default="pth", choices=SAVE_FORMATS)
     parser.add_argument("--resume_from_checkpoint", default=None,
