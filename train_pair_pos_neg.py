@@ -159,7 +159,7 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path)
     optimizer = make_optimizer(trainable_parameters(clip, training_mode, loss_fn.uses_logit_scale), training_mode,
                                learning_rate)
-    dataset = PromptImagePair(source.pairs, preprocess, tokenizer, with_row=True, fast_decode=fast_decode)
+    dataset = PromptImagePair(source, preprocess, tokenizer, with_row=True, fast_decode=fast_decode)
     loader = DataLoader(dataset, batch_size=batch_size,
                         shuffle=True, num_workers=num_workers, pin_memory=accelerator.device.type == "cuda",
                         persistent_workers=num_workers > 0)
