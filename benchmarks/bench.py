@@ -109,22 +109,32 @@ def measure(what, impl, model, weights, pairs_file, batch_size):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def decode_benchmark(paths, model, weights):
-    """JPEG images/s at full scale and through PIL's draft, and how much that moves the scores."""
+def decode_benchmark(paths, model, weights, folder):
+    """Images/s decoding JPEG files in full (the default, the original's), through PIL's draft (--fast_decode), and
+    from the same bytes stored in a Pick-a-Pic-layout parquet shard; how much the draft moves the scores."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import torch
     from clip_model import load_model
-    from data_set import open_image, resize_target
+    from data_set import draft_size, open_image
+    from pair_sources import cell_ref
     clip, preprocess, tokenizer = load_model(model, checkout_path=weights)
-    target = resize_target(preprocess)
+    shard = os.path.join(folder, "decode-shard.parquet")
+    data = [open(p, "rb").read() for p in paths]
+    pq.write_table(pa.table({"caption": PROMPTS[:1] * len(paths), "jpg_0": pa.array(data, pa.binary()),
+                             "jpg_1": pa.array(data, pa.binary()), "label_0": [1.0] * len(paths),
+                             "label_1": [0.0] * len(paths)}), shard, row_group_size=100)
+    cells = [cell_ref(shard, i, "jpg_0") for i in range(len(paths))]
     out = {}
-    for label, draft in (("full_scale", None), ("draft", target)):
+    for label, images, fast in (("full_scale", paths, False), ("draft", paths, True), ("parquet_bytes", cells, False)):
         t = time.perf_counter()
-        images = torch.stack([open_image(p, preprocess, draft) for p in paths])
+        batch = torch.stack([open_image(p, preprocess, draft_size(preprocess, fast)) for p in images])
         out[f"{label}_images_per_s"] = len(paths) / (time.perf_counter() - t)
         with torch.no_grad():
-            out[f"{label}_features"] = clip.encode_image(images, normalize=True)
+            out[f"{label}_features"] = clip.encode_image(batch, normalize=True)
     text = clip.encode_text(tokenizer(PROMPTS), normalize=True).detach()
     full, draft = out.pop("full_scale_features") @ text.T, out.pop("draft_features") @ text.T
+    out["bytes_equal_files"] = bool(torch.equal(out.pop("parquet_bytes_features") @ text.T, full))
     out["max_score_change"] = (full - draft).abs().max().item()
     out["same_best_prompt"] = bool((full.argmax(1) == draft.argmax(1)).all())
     return out
@@ -136,6 +146,7 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="training steps measured (after one warm-up step)")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--what", default="train,validate,decode", help="which measurements (comma-separated)")
     parser.add_argument("--worker", choices=["train", "validate"], help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=["ours", "original"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -164,11 +175,13 @@ def main():
             torch.save({k: v.half() for k, v in load_model(model, pretrained="none")[0].state_dict().items()}, weights)
             run = {}
             for impl in ("ours", "original"):
-                run[f"train_{impl}"] = measure("train", impl, model, weights, train_file, args.batch_size)
-                for data, pairs_file in (("repeat", repeat_file), ("distinct", distinct_file)):
+                if "train" in args.what:
+                    run[f"train_{impl}"] = measure("train", impl, model, weights, train_file, args.batch_size)
+                for data, pairs_file in (("repeat", repeat_file), ("distinct", distinct_file)) if "validate" in args.what else ():
                     run[f"validate_{data}_{impl}"] = measure("validate", impl, model, weights, pairs_file, 1024)
                 print(label, impl, "done", file=sys.stderr)
-            run["decode"] = decode_benchmark(photos[:12], model, weights)
+            if "decode" in args.what:
+                run["decode"] = decode_benchmark(photos[:12], model, weights, folder)
             results["runs"][label] = run
     print_table(results)
     if args.json:
@@ -181,6 +194,9 @@ def print_table(results):
           f"mode {results['mode']}")
     print(f"{'model':6} {'what':22} {'ours':>12} {'original':>12} {'ratio':>7}   peak RSS GB ours / original")
     for label, run in results["runs"].items():
+        if "train_ours" not in run:
+            print_decode(label, run)
+            continue
         ours, original = run["train_ours"], run["train_original"]
         print(f"{label:6} {'train pairs/s':22} {ours['pairs_per_s']:12.3f} {original['pairs_per_s']:12.3f} "
               f"{ours['pairs_per_s'] / original['pairs_per_s']:6.2f}x   {ours['peak_rss_gb']:.2f} / "
@@ -195,11 +211,19 @@ def print_table(results):
             print(f"{label:6} {'validate ' + data + ' s':22} {ours['run_s']:12.1f} {original['run_s']:12.1f} "
                   f"{original['run_s'] / ours['run_s']:6.2f}x   {ours['peak_rss_gb']:.2f} / {original['peak_rss_gb']:.2f}"
                   f"   accuracy {ours['accuracy'] * 100:.2f}% / {original['accuracy'] * 100:.2f}%")
+        print_decode(label, run)
+
+
+def print_decode(label, run):
+    if "decode" in run:
         decode = run["decode"]
-        print(f"{label:6} {'decode 1-4 MP images/s':22} {decode['draft_images_per_s']:12.1f} "
-              f"{decode['full_scale_images_per_s']:12.1f} "
-              f"{decode['draft_images_per_s'] / decode['full_scale_images_per_s']:6.2f}x   max score change "
+        full = decode["full_scale_images_per_s"]
+        print(f"{label:6} {'decode --fast_decode':22} {decode['draft_images_per_s']:12.1f} {full:12.1f} "
+              f"{decode['draft_images_per_s'] / full:6.2f}x   1-4 MP JPEGs/s, draft vs full; max score change "
               f"{decode['max_score_change']:.5f}, same best prompt: {decode['same_best_prompt']}")
+        print(f"{label:6} {'decode parquet bytes':22} {decode['parquet_bytes_images_per_s']:12.1f} {full:12.1f} "
+              f"{decode['parquet_bytes_images_per_s'] / full:6.2f}x   1-4 MP JPEGs/s, Pick-a-Pic shard vs files (both "
+              f"full); same scores: {decode['bytes_equal_files']}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from PIL import Image
 from clip_model import InputError
 from data_set import PromptImagePair, load_pairs
 
+from conftest import TINY_CLIP as TINY_CLIP_PATH
+
 
 def test_readme_example_works_unchanged(shapes_pairs, tmp_path):
     shapes_pairs.to_parquet(tmp_path / "data.parquet")
@@ -105,3 +107,17 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_keeping_twice_the_resize_targe
     open_image(str(tmp_path / "large.jpg"), record, draft_size=64)
     open_image(str(tmp_path / "large.png"), record, draft_size=64)  # only JPEGs have a reduced-scale decode
     assert 64 * DRAFT_MARGIN <= min(sizes[0]) < 1200 and sizes[1] == (1600, 1200)
+
+
+def test_images_are_decoded_in_full_by_default_and_at_reduced_scale_only_with_fast_decode(tmp_path):
+    from clip_model import load_model
+    Image.effect_noise((1600, 1200), 40).convert("RGB").save(tmp_path / "large.jpg", quality=90)
+    pairs = pd.DataFrame({"prompt": ["noise"], "pos_path": [str(tmp_path / "large.jpg")],
+                          "neg_path": [str(tmp_path / "large.jpg")]})
+    preprocess = load_model(TINY_CLIP_PATH, pretrained="none")[1]
+    with Image.open(tmp_path / "large.jpg") as image:
+        original = preprocess(image)  # the original: PIL opens the file, the transform sees every pixel
+    _, default, _ = PromptImagePair(pairs, preprocess)[0]
+    _, fast, _ = PromptImagePair(pairs, preprocess, fast_decode=True)[0]
+    assert (default - original).abs().max() < 1e-6
+    assert (fast - original).abs().max() > 1e-3
