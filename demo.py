@@ -1,4 +1,5 @@
-"""The whole job offline on a CPU in a few minutes: synthetic pairs, a tiny CLIP from random init, accuracy before/after.
+"""The whole job offline on a CPU in a few minutes: synthetic pairs, a tiny CLIP from random init, accuracy before/after,
+and compare.py's table and picture of the model before and after fine-tuning.
 
     python demo.py                      # writes ./demo_out: images, train/val parquet, checkpoints
 
@@ -17,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from clip_model import load_model, run_cli
+from compare import compare, markdown_table
 from validate import validate_image_pair_classifier
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220), "yellow": (235, 210, 30),
@@ -87,6 +89,12 @@ def run_demo(out="demo_out", n_train=1200, n_val=300, n_epochs=5, batch_size=32,
                    check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     final = os.path.join(save_folder, f"clip_epoch_{n_epochs - 1}_global_step_final.pth")
     after = validate_image_pair_classifier(val_file, final, "cpu", num_workers=0, model=TINY_CLIP)
+    # the two models side by side, as compare.py puts any reward models: the table and what each picks per prompt
+    comparison = os.path.join(out, "comparison")
+    table = compare([val_file], {"before": f"clip:{init},model={TINY_CLIP}", "after": f"clip:{final},model={TINY_CLIP}"},
+                    out=comparison, prompts=4, device="cpu", num_workers=0)
+    print(markdown_table(table), end="")
+    print(f"what each model picks for four prompts: {os.path.join(comparison, 'comparison.png')}")
     print(f"before fine-tuning: Accuracy: {before * 100:.2f}%")
     print(f"after fine-tuning:  Accuracy: {after * 100:.2f}%   ({final})")
     return before, after

@@ -11,7 +11,8 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, add_model_flags, default_device,
-                        default_num_workers, load_model, run_cli)
+                        default_num_workers, run_cli)
+from scorers import check_spec, clip_scorer, load_scorer
 from validate import encode_images, encode_prompts
 
 
@@ -24,8 +25,9 @@ def score_images(prompt, image_paths, model, preprocess, tokenizer, device="cpu"
 
 
 def rank_images(prompt, image_paths, checkout_path=None, device=None, batch_size=1024, num_workers=None,
-                model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, fast_decode=False):
-    """A DataFrame of path, score, best first.
+                model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, fast_decode=False, scorer=None):
+    """A DataFrame of path, score, best first. The score is the scorer's own (ours: the cosine similarity; PickScore:
+    logit_scale.exp() times it); `scorer` is a scorers.py spec, by default our CLIP from model/pretrained/checkout_path.
 
     Example:
         ranking = rank_images("a red fox in the snow", ["a.png", "b.png"], checkout_path="clip_final.pth")
@@ -33,11 +35,14 @@ def rank_images(prompt, image_paths, checkout_path=None, device=None, batch_size
     missing = [p for p in image_paths if not os.path.isfile(p)]
     if missing:
         raise InputError(f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if scorer is not None:
+        check_spec(scorer)
     device = device or default_device()
     num_workers = default_num_workers(device) if num_workers is None else num_workers
-    clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path, device)
-    scores = score_images(prompt, image_paths, clip, preprocess, tokenizer, device, batch_size, num_workers, fast_decode)
-    ranking = pd.DataFrame({"path": list(image_paths), "score": scores.numpy()})
+    scorer = load_scorer(scorer, device) if scorer else clip_scorer(model, pretrained, checkout_path, device)
+    scores = score_images(prompt, image_paths, scorer.model, scorer.preprocess, scorer.tokenizer, device, batch_size,
+                          num_workers, fast_decode)
+    ranking = pd.DataFrame({"path": list(image_paths), "score": scores.numpy() * scorer.score_scale})
     return ranking.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 
@@ -60,11 +65,12 @@ def main():
     parser.add_argument("images", nargs="+", help="image files to rank")
     parser.add_argument("--prompt", required=True)
     add_model_flags(parser, inference=True)
+    parser.add_argument("--scorer", default=None, help="another reward model, KIND:PATH[,key=value] (see scorers.py)")
     parser.add_argument("--output", default=None, help="write path,score rows to this .csv")
     parser.add_argument("--grid", default=None, help="draw the ranking into this image file (.png)")
     args = parser.parse_args()
     ranking = rank_images(args.prompt, args.images, args.checkout_path, args.device, args.batch_size,
-                          args.num_workers, args.model, args.pretrained, args.fast_decode)
+                          args.num_workers, args.model, args.pretrained, args.fast_decode, args.scorer)
     for rank, (path, score) in enumerate(zip(ranking.path, ranking.score), start=1):
         print(f"{rank:>4}  {score:.4f}  {path}")
     if args.output:

@@ -12,9 +12,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, add_model_flags, default_device,
-                        default_num_workers, load_model, run_cli)
+                        default_num_workers, run_cli)
 from data_set import draft_size, drop_unreadable_pairs, open_image
 from pair_sources import benchmark_metric, describe, location_order, read_source
+from scorers import check_spec, clip_scorer, load_scorer
 
 
 class ImageFiles(Dataset):
@@ -132,9 +133,11 @@ def write_table(table, path, index_label):
 
 def evaluate_source(source, checkout_path=None, device=None, batch_size=1024, num_workers=None, model=DEFAULT_MODEL,
                     pretrained=DEFAULT_PRETRAINED, scores_out=None, skip_bad_images=False, image_root=None,
-                    tie_threshold=0.0, fast_decode=False):
+                    tie_threshold=0.0, fast_decode=False, scorer=None):
     """Read a source, score it, and return {"accuracy", "pairs", "metric": (name, value) or None}: the original's
-    pairwise accuracy (ties left out) and, for a benchmark layout, that benchmark's own metric."""
+    pairwise accuracy (ties left out) and, for a benchmark layout, that benchmark's own metric.
+
+    scorer: a scorers.py spec (e.g. "hpsv2:HPS_v2.1_compressed.pt") instead of model/pretrained/checkout_path."""
     device = device or default_device()
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     if batch_size < 1 or num_workers < 0:
@@ -145,6 +148,8 @@ def evaluate_source(source, checkout_path=None, device=None, batch_size=1024, nu
         raise InputError(f"--scores_out {scores_out}: name a .csv or .parquet file")
     if not 0 <= tie_threshold <= 1:
         raise InputError(f"--tie_threshold must be between 0 and 1 (got {tie_threshold})")
+    if scorer is not None:
+        check_spec(scorer)
     # the data is checked before the model loads: a typo costs seconds, not a ViT-L/14 load
     source = read_source(source, image_root, check_files=not skip_bad_images)
     if source.left_out:
@@ -153,15 +158,15 @@ def evaluate_source(source, checkout_path=None, device=None, batch_size=1024, nu
         source, skipped = drop_unreadable_pairs(source)
         if skipped:
             print(skipped, file=sys.stderr)
-    clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path, device)
-    pos_score, neg_score, group_scores = source_scores(clip, preprocess, tokenizer, source, device, batch_size,
-                                                       num_workers, fast_decode=fast_decode)
+    scorer = load_scorer(scorer, device) if scorer else clip_scorer(model, pretrained, checkout_path, device)
+    pos_score, neg_score, group_scores = source_scores(scorer.model, scorer.preprocess, scorer.tokenizer, source,
+                                                       device, batch_size, num_workers, fast_decode=fast_decode)
     if scores_out is not None:
         if group_scores is None:
             write_pair_scores(source.pairs, pos_score, neg_score, scores_out)
         else:
             write_group_scores(source, group_scores, scores_out)
-    metric = benchmark_metric(source, group_scores, clip.logit_scale.exp().item(), tie_threshold)
+    metric = benchmark_metric(source, group_scores, scorer.softmax_scale, tie_threshold)
     return {"accuracy": counted_correct(pos_score, neg_score).float().mean().item(), "pairs": len(source.pairs),
             "metric": metric}
 
@@ -191,12 +196,14 @@ def main():
     parser.add_argument("--skip_bad_images", action="store_true", help="skip pairs whose images cannot be read")
     parser.add_argument("--image_root", default=None,
                         help="the image folder of an HPD v2 or ImageReward json (default: beside the json)")
+    parser.add_argument("--scorer", default=None, help="another reward model, KIND:PATH[,key=value]: clip:, hpsv2:, "
+                        "pickscore:, aesthetic: (see scorers.py); default: --model, --pretrained, --checkout_path")
     parser.add_argument("--tie_threshold", type=float, default=0.0,
                         help="Pick-a-Pic: predict a tie when the two images' probabilities differ by at most this")
     args = parser.parse_args()
     result = evaluate_source(args.parquet_file, args.checkout_path, args.device, args.batch_size, args.num_workers,
                              args.model, args.pretrained, args.scores_out, args.skip_bad_images, args.image_root,
-                             args.tie_threshold, args.fast_decode)
+                             args.tie_threshold, args.fast_decode, args.scorer)
     print(f"Accuracy: {result['accuracy'] * 100:.2f}%")
     if result["metric"]:
         name, value = result["metric"]

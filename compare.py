@@ -1,0 +1,215 @@
+"""Compare reward models on the same pairs: a table of accuracies, how often they agree, and what each picks.
+
+    python compare.py val.parquet HPD/test.json --image_root HPD/test \\
+        --scorer ours=clip:clip_epoch_4_global_step_final.pth --scorer clip=clip:ViT-L-14.pt \\
+        --scorer hps=hpsv2:HPS_v2.1_compressed.pt --scorer pickscore=pickscore:PickScore_v1 \\
+        --scorer aesthetic=aesthetic:sac+logos+ava1-l14-linearMSE.pth,clip=ViT-L-14.pt --out comparison/
+
+Every source (any layout the scripts read) is scored by every scorer, one scorer's model in memory at a time, each
+distinct image and prompt encoded once. Scores are kept in --out as they are made: run again after an interruption,
+and only what is missing is scored. Writes table.csv, table.md, agreement.csv and comparison.png into --out.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from clip_model import InputError, default_device, default_num_workers, run_cli
+from pair_sources import benchmark_metric, image_file, read_source
+from scorers import check_spec, load_scorer
+from validate import counted_correct, source_scores
+
+
+def parse_scorers(named_specs):
+    """NAME=SPEC strings -> {name: spec}, checked (kinds, options, files) before any model loads."""
+    scorers = {}
+    for named in named_specs:
+        name, eq, spec = named.partition("=")
+        if not eq or not name or ":" in name:
+            raise InputError(f"--scorer {named}: give NAME=KIND:PATH, e.g. ours=clip:clip_final.pth")
+        if name in scorers:
+            raise InputError(f"--scorer {named}: the name {name!r} is given twice")
+        check_spec(spec)
+        scorers[name] = spec
+    if not scorers:
+        raise InputError("give at least one --scorer NAME=KIND:PATH")
+    return scorers
+
+
+def wilson_interval(correct, n, z=1.96):
+    """The 95% Wilson score interval of a proportion correct/n, in percent."""
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return 100 * (centre - half), 100 * (centre + half)
+
+
+def scores_path(out, scorer_name, spec, source_name, fast_decode):
+    """Where one scorer's scores of one source are kept; the name changes with anything that changes them."""
+    changed = [os.path.getmtime(p) for p in (source_name, spec.split(":", 1)[1].split(",")[0]) if os.path.exists(p)]
+    key = hashlib.sha256(json.dumps([spec, source_name, fast_decode, changed]).encode()).hexdigest()[:12]
+    return os.path.join(out, "scores", f"{scorer_name}-{key}.json")
+
+
+def score_all(sources, scorers, out, device, batch_size, num_workers, fast_decode):
+    """{scorer name: [per source {"pos", "neg", "groups", "score_scale", "softmax_scale"}]}, scoring only what --out
+    does not hold yet; each (scorer, source) is written whole (to a temporary name, then renamed) once scored."""
+    os.makedirs(os.path.join(out, "scores"), exist_ok=True)
+    results = {}
+    for name, spec in scorers.items():
+        paths = [scores_path(out, name, spec, source.name, fast_decode) for source in sources]
+        missing = [i for i, path in enumerate(paths) if not os.path.isfile(path)]
+        scorer = load_scorer(spec, device) if missing else None
+        for i in missing:
+            print(f"{name}: scoring {sources[i].name}")
+            pos, neg, groups = source_scores(scorer.model, scorer.preprocess, scorer.tokenizer, sources[i], device,
+                                             batch_size, num_workers, fast_decode=fast_decode)
+            record = {"pos": pos.tolist(), "neg": neg.tolist(), "groups": groups and [list(map(float, g)) for g in groups],
+                      "score_scale": scorer.score_scale, "softmax_scale": scorer.softmax_scale}
+            with open(paths[i] + ".tmp", "w") as f:
+                json.dump(record, f)
+            os.replace(paths[i] + ".tmp", paths[i])
+        del scorer  # one scorer's model in memory at a time
+        results[name] = []
+        for path in paths:
+            with open(path) as f:
+                results[name].append(json.load(f))
+    return results
+
+
+def comparison_table(sources, results, tie_threshold=0.0):
+    """A row per (scorer, source): pairs, accuracy and its 95% interval (percent), and the benchmark's own metric."""
+    rows = []
+    for name, per_source in results.items():
+        for source, scored in zip(sources, per_source):
+            correct = int(counted_correct(np.array(scored["pos"]), np.array(scored["neg"])).sum())
+            n = len(scored["pos"])
+            low, high = wilson_interval(correct, n)
+            row = {"scorer": name, "source": source.name, "pairs": n, "accuracy": 100 * correct / n,
+                   "ci_low": low, "ci_high": high}
+            metric = benchmark_metric(source, scored["groups"], scored["softmax_scale"], tie_threshold)
+            if metric:
+                row[metric[0]] = 100 * metric[1]
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown_table(table):
+    """Scorers as rows, sources as columns: accuracy [95% interval], and the benchmark's own metric beside it."""
+    metrics = [c for c in table.columns if c not in ("scorer", "source", "pairs", "accuracy", "ci_low", "ci_high")]
+    sources = list(dict.fromkeys(table.source))
+    lines = ["| scorer | " + " | ".join(f"{s} ({table[table.source == s].pairs.iloc[0]} pairs)" for s in sources) + " |",
+             "|---" * (len(sources) + 1) + "|"]
+    for scorer, rows in table.groupby("scorer", sort=False):
+        cells = []
+        for source in sources:
+            row = rows[rows.source == source].iloc[0]
+            cell = f"{row.accuracy:.2f} [{row.ci_low:.1f}, {row.ci_high:.1f}]"
+            cell += "".join(f"; {m} {row[m]:.2f}" for m in metrics if pd.notna(row.get(m)))
+            cells.append(cell)
+        lines.append(f"| {scorer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def agreement(results):
+    """How often each two scorers pick the same image of a pair (over every pair of every source), as a matrix."""
+    picks = {name: np.concatenate([counted_correct(np.array(s["pos"]), np.array(s["neg"])) for s in per_source])
+             for name, per_source in results.items()}
+    names = list(picks)
+    return pd.DataFrame([[float((picks[a] == picks[b]).mean()) for b in names] for a in names], index=names,
+                        columns=names)
+
+
+def best_images(sources, results, prompts=4):
+    """For the first `prompts` prompts with at least two images: each scorer's best image and its own score."""
+    picked = []
+    for i, source in enumerate(sources):
+        pairs = source.pairs
+        for prompt in pd.unique(pairs.prompt):
+            rows = np.flatnonzero((pairs.prompt == prompt).values)
+            images = pd.unique(pd.concat([pairs.pos_path.iloc[rows], pairs.neg_path.iloc[rows]]))
+            if len(images) < 2:
+                continue
+            choice = {}
+            for name, per_source in results.items():
+                scored = per_source[i]
+                score = {**{pairs.neg_path.iloc[r]: scored["neg"][r] for r in rows},
+                         **{pairs.pos_path.iloc[r]: scored["pos"][r] for r in rows}}
+                best = max(score, key=score.get)
+                choice[name] = (best, score[best] * scored["score_scale"])
+            picked.append((prompt, choice))
+            if len(picked) == prompts:
+                return picked
+    return picked
+
+
+def comparison_picture(picked, path, thumb=192):
+    """One row per prompt, one column per scorer: the image the scorer ranks first, captioned with its score."""
+    names = list(picked[0][1])
+    header, caption = 34, 24
+    sheet = Image.new("RGB", (len(names) * thumb, len(picked) * (header + thumb + caption)), "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default(size=14)
+    for r, (prompt, choice) in enumerate(picked):
+        y = r * (header + thumb + caption)
+        draw.text((6, y + 10), f"\u201c{prompt[:24 * len(names)]}\u201d", fill="black", font=font)
+        for c, name in enumerate(names):
+            image_ref, score = choice[name]
+            with Image.open(image_file(image_ref)) as image:
+                sheet.paste(ImageOps.pad(image.convert("RGB"), (thumb, thumb), color="white"), (c * thumb, y + header))
+            draw.text((c * thumb + 6, y + header + thumb + 4), f"{name}: {score:.4f}", fill="black", font=font)
+    sheet.save(path)
+
+
+def compare(sources, scorers, out="comparison", prompts=4, image_root=None, device=None, batch_size=1024,
+            num_workers=None, tie_threshold=0.0, fast_decode=False):
+    """Score every source with every scorer ({name: spec}); write the table, agreement and picture into `out`.
+
+    Example:
+        table = compare(["val.parquet"], {"before": "clip:init.pth", "after": "clip:final.pth"}, out="cmp")
+    """
+    device = device or default_device()
+    num_workers = default_num_workers(device) if num_workers is None else num_workers
+    scorers = parse_scorers([f"{k}={v}" for k, v in scorers.items()]) if isinstance(scorers, dict) else parse_scorers(scorers)
+    sources = [read_source(s, image_root) for s in sources]
+    for source in sources:
+        if source.left_out:
+            print(f"{source.name}: {source.left_out}")
+    results = score_all(sources, scorers, out, device, batch_size, num_workers, fast_decode)
+    table = comparison_table(sources, results, tie_threshold)
+    table.to_csv(os.path.join(out, "table.csv"), index=False)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(markdown_table(table))
+    agreement(results).to_csv(os.path.join(out, "agreement.csv"))
+    picked = best_images(sources, results, prompts)
+    if picked:
+        comparison_picture(picked, os.path.join(out, "comparison.png"))
+    return table
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sources", nargs="+", help="pair sources: tables, Pick-a-Pic shards (a glob or folder each), "
+                        "HPD v2 / ImageReward json")
+    parser.add_argument("--scorer", action="append", default=[], required=True, help="NAME=KIND:PATH[,key=value]")
+    parser.add_argument("--out", default="comparison")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts in comparison.png")
+    parser.add_argument("--image_root", default=None)
+    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--batch_size", type=int, default=1024)
+    parser.add_argument("--num_workers", type=int, default=None)
+    parser.add_argument("--tie_threshold", type=float, default=0.0)
+    parser.add_argument("--fast_decode", action="store_true")
+    args = parser.parse_args()
+    table = compare(args.sources, args.scorer, args.out, args.prompts, args.image_root, args.device, args.batch_size,
+                    args.num_workers, args.tie_threshold, args.fast_decode)
+    print(markdown_table(table), end="")
+    print(f"written: {', '.join(os.path.join(args.out, f) for f in ('table.csv', 'table.md', 'agreement.csv', 'comparison.png'))}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

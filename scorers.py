@@ -1,0 +1,180 @@
+"""Reward models side by side: our CLIP checkpoints, HPS v2, PickScore and the LAION aesthetic predictor, from local files.
+
+    scorer = load_scorer("clip:clip_epoch_4_global_step_final.pth")                  # ours (OpenAI format)
+    scorer = load_scorer("clip:openai")                                              # OpenAI's ViT-L/14
+    scorer = load_scorer("hpsv2:HPS_v2.1_compressed.pt")                             # {"state_dict": open_clip ViT-H-14}
+    scorer = load_scorer("pickscore:PickScore_v1/")                                  # transformers CLIPModel folder
+    scorer = load_scorer("aesthetic:sac+logos+ava1-l14-linearMSE.pth,clip=ViT-L-14.pt")
+
+A Scorer is what validate.py, score.py and compare.py use of a model: `model.encode_image(images, normalize=True)`
+and `model.encode_text(tokens, normalize=True)`, whose row-wise dot product orders the images as the model does;
+`preprocess` and `tokenizer`; `score_scale`, which turns that dot product into the model's own score (PickScore's
+logit_scale.exp()); `softmax_scale`, the logit scale of Pick-a-Pic's tie-aware metric.
+"""
+import os
+from dataclasses import dataclass
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+import torchvision.transforms.functional as TF
+from torchvision.transforms import Compose, InterpolationMode, Normalize, ToTensor
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+from clip_model import DEFAULT_MODEL, InputError, load_model, read_state_dict
+
+KINDS = {"clip": ("model",), "hpsv2": ("model",), "pickscore": (), "aesthetic": ("clip", "model")}
+
+
+@dataclass
+class Scorer:
+    model: nn.Module
+    preprocess: object
+    tokenizer: object
+    score_scale: float = 1.0
+    softmax_scale: float = 100.0
+
+
+def parse_spec(spec):
+    """KIND:PATH[,key=value...] -> (kind, path, options); a mistake raises InputError naming the spec."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in KINDS:
+        raise InputError(f"--scorer {spec}: unknown kind {kind!r}; give KIND:PATH with KIND one of {', '.join(KINDS)}")
+    path, *pairs = rest.split(",")
+    options = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or key not in KINDS[kind]:
+            raise InputError(f"--scorer {spec}: unknown option {key!r} for {kind} "
+                             f"(options: {', '.join(KINDS[kind]) or 'none'})")
+        options[key] = value
+    if not path:
+        raise InputError(f"--scorer {spec}: no path")
+    return kind, path, options
+
+
+def check_spec(spec):
+    """Cheap checks of a spec's files before any model loads: the file or folder exists and is of the right kind."""
+    kind, path, options = parse_spec(spec)
+    if kind == "clip" and path == "openai":
+        return kind, path, options
+    if kind == "pickscore":
+        if not os.path.isdir(path):
+            raise InputError(f"--scorer {spec}: pickscore takes a transformers model folder (config.json and weights, "
+                             f"as save_pretrained writes them); {path} is {'a file' if os.path.exists(path) else 'missing'}")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise InputError(f"--scorer {spec}: {path} has no config.json: not a transformers model folder")
+        return kind, path, options
+    if not os.path.isfile(path):
+        raise InputError(f"--scorer {spec}: {path}: no such weights file" +
+                         (" (a folder: a PickScore model? use pickscore:)" if os.path.isdir(path) else ""))
+    if kind == "aesthetic" and "clip" not in options:
+        raise InputError(f"--scorer {spec}: the aesthetic predictor needs the CLIP it reads: clip=PATH (OpenAI ViT-L/14 "
+                         f"weights) or clip=openai")
+    return kind, path, options
+
+
+def clip_scorer(model=DEFAULT_MODEL, pretrained="openai", checkout_path=None, device="cpu"):
+    """Our CLIP (the scripts' --model, --pretrained, --checkout_path): its score is the cosine similarity."""
+    clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path, device)
+    return Scorer(clip, preprocess, tokenizer, 1.0, clip.logit_scale.exp().item())
+
+
+def load_scorer(spec, device="cpu"):
+    """A Scorer from a spec; nothing is downloaded (`clip:openai`, `clip=openai` offline say which file to pass)."""
+    kind, path, options = check_spec(spec)
+    if kind == "clip":
+        return clip_scorer(options.get("model", DEFAULT_MODEL), path, None, device)
+    if kind == "hpsv2":
+        model, _, tokenizer = load_model(options.get("model", "ViT-H-14"), path, None, device)
+        return Scorer(model, hps_preprocess(model.visual.image_size[0]), tokenizer, 1.0, model.logit_scale.exp().item())
+    if kind == "pickscore":
+        model = PickScoreModel(path).to(device).eval()
+        return Scorer(model, model.preprocess, open_clip.get_tokenizer(DEFAULT_MODEL), model.scale, model.scale)
+    clip, preprocess, tokenizer = load_model(options.get("model", DEFAULT_MODEL), options["clip"], None, device)
+    return Scorer(AestheticPredictor(clip, path).to(device).eval(), preprocess, tokenizer, 1.0, 1.0)
+
+
+class ResizeLongestAndPad(nn.Module):
+    """HPS v2's ResizeMaxSize: the longest side to `size` (bicubic, on the tensor, so antialiased), keeping the aspect
+    ratio, then padded with 0 to size x size, centred (the extra pixel right and bottom). HPS v2 skips both when the
+    longest side is already `size`; this pads such an image too, so that every image has the model's input shape."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def forward(self, image):
+        height, width = image.shape[1:]
+        scale = self.size / max(height, width)
+        new = [round(height * scale), round(width * scale)]
+        if scale != 1.0:
+            image = TF.resize(image, new, InterpolationMode.BICUBIC)
+        pad_h, pad_w = self.size - new[0], self.size - new[1]
+        return TF.pad(image, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+
+
+def hps_preprocess(size=224):
+    """HPS v2's evaluation preprocessing: RGB (an RGBA image too: the model takes 3 channels), ToTensor, the longest
+    side to `size` and padded, OpenAI's mean/std."""
+    return Compose([lambda image: image.convert("RGB"), ToTensor(), ResizeLongestAndPad(size),
+                    Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
+
+
+class PickScoreModel(nn.Module):
+    """A transformers CLIPModel folder (PickScore_v1) scored as PickScore does: logit_scale.exp() * cos(text, image).
+    Its processor is CLIP's: shortest side to the model's size (bicubic), centre crop, OpenAI mean/std; CLIP's BPE."""
+
+    def __init__(self, folder):
+        super().__init__()
+        from transformers import CLIPModel
+        try:
+            self.clip = CLIPModel.from_pretrained(folder, local_files_only=True)
+        except Exception as e:
+            raise InputError(f"pickscore:{folder}: not a transformers CLIPModel folder ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160]})") from None
+        size = self.clip.config.vision_config.image_size
+        self.preprocess = open_clip.image_transform(size, is_train=False, mean=OPENAI_DATASET_MEAN,
+                                                    std=OPENAI_DATASET_STD)
+        self.scale = self.clip.logit_scale.exp().item()
+
+    @staticmethod
+    def _features(output):
+        return output if isinstance(output, torch.Tensor) else output.pooler_output  # transformers >= 5: an output
+
+    def encode_image(self, images, normalize=True):
+        return F.normalize(self._features(self.clip.get_image_features(pixel_values=images)), dim=-1)
+
+    def encode_text(self, tokens, normalize=True):
+        # CLIP's causal mask keeps the padding after the end-of-text token out of its pooled output
+        return F.normalize(self._features(self.clip.get_text_features(input_ids=tokens)), dim=-1)
+
+
+class AestheticPredictor(nn.Module):
+    """The LAION improved aesthetic predictor: its MLP on the L2-normalised CLIP image embedding. It ignores the
+    prompt: encode_text gives 1 for every prompt, so the dot product with encode_image's [score] is the score."""
+
+    def __init__(self, clip, mlp_path):
+        super().__init__()
+        state_dict = read_state_dict(mlp_path)
+        weights = sorted((k for k in state_dict if k.startswith("layers.") and k.endswith(".weight")),
+                         key=lambda k: int(k.split(".")[1]))
+        if not weights or state_dict[weights[0]].shape[1] != clip.visual.output_dim:
+            raise InputError(f"aesthetic:{mlp_path}: not the aesthetic predictor's MLP for this CLIP (layers.N.weight "
+                             f"with {clip.visual.output_dim} inputs)")
+        layers, last = [], 0
+        for key in weights:  # Linear layers at their indices; Dropout (no weights) in between, as in its file
+            index = int(key.split(".")[1])
+            layers += [nn.Dropout(0.0) for _ in range(index - last)]
+            out_features, in_features = state_dict[key].shape
+            layers.append(nn.Linear(in_features, out_features))
+            last = index + 1
+        self.clip, self.layers = clip, nn.Sequential(*layers)
+        self.layers.load_state_dict({k.removeprefix("layers."): v.float() for k, v in state_dict.items()})
+
+    def encode_image(self, images, normalize=True):
+        return self.layers(self.clip.encode_image(images, normalize=True))
+
+    def encode_text(self, tokens, normalize=True):
+        return torch.ones(len(tokens), 1, device=tokens.device)
