@@ -27,6 +27,7 @@ from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, TRAINING_MODES, Input
 from data_set import PromptImagePair, drop_unreadable_pairs, load_pairs
 from pair_sources import read_source
 from losses import PairwiseLoss, TripletLoss
+from trunk_cache import STORAGE_DTYPES, CachedTriplets, TowerHeads, TrunkCache, tower_splits
 from validate import pair_accuracy
 
 LOSSES = {"triplet": TripletLoss, "pairwise": PairwiseLoss}
@@ -114,23 +115,55 @@ class MetricsLog:
                 csv.writer(f).writerow(["" if row.get(k) is None else row[k] for k in METRICS])
 
 
-def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=5, save_folder="./clip_finetune",
-                   loss_name="triplet", checkout_path=None, learning_rate=3e-5, model=DEFAULT_MODEL,
-                   pretrained=DEFAULT_PRETRAINED, num_workers=None, save_every=800, seed=42,
-                   gradient_accumulation_steps=None, validation_file=None, report_to=None, save_format="pth",
-                   resume_from_checkpoint=None, skip_bad_images=False, skip_nonfinite_loss=False, image_root=None,
-                   fast_decode=False):
-    """Fine-tune a CLIP on pairs and save checkpoints into `save_folder`; returns the path of the last one.
+def training_step(model, batch, loss_fn, optimizer, accelerator, loss_is_finite):
+    """One step of the method: encode the prompt and both images (the model's forward normalizes), the loss over
+    (prompt, preferred, other), backward, the optimizer step. Returns the loss averaged over the processes, or None
+    where it was not finite and the step was skipped."""
+    rows, text, pos_images, neg_images = batch
+    image_features, text_features, logit_scale = model(torch.cat([pos_images, neg_images]), text)
+    pos_features, neg_features = image_features.float().chunk(2)
+    extra = (logit_scale.float(),) if loss_fn.uses_logit_scale else ()
+    loss = loss_fn(text_features.float(), pos_features, neg_features, *extra)
+    all_losses = accelerator.gather(loss.detach()[None])
+    if not loss_is_finite(all_losses, rows):
+        optimizer.zero_grad()
+        return None
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+    return all_losses.mean()
 
-    `training_file` and `validation_file` are any source pair_sources.read_source reads: a pair table (parquet or
-    DataFrame), Pick-a-Pic parquet shards (a list, a glob or a folder), an HPD v2 or ImageReward json (images under
-    `image_root`). Ties and unlabeled rows are left out.
 
-    Example (a notebook, one process):
-        finetune_model("training_file.parquet", "visual_upper_layers", batch_size=32, n_epochs=1)
-    """
+def nonfinite_guard(accelerator, progress, save_folder, skip_nonfinite_loss):
+    """The check after each forward pass: a non-finite loss on any process stops the run, naming the batch's rows,
+    or with skip_nonfinite_loss is reported and its step skipped (and counted in progress)."""
+    def loss_is_finite(all_losses, rows):
+        if torch.isfinite(all_losses).all():
+            return True
+        bad_rows = accelerator.gather(rows.to(accelerator.device)).tolist()
+        if not skip_nonfinite_loss:
+            raise InputError(f"step {progress['step'] + 1} (epoch {progress['epoch']}): the loss is not finite ({all_losses.tolist()}) on the "
+                             f"batch of rows {bad_rows}; the last checkpoint in {save_folder} is intact "
+                             f"(--skip_nonfinite_loss skips such steps)")
+        progress["skipped_steps"] += 1
+        accelerator.print(f"skipped a step with a non-finite loss, rows {bad_rows}")
+        return False
+    return loss_is_finite
+
+
+def checkpoint_names(epoch, step, stepped, epoch_end, save_every):
+    """The original's checkpoint names due after this batch: every save_every optimizer steps, and at each epoch end
+    (also when its last step was skipped) under both clip_epoch_E_global_step_final and _step_N."""
+    if epoch_end:
+        return [f"clip_epoch_{epoch}_global_step_final", f"clip_epoch_{epoch}_global_step_{step}"]
+    return [f"clip_epoch_{epoch}_global_step_{step}"] if stepped and step % save_every == 0 else []
+
+
+def check_flags(loss_name, training_mode, save_format, batch_size, n_epochs, save_every, num_workers,
+                gradient_accumulation_steps, trunk_cache_dtype):
     for flag, value, choices in (("loss_name", loss_name, LOSSES), ("training_mode", training_mode, TRAINING_MODES),
-                                 ("save_format", save_format, SAVE_FORMATS)):
+                                 ("save_format", save_format, SAVE_FORMATS),
+                                 ("trunk_cache_dtype", trunk_cache_dtype, STORAGE_DTYPES)):
         if value not in choices:
             raise InputError(f"--{flag} {value}: unknown; choose from {', '.join(choices)}")
     for flag, value, least in (("batch_size", batch_size, 1), ("n_epochs", n_epochs, 1), ("save_every", save_every, 1),
@@ -138,6 +171,45 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
                                ("gradient_accumulation_steps", gradient_accumulation_steps or 1, 1)):
         if value < least:
             raise InputError(f"--{flag} must be at least {least} (got {value})")
+
+
+def training_data(source, clip, preprocess, tokenizer, accelerator, batch_size, num_workers, fast_decode,
+                  trunk_cache=None, trunk_cache_dtype="fp16"):
+    """(the module a step calls, its dataset): the CLIP and decoded images; or, with a trunk cache, the trained heads
+    and cached trunk outputs (the cache filled first, its one-line plan printed)."""
+    if trunk_cache is None:
+        return clip, PromptImagePair(source, preprocess, tokenizer, with_row=True, fast_decode=fast_decode)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise InputError("--trunk_cache runs the frozen trunk outside the model; it does not work with FSDP or "
+                         "DeepSpeed sharding (use DDP, or leave out --trunk_cache)")
+    pairs = source.pairs
+    cache = TrunkCache(trunk_cache, clip, tower_splits(clip), preprocess, tokenizer,
+                       pd.unique(pd.concat([pairs.pos_path, pairs.neg_path])), pd.unique(pairs.prompt),
+                       fast_decode, trunk_cache_dtype, accelerator.mixed_precision)
+    accelerator.print(cache.plan())
+    with torch.random.fork_rng():  # filling draws no randomness from the run's: the same shuffles as without it
+        cache.fill(accelerator, 2 * batch_size, num_workers)
+    return TowerHeads(clip, cache.splits), CachedTriplets(pairs, cache)
+
+
+def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=5, save_folder="./clip_finetune",
+                   loss_name="triplet", checkout_path=None, learning_rate=3e-5, model=DEFAULT_MODEL,
+                   pretrained=DEFAULT_PRETRAINED, num_workers=None, save_every=800, seed=42,
+                   gradient_accumulation_steps=None, validation_file=None, report_to=None, save_format="pth",
+                   resume_from_checkpoint=None, skip_bad_images=False, skip_nonfinite_loss=False, image_root=None,
+                   fast_decode=False, trunk_cache=None, trunk_cache_dtype="fp16"):
+    """Fine-tune a CLIP on pairs and save checkpoints into `save_folder`; returns the path of the last one.
+
+    `training_file` and `validation_file` are any source pair_sources.read_source reads: a pair table (parquet or
+    DataFrame), Pick-a-Pic parquet shards (a list, a glob or a folder), an HPD v2 or ImageReward json (images under
+    `image_root`). Ties and unlabeled rows are left out. `trunk_cache`: a folder where the frozen part of each tower
+    is computed once and read back in every epoch and later run (trunk_cache.py).
+
+    Example (a notebook, one process):
+        finetune_model("training_file.parquet", "visual_upper_layers", batch_size=32, n_epochs=1)
+    """
+    check_flags(loss_name, training_mode, save_format, batch_size, n_epochs, save_every, num_workers,
+                gradient_accumulation_steps, trunk_cache_dtype)
     # the data is checked before the model loads: a typo costs seconds, not a ViT-L/14 load
     source = read_source(training_file, image_root, check_files=not skip_bad_images)
     validation_pairs = load_pairs(validation_file, image_root=image_root) if validation_file is not None else None
@@ -159,25 +231,26 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path)
     optimizer = make_optimizer(trainable_parameters(clip, training_mode, loss_fn.uses_logit_scale), training_mode,
                                learning_rate)
-    dataset = PromptImagePair(source, preprocess, tokenizer, with_row=True, fast_decode=fast_decode)
-    loader = DataLoader(dataset, batch_size=batch_size,
-                        shuffle=True, num_workers=num_workers, pin_memory=accelerator.device.type == "cuda",
-                        persistent_workers=num_workers > 0)
-    # the model itself is prepared and called, so DDP synchronises gradients and autocast applies
-    clip, optimizer, loader = accelerator.prepare(clip, optimizer, loader)
-    if accelerator.is_main_process:
-        os.makedirs(save_folder, exist_ok=True)
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if not sharded:  # the weights are in the checkpoint saved at the same step: not a second copy in the state folder
-        accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
-        accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
-
     progress = {"epoch": 0, "batches_done": 0, "step": 0, "skipped_steps": 0}
     if state_dir:
         with open(os.path.join(state_dir, "progress.json")) as f:
             progress = json.load(f)
-        if not sharded:
-            load_weights(accelerator.unwrap_model(clip), os.path.join(save_folder, progress["checkpoint"]))
+        if not sharded:  # before the cache is keyed: a resumed run reads the entries of its own frozen weights
+            load_weights(clip, os.path.join(save_folder, progress["checkpoint"]))
+    train_mode(clip)
+    step_model, dataset = training_data(source, clip.to(accelerator.device), preprocess, tokenizer, accelerator,
+                                        batch_size, num_workers, fast_decode, trunk_cache, trunk_cache_dtype)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+                        pin_memory=accelerator.device.type == "cuda", persistent_workers=num_workers > 0)
+    # the model itself is prepared and called, so DDP synchronises gradients and autocast applies
+    step_model, optimizer, loader = accelerator.prepare(step_model, optimizer, loader)
+    if accelerator.is_main_process:
+        os.makedirs(save_folder, exist_ok=True)
+    if not sharded:  # the weights are in the checkpoint saved at the same step: not a second copy in the state folder
+        accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+        accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
+    if state_dir:
         accelerator.load_state(state_dir)
         accelerator.print(f"resuming from {state_dir}: epoch {progress['epoch']}, step {progress['step']}")
     metrics = MetricsLog(accelerator, save_folder, progress["step"] if state_dir else None)
@@ -185,67 +258,34 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
         accelerator.init_trackers("social_reward", config={
             "training_mode": training_mode, "batch_size": batch_size, "n_epochs": n_epochs, "loss_name": loss_name,
             "learning_rate": learning_rate, "model": model, "num_processes": accelerator.num_processes})
+    validate = validation(accelerator, step_model, preprocess, tokenizer, validation_pairs, num_workers, fast_decode)
+    loss_is_finite = nonfinite_guard(accelerator, progress, save_folder, skip_nonfinite_loss)
 
-    def validate():
-        if validation_pairs is None:
-            return None
-        accuracy = None
-        if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(clip).eval()
-            accuracy = pair_accuracy(unwrapped, preprocess, tokenizer, validation_pairs, accelerator.device,
-                                     num_workers=num_workers, progress=False, fast_decode=fast_decode)
-            train_mode(unwrapped)
-            tqdm.write(f"step {progress['step']}: validation Accuracy: {accuracy * 100:.2f}%")
-        accelerator.wait_for_everyone()
-        return accuracy
-
-    train_mode(accelerator.unwrap_model(clip))
     for epoch in range(progress["epoch"], n_epochs):
         loader.set_epoch(epoch)  # the epoch's shuffle, the same after a resume
         skip = progress["batches_done"] if epoch == progress["epoch"] else 0
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        bar = tqdm(epoch_loader, desc=f"epoch {epoch}", initial=skip, total=len(loader),
-                   disable=not accelerator.is_local_main_process)
-        losses = []
-        for batch_index, (rows, text, pos_images, neg_images) in enumerate(bar, start=skip):
-            with accelerator.accumulate(clip):
-                image_features, text_features, logit_scale = clip(torch.cat([pos_images, neg_images]), text)
-                pos_features, neg_features = image_features.float().chunk(2)
-                extra = (logit_scale.float(),) if loss_fn.uses_logit_scale else ()
-                loss = loss_fn(text_features.float(), pos_features, neg_features, *extra)
-                all_losses = accelerator.gather(loss.detach()[None])
-                if not torch.isfinite(all_losses).all():
-                    bad_rows = accelerator.gather(rows.to(accelerator.device)).tolist()
-                    if not skip_nonfinite_loss:
-                        raise InputError(f"step {progress['step'] + 1} (epoch {epoch}): the loss is not finite "
-                                         f"({all_losses.tolist()}) on the batch of rows {bad_rows}; the last "
-                                         f"checkpoint in {save_folder} is intact (--skip_nonfinite_loss skips such steps)")
-                    progress["skipped_steps"] += 1
-                    accelerator.print(f"skipped a step with a non-finite loss, rows {bad_rows}")
-                    optimizer.zero_grad()
-                    losses = []  # the accumulation window goes with it
-                else:
-                    losses.append(all_losses.mean())
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    optimizer.zero_grad()
+        progress["epoch"] = epoch
+        bar = tqdm(accelerator.skip_first_batches(loader, skip) if skip else loader, desc=f"epoch {epoch}",
+                   initial=skip, total=len(loader), disable=not accelerator.is_local_main_process)
+        losses = []  # the losses of the current optimizer step's batches (several with gradient accumulation)
+        for batch_index, batch in enumerate(bar, start=skip):
+            with accelerator.accumulate(step_model):
+                loss = training_step(step_model, batch, loss_fn, optimizer, accelerator, loss_is_finite)
+            losses = [] if loss is None else losses + [loss]  # a skipped step takes its accumulation window with it
             epoch_end = batch_index + 1 == len(loader)
             stepped = accelerator.sync_gradients and bool(losses)
             if not (stepped or (epoch_end and accelerator.sync_gradients)):
                 continue
             progress.update(step=progress["step"] + stepped, epoch=epoch, batches_done=batch_index + 1)
-            step = progress["step"]
-            names = [f"clip_epoch_{epoch}_global_step_{step}"] if stepped and step % save_every == 0 else []
-            if epoch_end:  # also when the epoch's last step was skipped: the original's names always exist
-                names = [f"clip_epoch_{epoch}_global_step_final", f"clip_epoch_{epoch}_global_step_{step}"]
-            val_accuracy = validate() if names else None
+            names = checkpoint_names(epoch, progress["step"], stepped, epoch_end, save_every)
+            val_accuracy = validate(progress["step"]) if names else None
             if stepped:
                 step_loss, losses = torch.stack(losses).mean().item(), []
-                bar.set_postfix(loss=f"{step_loss:.4f}", step=step)
-                metrics.log(epoch=epoch, step=step, loss=step_loss, learning_rate=optimizer.param_groups[0]["lr"],
-                            val_accuracy=val_accuracy)
+                bar.set_postfix(loss=f"{step_loss:.4f}", step=progress["step"])
+                metrics.log(epoch=epoch, step=progress["step"], loss=step_loss,
+                            learning_rate=optimizer.param_groups[0]["lr"], val_accuracy=val_accuracy)
             if names:
-                save_checkpoint(accelerator, clip, save_folder, names, save_format)
+                save_checkpoint(accelerator, step_model, save_folder, names, save_format)
                 save_training_state(accelerator, save_folder, {**progress, "epoch": epoch + epoch_end,
                                                                "batches_done": 0 if epoch_end else batch_index + 1,
                                                                "checkpoint": f"{names[0]}.{save_format}"})
@@ -253,6 +293,24 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
         accelerator.print(f"skipped {progress['skipped_steps']} steps with a non-finite loss")
     accelerator.end_training()
     return os.path.join(save_folder, f"clip_epoch_{n_epochs - 1}_global_step_final.{save_format}")
+
+
+def validation(accelerator, step_model, preprocess, tokenizer, validation_pairs, num_workers, fast_decode):
+    """validate(step): the accuracy on validation_pairs, measured on the main process (None without them)."""
+    def validate(step):
+        if validation_pairs is None:
+            return None
+        accuracy = None
+        if accelerator.is_main_process:
+            clip = accelerator.unwrap_model(step_model)
+            clip = clip.clip if isinstance(clip, TowerHeads) else clip
+            accuracy = pair_accuracy(clip.eval(), preprocess, tokenizer, validation_pairs, accelerator.device,
+                                     num_workers=num_workers, progress=False, fast_decode=fast_decode)
+            train_mode(clip)
+            tqdm.write(f"step {step}: validation Accuracy: {accuracy * 100:.2f}%")
+        accelerator.wait_for_everyone()
+        return accuracy
+    return validate
 
 
 def main():
@@ -281,6 +339,11 @@ def main():
                         help="'latest' (in --save_folder) or a training_state_step_N folder")
     parser.add_argument("--skip_bad_images", action="store_true", help="skip pairs whose images cannot be read")
     parser.add_argument("--skip_nonfinite_loss", action="store_true", help="skip steps whose loss is nan/inf")
+    parser.add_argument("--trunk_cache", default=None, metavar="DIR",
+                        help="compute the frozen part of each tower once per image and prompt, store it in DIR, and "
+                             "read it back in every epoch and later run (partial training modes)")
+    parser.add_argument("--trunk_cache_dtype", default="fp16", choices=list(STORAGE_DTYPES),
+                        help="how cache entries are stored (fp32: a run ends on the weights of the uncached run)")
     args = parser.parse_args()
     finetune_model(**vars(args))
 
