@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from clip_model import InputError, default_device, default_num_workers, run_cli
+from clip_model import PRECISIONS, InputError, default_device, default_num_workers, inference_precision, run_cli
 from pair_sources import benchmark_metric, image_file, read_source
 from scorers import check_spec, load_scorer
 from validate import counted_correct, source_scores
@@ -49,26 +49,28 @@ def wilson_interval(correct, n, z=1.96):
     return 100 * (centre - half), 100 * (centre + half)
 
 
-def scores_path(out, scorer_name, spec, source_name, fast_decode):
+def scores_path(out, scorer_name, spec, source_name, fast_decode, precision="fp32"):
     """Where one scorer's scores of one source are kept; the name changes with anything that changes them."""
     changed = [os.path.getmtime(p) for p in (source_name, spec.split(":", 1)[1].split(",")[0]) if os.path.exists(p)]
-    key = hashlib.sha256(json.dumps([spec, source_name, fast_decode, changed]).encode()).hexdigest()[:12]
+    settings = [spec, source_name, fast_decode, changed] + ([precision] if precision != "fp32" else [])
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
     return os.path.join(out, "scores", f"{scorer_name}-{key}.json")
 
 
-def score_all(sources, scorers, out, device, batch_size, num_workers, fast_decode):
+def score_all(sources, scorers, out, device, batch_size, num_workers, fast_decode, precision="fp32"):
     """{scorer name: [per source {"pos", "neg", "groups", "score_scale", "softmax_scale"}]}, scoring only what --out
     does not hold yet; each (scorer, source) is written whole (to a temporary name, then renamed) once scored."""
     os.makedirs(os.path.join(out, "scores"), exist_ok=True)
     results = {}
     for name, spec in scorers.items():
-        paths = [scores_path(out, name, spec, source.name, fast_decode) for source in sources]
+        paths = [scores_path(out, name, spec, source.name, fast_decode, precision) for source in sources]
         missing = [i for i, path in enumerate(paths) if not os.path.isfile(path)]
         scorer = load_scorer(spec, device) if missing else None
         for i in missing:
             print(f"{name}: scoring {sources[i].name}")
-            pos, neg, groups = source_scores(scorer.model, scorer.preprocess, scorer.tokenizer, sources[i], device,
-                                             batch_size, num_workers, fast_decode=fast_decode)
+            with inference_precision(device, precision):
+                pos, neg, groups = source_scores(scorer.model, scorer.preprocess, scorer.tokenizer, sources[i], device,
+                                                 batch_size, num_workers, fast_decode=fast_decode)
             record = {"pos": pos.tolist(), "neg": neg.tolist(), "groups": groups and [list(map(float, g)) for g in groups],
                       "score_scale": scorer.score_scale, "softmax_scale": scorer.softmax_scale}
             with open(paths[i] + ".tmp", "w") as f:
@@ -166,7 +168,7 @@ def comparison_picture(picked, path, thumb=192):
 
 
 def compare(sources, scorers, out="comparison", prompts=4, image_root=None, device=None, batch_size=1024,
-            num_workers=None, tie_threshold=0.0, fast_decode=False):
+            num_workers=None, tie_threshold=0.0, fast_decode=False, precision="fp32"):
     """Score every source with every scorer ({name: spec}); write the table, agreement and picture into `out`.
 
     Example:
@@ -174,12 +176,13 @@ def compare(sources, scorers, out="comparison", prompts=4, image_root=None, devi
     """
     device = device or default_device()
     num_workers = default_num_workers(device) if num_workers is None else num_workers
+    inference_precision(device, precision)  # an unknown precision ends here, before any model loads
     scorers = parse_scorers([f"{k}={v}" for k, v in scorers.items()]) if isinstance(scorers, dict) else parse_scorers(scorers)
     sources = [read_source(s, image_root) for s in sources]
     for source in sources:
         if source.left_out:
             print(f"{source.name}: {source.left_out}")
-    results = score_all(sources, scorers, out, device, batch_size, num_workers, fast_decode)
+    results = score_all(sources, scorers, out, device, batch_size, num_workers, fast_decode, precision)
     table = comparison_table(sources, results, tie_threshold)
     table.to_csv(os.path.join(out, "table.csv"), index=False)
     with open(os.path.join(out, "table.md"), "w") as f:
@@ -204,9 +207,10 @@ def main():
     parser.add_argument("--num_workers", type=int, default=None)
     parser.add_argument("--tie_threshold", type=float, default=0.0)
     parser.add_argument("--fast_decode", action="store_true")
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     args = parser.parse_args()
     table = compare(args.sources, args.scorer, args.out, args.prompts, args.image_root, args.device, args.batch_size,
-                    args.num_workers, args.tie_threshold, args.fast_decode)
+                    args.num_workers, args.tie_threshold, args.fast_decode, args.precision)
     print(markdown_table(table), end="")
     print(f"written: {', '.join(os.path.join(args.out, f) for f in ('table.csv', 'table.md', 'agreement.csv', 'comparison.png'))}")
 

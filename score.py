@@ -11,7 +11,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, add_model_flags, default_device,
-                        default_num_workers, run_cli)
+                        default_num_workers, inference_precision, run_cli)
 from scorers import check_spec, clip_scorer, load_scorer
 from validate import encode_images, encode_prompts
 
@@ -25,9 +25,10 @@ def score_images(prompt, image_paths, model, preprocess, tokenizer, device="cpu"
 
 
 def rank_images(prompt, image_paths, checkout_path=None, device=None, batch_size=1024, num_workers=None,
-                model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, fast_decode=False, scorer=None):
+                model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, fast_decode=False, scorer=None, precision="fp32"):
     """A DataFrame of path, score, best first. The score is the scorer's own (ours: the cosine similarity; PickScore:
-    logit_scale.exp() times it); `scorer` is a scorers.py spec, by default our CLIP from model/pretrained/checkout_path.
+    logit_scale.exp() times it); `scorer` is a scorers.py spec, by default our CLIP from model/pretrained/checkout_path;
+    `precision` "fp32" (the original's) or "bf16"/"fp16" (autocast).
 
     Example:
         ranking = rank_images("a red fox in the snow", ["a.png", "b.png"], checkout_path="clip_final.pth")
@@ -39,9 +40,11 @@ def rank_images(prompt, image_paths, checkout_path=None, device=None, batch_size
         check_spec(scorer)
     device = device or default_device()
     num_workers = default_num_workers(device) if num_workers is None else num_workers
+    precision_context = inference_precision(device, precision)
     scorer = load_scorer(scorer, device) if scorer else clip_scorer(model, pretrained, checkout_path, device)
-    scores = score_images(prompt, image_paths, scorer.model, scorer.preprocess, scorer.tokenizer, device, batch_size,
-                          num_workers, fast_decode)
+    with precision_context:
+        scores = score_images(prompt, image_paths, scorer.model, scorer.preprocess, scorer.tokenizer, device,
+                              batch_size, num_workers, fast_decode)
     ranking = pd.DataFrame({"path": list(image_paths), "score": scores.numpy() * scorer.score_scale})
     return ranking.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
@@ -70,7 +73,7 @@ def main():
     parser.add_argument("--grid", default=None, help="draw the ranking into this image file (.png)")
     args = parser.parse_args()
     ranking = rank_images(args.prompt, args.images, args.checkout_path, args.device, args.batch_size,
-                          args.num_workers, args.model, args.pretrained, args.fast_decode, args.scorer)
+                          args.num_workers, args.model, args.pretrained, args.fast_decode, args.scorer, args.precision)
     for rank, (path, score) in enumerate(zip(ranking.path, ranking.score), start=1):
         print(f"{rank:>4}  {score:.4f}  {path}")
     if args.output:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, add_model_flags, default_device,
-                        default_num_workers, run_cli)
+                        default_num_workers, inference_precision, run_cli)
 from data_set import draft_size, drop_unreadable_pairs, open_image
 from pair_sources import benchmark_metric, describe, location_order, read_source
 from scorers import check_spec, clip_scorer, load_scorer
@@ -133,11 +133,12 @@ def write_table(table, path, index_label):
 
 def evaluate_source(source, checkout_path=None, device=None, batch_size=1024, num_workers=None, model=DEFAULT_MODEL,
                     pretrained=DEFAULT_PRETRAINED, scores_out=None, skip_bad_images=False, image_root=None,
-                    tie_threshold=0.0, fast_decode=False, scorer=None):
+                    tie_threshold=0.0, fast_decode=False, scorer=None, precision="fp32"):
     """Read a source, score it, and return {"accuracy", "pairs", "metric": (name, value) or None}: the original's
     pairwise accuracy (ties left out) and, for a benchmark layout, that benchmark's own metric.
 
-    scorer: a scorers.py spec (e.g. "hpsv2:HPS_v2.1_compressed.pt") instead of model/pretrained/checkout_path."""
+    scorer:    a scorers.py spec (e.g. "hpsv2:HPS_v2.1_compressed.pt") instead of model/pretrained/checkout_path.
+    precision: "fp32" (the original's), or "bf16"/"fp16" (autocast)."""
     device = device or default_device()
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     if batch_size < 1 or num_workers < 0:
@@ -150,6 +151,7 @@ def evaluate_source(source, checkout_path=None, device=None, batch_size=1024, nu
         raise InputError(f"--tie_threshold must be between 0 and 1 (got {tie_threshold})")
     if scorer is not None:
         check_spec(scorer)
+    precision_context = inference_precision(device, precision)
     # the data is checked before the model loads: a typo costs seconds, not a ViT-L/14 load
     source = read_source(source, image_root, check_files=not skip_bad_images)
     if source.left_out:
@@ -159,8 +161,9 @@ def evaluate_source(source, checkout_path=None, device=None, batch_size=1024, nu
         if skipped:
             print(skipped, file=sys.stderr)
     scorer = load_scorer(scorer, device) if scorer else clip_scorer(model, pretrained, checkout_path, device)
-    pos_score, neg_score, group_scores = source_scores(scorer.model, scorer.preprocess, scorer.tokenizer, source,
-                                                       device, batch_size, num_workers, fast_decode=fast_decode)
+    with precision_context:
+        pos_score, neg_score, group_scores = source_scores(scorer.model, scorer.preprocess, scorer.tokenizer, source,
+                                                           device, batch_size, num_workers, fast_decode=fast_decode)
     if scores_out is not None:
         if group_scores is None:
             write_pair_scores(source.pairs, pos_score, neg_score, scores_out)
@@ -203,7 +206,7 @@ def main():
     args = parser.parse_args()
     result = evaluate_source(args.parquet_file, args.checkout_path, args.device, args.batch_size, args.num_workers,
                              args.model, args.pretrained, args.scores_out, args.skip_bad_images, args.image_root,
-                             args.tie_threshold, args.fast_decode, args.scorer)
+                             args.tie_threshold, args.fast_decode, args.scorer, args.precision)
     print(f"Accuracy: {result['accuracy'] * 100:.2f}%")
     if result["metric"]:
         name, value = result["metric"]

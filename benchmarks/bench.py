@@ -74,7 +74,16 @@ def worker(args):
     pairs = pd.read_parquet(args.pairs)
     stamps = [time.perf_counter()]
     start = stamps[0]
-    if args.worker == "train":
+    if args.worker == "epochs":  # a whole run of the README's recipe, as a user launches it
+        if args.impl == "original":
+            original_train(pairs, MODE, args.batch_size, args.n_epochs, args.save_folder, args.weights, 3e-5, args.model)
+        else:
+            from train_pair_pos_neg import finetune_model
+            finetune_model(pairs, MODE, args.batch_size, args.n_epochs, args.save_folder, checkout_path=args.weights,
+                           learning_rate=3e-5, model=args.model, trunk_cache=args.trunk_cache,
+                           trunk_cache_dtype=args.trunk_cache_dtype)
+        result = {"run_s": time.perf_counter() - start}
+    elif args.worker == "train":
         # a timestamp after every optimizer step: the training code is timed as it is, with nothing added to it
         register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
         with tempfile.TemporaryDirectory() as save_folder:
@@ -100,13 +109,51 @@ def worker(args):
     print(json.dumps({**result, "peak_rss_gb": peak_rss_gb()}))
 
 
-def measure(what, impl, model, weights, pairs_file, batch_size):
+def measure(what, impl, model, weights, pairs_file, batch_size, extra=()):
     command = [sys.executable, os.path.abspath(__file__), "--worker", what, "--impl", impl, "--model", model,
-               "--weights", weights, "--pairs", pairs_file, "--batch_size", str(batch_size)]
+               "--weights", weights, "--pairs", pairs_file, "--batch_size", str(batch_size), *extra]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode:
         raise SystemExit(f"{what}/{impl} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def cache_benchmark(model, weights, folder, pairs_file, validation_file, n_epochs, batch_size):
+    """The README's recipe (n_epochs, batch_size) as whole processes: the original, ours, ours with --trunk_cache
+    (an empty cache: its filling is in the time; then the same run again on the filled cache), with fp16 and fp32
+    entries; the final weights' distance and validation accuracy against ours without the cache."""
+    import glob
+    import shutil
+    import torch
+    from trunk_cache import read_entry
+    runs, finals = {}, {}
+    for name, impl, dtype in (("original", "original", None), ("ours", "ours", None), ("cached_fp16", "ours", "fp16"),
+                              ("cached_fp16_again", "ours", "fp16"), ("cached_fp32", "ours", "fp32")):
+        save_folder = os.path.join(folder, f"run-{name}")
+        extra = ["--n_epochs", str(n_epochs), "--save_folder", save_folder]
+        if dtype:
+            extra += ["--trunk_cache", os.path.join(folder, "trunk-cache"), "--trunk_cache_dtype", dtype]
+        t = time.perf_counter()
+        runs[name] = measure("epochs", impl, model, weights, pairs_file, batch_size, extra)
+        runs[name]["process_s"] = time.perf_counter() - t
+        final = os.path.join(save_folder, f"clip_epoch_{n_epochs - 1}_global_step_final.pth")
+        if impl == "ours" and name != "cached_fp16_again":
+            finals[name] = torch.load(final, weights_only=True)
+            runs[name]["val_accuracy"] = measure("validate", "ours", model, final, validation_file, 1024)["accuracy"]
+        shutil.rmtree(save_folder)
+        print(name, runs[name], file=sys.stderr)
+    start = {k: v.float() for k, v in torch.load(weights, weights_only=True).items()}
+    moved = sum(((finals["ours"][k] - start[k]) ** 2).sum() for k in start).sqrt()
+    for name in ("cached_fp16", "cached_fp32"):
+        apart = sum(((finals[name][k] - finals["ours"][k]) ** 2).sum() for k in start).sqrt()
+        runs[name]["weights_apart_over_moved"] = (apart / moved).item()
+    for tower in ("image", "text"):
+        entries = glob.glob(os.path.join(folder, "trunk-cache", f"{tower}-*", "*.safetensors"))
+        sizes = {}
+        for path in entries:
+            sizes.setdefault(str(read_entry(path).dtype).removeprefix("torch."), []).append(os.path.getsize(path))
+        runs[f"cache_{tower}_MB_per_1000"] = {dtype: 1000 * statistics.mean(s) / 1e6 for dtype, s in sizes.items()}
+    return runs
 
 
 def decode_benchmark(paths, model, weights, folder):
@@ -147,7 +194,13 @@ def main():
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--what", default="train,validate,decode", help="which measurements (comma-separated)")
-    parser.add_argument("--worker", choices=["train", "validate"], help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, default=10, help="cache: epochs of the README's recipe")
+    parser.add_argument("--cache_pairs", type=int, default=16, help="cache: pairs (distinct images) trained on")
+    parser.add_argument("--worker", choices=["train", "validate", "epochs"], help=argparse.SUPPRESS)
+    parser.add_argument("--n_epochs", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--save_folder", help=argparse.SUPPRESS)
+    parser.add_argument("--trunk_cache", help=argparse.SUPPRESS)
+    parser.add_argument("--trunk_cache_dtype", default="fp16", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=["ours", "original"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -162,7 +215,7 @@ def main():
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "batch_size": args.batch_size,
                "mode": MODE, "runs": {}}
     with tempfile.TemporaryDirectory() as folder:
-        photos = make_photographs(folder, 48)
+        photos = make_photographs(folder, max(48, 24 + 2 * args.cache_pairs))
         train_file, repeat_file, distinct_file = (os.path.join(folder, f) for f in ("train.parquet", "repeat.parquet",
                                                                                    "distinct.parquet"))
         make_pairs(photos, args.batch_size * (args.steps + 1), repeat=True).to_parquet(train_file)
@@ -182,6 +235,11 @@ def main():
                 print(label, impl, "done", file=sys.stderr)
             if "decode" in args.what:
                 run["decode"] = decode_benchmark(photos[:12], model, weights, folder)
+            if "cache" in args.what:
+                cache_file = os.path.join(folder, "cache-train.parquet")
+                make_pairs(photos[24:], args.cache_pairs, repeat=False).to_parquet(cache_file)
+                run["cache"] = cache_benchmark(model, weights, folder, cache_file, distinct_file, args.epochs,
+                                               args.batch_size)
             results["runs"][label] = run
     print_table(results)
     if args.json:
@@ -192,10 +250,12 @@ def main():
 def print_table(results):
     print(f"{results['date']}, {results['machine']}, torch {results['torch']}, fp32, batch {results['batch_size']}, "
           f"mode {results['mode']}")
-    print(f"{'model':6} {'what':22} {'ours':>12} {'original':>12} {'ratio':>7}   peak RSS GB ours / original")
+    if any("train_ours" in run for run in results["runs"].values()):
+        print(f"{'model':6} {'what':22} {'ours':>12} {'original':>12} {'ratio':>7}   peak RSS GB ours / original")
     for label, run in results["runs"].items():
         if "train_ours" not in run:
             print_decode(label, run)
+            print_cache(label, run)
             continue
         ours, original = run["train_ours"], run["train_original"]
         print(f"{label:6} {'train pairs/s':22} {ours['pairs_per_s']:12.3f} {original['pairs_per_s']:12.3f} "
@@ -212,6 +272,25 @@ def print_table(results):
                   f"{original['run_s'] / ours['run_s']:6.2f}x   {ours['peak_rss_gb']:.2f} / {original['peak_rss_gb']:.2f}"
                   f"   accuracy {ours['accuracy'] * 100:.2f}% / {original['accuracy'] * 100:.2f}%")
         print_decode(label, run)
+        print_cache(label, run)
+
+
+def print_cache(label, run):
+    if "cache" not in run:
+        return
+    cache, original = run["cache"], run["cache"]["original"]
+    print(f"{label:6} {'README recipe, whole process':30} {'s':>8} {'x original':>10} {'x ours':>7} {'peak GB':>8} "
+          f"{'x orig':>6}  final weights vs ours, validation accuracy")
+    for name in ("original", "ours", "cached_fp16", "cached_fp16_again", "cached_fp32"):
+        r = cache[name]
+        apart = f"{r['weights_apart_over_moved']:.4f} of the update" if "weights_apart_over_moved" in r else ""
+        accuracy = f"{r['val_accuracy'] * 100:.2f}%" if "val_accuracy" in r else ""
+        print(f"{label:6} {name:30} {r['process_s']:8.1f} {original['process_s'] / r['process_s']:9.2f}x "
+              f"{cache['ours']['process_s'] / r['process_s']:6.2f}x {r['peak_rss_gb']:8.2f} "
+              f"{r['peak_rss_gb'] / original['peak_rss_gb']:6.2f}  {apart} {accuracy}")
+    for tower in ("image", "text"):
+        sizes = ", ".join(f"{v:.0f} MB ({k})" for k, v in cache[f"cache_{tower}_MB_per_1000"].items())
+        print(f"{label:6} cache size per 1,000 {tower}s: {sizes}")
 
 
 def print_decode(label, run):
