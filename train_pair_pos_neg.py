@@ -95,11 +95,38 @@ def find_training_state(resume_from_checkpoint, save_folder):
     return resume_from_checkpoint
 
 
-class MetricsLog:
-    """save_folder/metrics.csv, a row per optimizer step, and the same to accelerate's trackers (--report_to)."""
+def start_position(state_dir, clip, save_folder, sharded):
+    """The run's position (epoch, batches done, step, skipped steps): zero, or a training state's, whose checkpoint
+    is then loaded into `clip` (before a trunk cache is keyed: a resumed run reads the entries of its frozen weights;
+    sharded models get their weights from the state itself)."""
+    if not state_dir:
+        return {"epoch": 0, "batches_done": 0, "step": 0, "skipped_steps": 0}
+    with open(os.path.join(state_dir, "progress.json")) as f:
+        progress = json.load(f)
+    if not sharded:
+        load_weights(clip, os.path.join(save_folder, progress["checkpoint"]))
+    return progress
 
-    def __init__(self, accelerator, save_folder, resumed_step):
+
+def restore_state(accelerator, state_dir, progress, sharded):
+    """accelerate's load_state (optimizer, RNG) from a training state, after prepare; the weights are not in the state
+    folders of an unsharded model (they are the checkpoint of the same step), so saving leaves them out too."""
+    if not sharded:
+        accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+        accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
+    if state_dir:
+        accelerator.load_state(state_dir)
+        accelerator.print(f"resuming from {state_dir}: epoch {progress['epoch']}, step {progress['step']}")
+
+
+class MetricsLog:
+    """save_folder/metrics.csv, a row per optimizer step, and the same to accelerate's trackers (--report_to), which
+    start with `tracker_config` when given."""
+
+    def __init__(self, accelerator, save_folder, resumed_step, tracker_config=None):
         self.accelerator, self.path = accelerator, os.path.join(save_folder, "metrics.csv")
+        if tracker_config:
+            accelerator.init_trackers("social_reward", config=tracker_config)
         if accelerator.is_main_process:
             if resumed_step is not None and os.path.exists(self.path):  # drop the steps a killed run did not save
                 rows = pd.read_csv(self.path)
@@ -113,6 +140,17 @@ class MetricsLog:
         if self.accelerator.is_main_process:
             with open(self.path, "a", newline="") as f:
                 csv.writer(f).writerow(["" if row.get(k) is None else row[k] for k in METRICS])
+
+
+def without_unreadable_pairs(accelerator, source, skip_bad_images):
+    """The source, said what it left out; with skip_bad_images, without the pairs whose images do not read (named)."""
+    if source.left_out:
+        accelerator.print(source.left_out)
+    if skip_bad_images:
+        source, skipped = drop_unreadable_pairs(source)
+        if skipped:
+            accelerator.print(skipped)
+    return source
 
 
 def training_step(model, batch, loss_fn, optimizer, accelerator, loss_is_finite):
@@ -221,23 +259,13 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(seed)
     num_workers = default_num_workers(accelerator.device) if num_workers is None else num_workers
-    if source.left_out:
-        accelerator.print(source.left_out)
-    if skip_bad_images:
-        source, skipped = drop_unreadable_pairs(source)
-        if skipped:
-            accelerator.print(skipped)
+    source = without_unreadable_pairs(accelerator, source, skip_bad_images)
     loss_fn = LOSSES[loss_name]()
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path)
     optimizer = make_optimizer(trainable_parameters(clip, training_mode, loss_fn.uses_logit_scale), training_mode,
                                learning_rate)
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    progress = {"epoch": 0, "batches_done": 0, "step": 0, "skipped_steps": 0}
-    if state_dir:
-        with open(os.path.join(state_dir, "progress.json")) as f:
-            progress = json.load(f)
-        if not sharded:  # before the cache is keyed: a resumed run reads the entries of its own frozen weights
-            load_weights(clip, os.path.join(save_folder, progress["checkpoint"]))
+    progress = start_position(state_dir, clip, save_folder, sharded)
     train_mode(clip)
     step_model, dataset = training_data(source, clip.to(accelerator.device), preprocess, tokenizer, accelerator,
                                         batch_size, num_workers, fast_decode, trunk_cache, trunk_cache_dtype)
@@ -247,17 +275,10 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
     step_model, optimizer, loader = accelerator.prepare(step_model, optimizer, loader)
     if accelerator.is_main_process:
         os.makedirs(save_folder, exist_ok=True)
-    if not sharded:  # the weights are in the checkpoint saved at the same step: not a second copy in the state folder
-        accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
-        accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
-    if state_dir:
-        accelerator.load_state(state_dir)
-        accelerator.print(f"resuming from {state_dir}: epoch {progress['epoch']}, step {progress['step']}")
-    metrics = MetricsLog(accelerator, save_folder, progress["step"] if state_dir else None)
-    if report_to:
-        accelerator.init_trackers("social_reward", config={
-            "training_mode": training_mode, "batch_size": batch_size, "n_epochs": n_epochs, "loss_name": loss_name,
-            "learning_rate": learning_rate, "model": model, "num_processes": accelerator.num_processes})
+    restore_state(accelerator, state_dir, progress, sharded)
+    metrics = MetricsLog(accelerator, save_folder, progress["step"] if state_dir else None, report_to and {
+        "training_mode": training_mode, "batch_size": batch_size, "n_epochs": n_epochs, "loss_name": loss_name,
+        "learning_rate": learning_rate, "model": model, "num_processes": accelerator.num_processes})
     validate = validation(accelerator, step_model, preprocess, tokenizer, validation_pairs, num_workers, fast_decode)
     loss_is_finite = nonfinite_guard(accelerator, progress, save_folder, skip_nonfinite_loss)
 

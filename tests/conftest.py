@@ -33,9 +33,9 @@ def assert_same_steps(ours, expected, start, learning_rate):
     """Two runs moved the same tensors, and each element the same way wherever the step was made by a gradient.
 
     Adam's step is lr * m / (sqrt(v) + eps): where a gradient is float noise (exactly zero in exact arithmetic, as
-    for the attention key biases) its step is noise of up to lr, whatever the order of the float reductions. So
-    directions and values are compared where the reference stepped by more than lr / 2, which must be three quarters of the
-    elements that moved.
+    for the attention key biases) its step is noise of up to lr, whatever the order of the float reductions. So the
+    key biases are left out, and directions and values are compared where the reference stepped by more than lr / 2,
+    which must be three quarters of the elements that moved.
     """
     moved = {k for k in start if not torch.equal(expected[k], start[k])}
     assert moved == {k for k in start if not torch.equal(ours[k], start[k])}
@@ -43,6 +43,9 @@ def assert_same_steps(ours, expected, start, learning_rate):
     for name in moved:
         expected_step, our_step = expected[name] - start[name], ours[name] - start[name]
         clear = expected_step.abs() > learning_rate / 2
+        if name.endswith("attn.in_proj_bias"):  # the key bias: softmax ignores a shift of a query's logits
+            third = len(clear) // 3
+            clear[third:2 * third] = False
         assert torch.equal(torch.sign(expected_step[clear]), torch.sign(our_step[clear])), name
         assert torch.allclose(expected_step[clear], our_step[clear], rtol=0, atol=0.2 * learning_rate), name
         clear_elements += clear.sum().item()
