@@ -109,10 +109,10 @@ def worker(args):
     print(json.dumps({**result, "peak_rss_gb": peak_rss_gb()}))
 
 
-def measure(what, impl, model, weights, pairs_file, batch_size, extra=()):
+def measure(what, impl, model, weights, pairs_file, batch_size, extra=(), env=None):
     command = [sys.executable, os.path.abspath(__file__), "--worker", what, "--impl", impl, "--model", model,
                "--weights", weights, "--pairs", pairs_file, "--batch_size", str(batch_size), *extra]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     if result.returncode:
         raise SystemExit(f"{what}/{impl} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -154,6 +154,41 @@ def cache_benchmark(model, weights, folder, pairs_file, validation_file, n_epoch
             sizes.setdefault(str(read_entry(path).dtype).removeprefix("torch."), []).append(os.path.getsize(path))
         runs[f"cache_{tower}_MB_per_1000"] = {dtype: 1000 * statistics.mean(s) / 1e6 for dtype, s in sizes.items()}
     return runs
+
+
+def precision_benchmark(model, weights, folder, pairs_file, train_file, rounds=3, batch_size=8):
+    """validate.py as a user runs it (a whole process, --batch_size 8) in fp32 and --precision bf16, against the
+    original's validation on OpenAI's clip package (benchmarks/original_validate.py), in `rounds` interleaved rounds:
+    median wall times, the accuracy printed, the largest score change; and a training step under accelerate's
+    --mixed_precision bf16 against fp32."""
+    import pandas as pd
+    commands = {
+        "original": [sys.executable, os.path.join(ROOT, "benchmarks", "original_validate.py"), pairs_file, weights,
+                     str(batch_size)],
+        "fp32": [sys.executable, "validate.py", pairs_file, "--model", model, "--checkout_path", weights,
+                 "--batch_size", str(batch_size), "--scores_out"],
+        "bf16": [sys.executable, "validate.py", pairs_file, "--model", model, "--checkout_path", weights,
+                 "--batch_size", str(batch_size), "--precision", "bf16", "--scores_out"]}
+    times, out = {name: [] for name in commands}, {}
+    for _ in range(rounds):
+        for name, command in commands.items():
+            scores = os.path.join(folder, f"scores-{name}.csv")
+            t = time.perf_counter()
+            result = subprocess.run(command + [scores], capture_output=True, text=True, cwd=ROOT)
+            times[name].append(time.perf_counter() - t)
+            if result.returncode:
+                raise SystemExit(f"validate {name} failed:\n{result.stderr[-3000:]}")
+            out[f"{name}_accuracy"] = float(result.stdout.split("Accuracy: ")[1].split("%")[0]) / 100
+    scores = {name: pd.read_csv(os.path.join(folder, f"scores-{name}.csv")) for name in commands}
+    for name in ("fp32", "bf16"):
+        out[f"{name}_s"] = statistics.median(times[name])
+        out[f"{name}_x_original"] = statistics.median(times["original"]) / out[f"{name}_s"]
+        out[f"{name}_max_score_change_vs_original"] = max(
+            (scores[name][c] - scores["original"][c]).abs().max() for c in ("pos_score", "neg_score"))
+    out["original_s"], out["times"] = statistics.median(times["original"]), times
+    for name, env in (("train_fp32", {}), ("train_bf16", {"ACCELERATE_MIXED_PRECISION": "bf16"})):
+        out[name] = measure("train", "ours", model, weights, train_file, 2, env=env)
+    return out
 
 
 def decode_benchmark(paths, model, weights, folder):
@@ -235,6 +270,8 @@ def main():
                 print(label, impl, "done", file=sys.stderr)
             if "decode" in args.what:
                 run["decode"] = decode_benchmark(photos[:12], model, weights, folder)
+            if "precision" in args.what:
+                run["precision"] = precision_benchmark(model, weights, folder, distinct_file, train_file)
             if "cache" in args.what:
                 cache_file = os.path.join(folder, "cache-train.parquet")
                 make_pairs(photos[24:], args.cache_pairs, repeat=False).to_parquet(cache_file)
@@ -255,6 +292,7 @@ def print_table(results):
     for label, run in results["runs"].items():
         if "train_ours" not in run:
             print_decode(label, run)
+            print_precision(label, run)
             print_cache(label, run)
             continue
         ours, original = run["train_ours"], run["train_original"]
@@ -272,7 +310,23 @@ def print_table(results):
                   f"{original['run_s'] / ours['run_s']:6.2f}x   {ours['peak_rss_gb']:.2f} / {original['peak_rss_gb']:.2f}"
                   f"   accuracy {ours['accuracy'] * 100:.2f}% / {original['accuracy'] * 100:.2f}%")
         print_decode(label, run)
+        print_precision(label, run)
         print_cache(label, run)
+
+
+def print_precision(label, run):
+    if "precision" not in run:
+        return
+    p = run["precision"]
+    print(f"{label:6} validate distinct, whole process, batch 8: original (OpenAI clip package) {p['original_s']:.1f} s, "
+          f"accuracy {p['original_accuracy'] * 100:.2f}%")
+    for name in ("fp32", "bf16"):
+        print(f"{label:6} validate distinct {name:4} {p[name + '_s']:8.1f} s {p[name + '_x_original']:6.2f}x the original   "
+              f"accuracy {p[name + '_accuracy'] * 100:.2f}%, largest score change vs the original "
+              f"{p[name + '_max_score_change_vs_original']:.2e}")
+    fp32, bf16 = p["train_fp32"], p["train_bf16"]
+    print(f"{label:6} train step, mixed precision bf16 {bf16['step_s']:.2f} s vs fp32 {fp32['step_s']:.2f} s: "
+          f"{fp32['step_s'] / bf16['step_s']:.2f}x")
 
 
 def print_cache(label, run):
