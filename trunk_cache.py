@@ -28,6 +28,7 @@ from tqdm import tqdm
 from clip_model import InputError
 from data_set import draft_size, open_image
 from pair_sources import image_file, location_order, parse_cell
+from validate import ImageFiles
 
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOWERS = ("image", "text")
@@ -212,17 +213,6 @@ def size_text(n_bytes):
                 ((1e9, "GB", 2), (1e6, "MB", 1), (1e3, "kB", 1), (1, "bytes", 0)) if n_bytes >= unit or unit == 1)
 
 
-class _Images(Dataset):
-    def __init__(self, refs, preprocess, draft):
-        self.refs, self.preprocess, self.draft = refs, preprocess, draft
-
-    def __len__(self):
-        return len(self.refs)
-
-    def __getitem__(self, i):
-        return open_image(self.refs[i], self.preprocess, self.draft)
-
-
 class TrunkCache:
     """The entries of one run's towers in `folder`: where each image's and prompt's entry is, filling the missing
     ones, and what the training items are made of."""
@@ -230,7 +220,7 @@ class TrunkCache:
     def __init__(self, folder, clip, splits, preprocess, tokenizer, images, prompts, fast_decode=False,
                  storage_dtype="fp16", autocast_dtype=None):
         self.folder, self.clip, self.splits, self.dtype = folder, clip, splits, STORAGE_DTYPES[storage_dtype]
-        self.preprocess, self.draft = preprocess, draft_size(preprocess, fast_decode)
+        self.preprocess, self.fast_decode, self.draft = preprocess, fast_decode, draft_size(preprocess, fast_decode)
         self.tokens = dict(zip(prompts, tokenizer(list(prompts)))) if len(prompts) else {}
         self.entries = {}  # tower: {image ref or prompt: entry path}
         for tower, split in splits.items():
@@ -267,7 +257,10 @@ class TrunkCache:
             parts.append(f"{split.describe()} ({shape}), {total} {'images' if tower == 'image' else 'prompts'}, "
                          f"{missing} to compute")
         size = sum(len(e) * self.entry_bytes(t) for t, e in self.entries.items())
-        os.makedirs(self.folder, exist_ok=True)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"--trunk_cache {self.folder}: cannot be a folder here ({e.strerror})") from None
         free = shutil.disk_usage(self.folder).free
         if to_write > free:
             raise InputError(f"--trunk_cache {self.folder}: needs {size_text(to_write)} more for its entries, "
@@ -299,8 +292,8 @@ class TrunkCache:
         split = self.splits[tower]
         if tower == "image":
             items = [items[i] for i in location_order(items)]
-            batches = DataLoader(_Images(items, self.preprocess, self.draft), batch_size=batch_size,
-                                 num_workers=num_workers)
+            batches = DataLoader(ImageFiles(items, self.preprocess, fast_decode=self.fast_decode),
+                                 batch_size=batch_size, num_workers=num_workers)
         else:
             batches = (torch.stack([self.tokens[p] for p in items[i:i + batch_size]])
                        for i in range(0, len(items), batch_size))

@@ -170,6 +170,10 @@ def test_the_cache_says_in_one_line_what_it_holds_and_refuses_to_start_without_r
                       f"final embedding (it trains nothing) (64), 4 prompts, 4 to compute; about 1.0 kB on disk")
     assert everything.endswith("nothing cached: image tower: trains whole, not cached; text tower: trains whole, "
                                "not cached")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(InputError, match=r"--trunk_cache .*a_file: cannot be a folder here"):
+        train(pairs, README_MODE, tmp_path / "file", tiny_init, batch_size=4, n_epochs=1,
+              trunk_cache=str(tmp_path / "a_file"))
     monkeypatch.setattr("shutil.disk_usage", lambda path: namedtuple("Usage", "total used free")(10**9, 10**9, 1000))
     with pytest.raises(InputError, match=r"--trunk_cache .*: needs [\d.]+ kB more for its entries, 1\.0 kB free on that disk"):
         train(pairs, README_MODE, tmp_path / "full", tiny_init, batch_size=4, n_epochs=1,
