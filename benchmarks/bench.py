@@ -71,6 +71,9 @@ def worker(args):
     import torch
     from original import original_scores, original_train
     from torch.optim.optimizer import register_optimizer_step_post_hook
+    if args.impl == "ours":
+        from clip_model import keep_freed_memory
+        keep_freed_memory()  # as the scripts' run_cli does
     pairs = pd.read_parquet(args.pairs)
     stamps = [time.perf_counter()]
     start = stamps[0]
@@ -183,8 +186,9 @@ def precision_benchmark(model, weights, folder, pairs_file, train_file, rounds=3
     for name in ("fp32", "bf16"):
         out[f"{name}_s"] = statistics.median(times[name])
         out[f"{name}_x_original"] = statistics.median(times["original"]) / out[f"{name}_s"]
-        out[f"{name}_max_score_change_vs_original"] = max(
-            (scores[name][c] - scores["original"][c]).abs().max() for c in ("pos_score", "neg_score"))
+        change = pd.concat([(scores[name][c] - scores["original"][c]).abs() for c in ("pos_score", "neg_score")])
+        out[f"{name}_max_score_change_vs_original"] = change.max()
+        out[f"{name}_score_changes_largest"] = sorted(change.tolist())[-3:]
     out["original_s"], out["times"] = statistics.median(times["original"]), times
     for name, env in (("train_fp32", {}), ("train_bf16", {"ACCELERATE_MIXED_PRECISION": "bf16"})):
         out[name] = measure("train", "ours", model, weights, train_file, 2, env=env)
@@ -305,6 +309,8 @@ def print_table(results):
               f"{original['until_first_step_s']:.1f} s; after last: {ours['after_last_step_s']:.1f} / "
               f"{original['after_last_step_s']:.1f} s)")
         for data in ("repeat", "distinct"):
+            if f"validate_{data}_ours" not in run:
+                continue
             ours, original = run[f"validate_{data}_ours"], run[f"validate_{data}_original"]
             print(f"{label:6} {'validate ' + data + ' s':22} {ours['run_s']:12.1f} {original['run_s']:12.1f} "
                   f"{original['run_s'] / ours['run_s']:6.2f}x   {ours['peak_rss_gb']:.2f} / {original['peak_rss_gb']:.2f}"
