@@ -168,7 +168,11 @@ def read_state_dict(path):
 
 def load_weights(model, path):
     """Load an OpenAI-format state dict (fp16 or fp32) into `model`, keeping the model's dtype; names the file on mismatch."""
-    state_dict = read_state_dict(path)
+    return assign_weights(model, read_state_dict(path), path)
+
+
+def assign_weights(model, state_dict, source):
+    """Put a state dict's tensors into `model` (a meta-device model takes them as they are, cast to its dtype)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -178,7 +182,7 @@ def load_weights(model, path):
         parts = [f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
                  for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                      ("wrong shapes", wrong_shape)) if keys]
-        raise InputError(f"{path}: does not fit this model architecture: {'; '.join(parts)}")
+        raise InputError(f"{source}: does not fit this model architecture: {'; '.join(parts)}")
     on_meta = next(model.parameters()).is_meta
     # assign=True on a meta-device model skips paying for a random init that the file overwrites anyway
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, assign=on_meta)
@@ -199,6 +203,12 @@ def _open_clip_quiet():
         logging.disable(logging.NOTSET)
 
 
+def empty_model(name):
+    """The model's structure on the meta device, no memory and no init: for weights that fill every tensor."""
+    with torch.device("meta"), _open_clip_quiet():
+        return open_clip.create_model(name, pretrained=None, device="meta", **tower_settings(name))
+
+
 def load_model(model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, checkout_path=None, device="cpu"):
     """Build (model, preprocess, tokenizer) in fp32, in eval mode.
 
@@ -210,12 +220,14 @@ def load_model(model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, checkout_path
     name = resolve_model_name(model)
     weights_file = checkout_path or (pretrained if pretrained and os.path.isfile(pretrained) else None)
     if weights_file:
-        with torch.device("meta"), _open_clip_quiet():
-            clip = open_clip.create_model(name, pretrained=None, device="meta", **tower_settings(name))
-        load_weights(clip, weights_file)
+        clip = load_weights(empty_model(name), weights_file)
     elif pretrained in (None, "", "none"):
         with _open_clip_quiet():
-            clip = open_clip.create_model(name, pretrained=None, **tower_settings(name))
+            clip = open_clip.create_model(name, pretrained=None)
+        if tower_settings(name):
+            # open_clip's own random init of this model (its custom blocks would draw the attention weights ~6x
+            # larger than nn.MultiheadAttention does), in the faster blocks
+            clip = assign_weights(empty_model(name), clip.state_dict(), "the random init")
     elif pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep in pretrained:
         raise InputError(f"--pretrained {pretrained}: no such weights file")
     else:

@@ -217,3 +217,17 @@ def test_scripts_keep_freed_memory_instead_of_faulting_in_fresh_pages_for_each_l
                                        ).stdout) for keep in (False, True)}
     assert faults[False] > 10 * 8000  # glibc's default: every output is a fresh mmap, 8,224 pages faulted in each
     assert faults[True] < 1000  # kept: the freed block is reused, no page faulted in again
+
+
+def test_random_init_is_open_clips_own_for_that_model_in_the_faster_blocks():
+    torch.manual_seed(0)
+    model = load_model(TINY_CLIP, pretrained="none")[0]
+    torch.manual_seed(0)
+    standard = open_clip.create_model("tiny-clip", pretrained=None)  # nn.MultiheadAttention's init in the image tower
+    assert type(model.visual.transformer.resblocks[0]).__name__ == "CustomResidualAttentionBlock"
+    expected = standard.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    images, text = torch.randn(2, 3, 64, 64), open_clip.get_tokenizer("tiny-clip")(["a red circle", "a blue square"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), standard.eval().encode_image(images))
+        torch.testing.assert_close(model.encode_text(text), standard.encode_text(text))
