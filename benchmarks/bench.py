@@ -62,7 +62,14 @@ def make_pairs(paths, n_pairs, repeat):
 
 
 def peak_rss_gb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    """This process's peak RSS in GiB. On Linux, VmHWM: getrusage's ru_maxrss starts from the peak of the process
+    that spawned this one (the kernel records the old memory's high-water mark at exec), so a worker spawned by a
+    parent holding two checkpoints would report the parent's 4 GB."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB, as Linux reports it
 
 
 def worker(args):
