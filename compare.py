@@ -20,9 +20,9 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from clip_model import PRECISIONS, InputError, default_device, default_num_workers, inference_precision, run_cli
-from pair_sources import benchmark_metric, image_file, read_source
+from encoding import source_scores
+from pair_sources import benchmark_metric, counted_correct, image_file, read_source
 from scorers import check_spec, load_scorer
-from validate import counted_correct, source_scores
 
 
 def parse_scorers(named_specs):

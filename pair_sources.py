@@ -361,6 +361,11 @@ def _ranked_json(file, image_root, check_files):
 
 # ---- the benchmarks' own metrics, as their projects compute them ------------------------------------------------
 
+def counted_correct(pos_score, neg_score):
+    """Which pairs count as correct: cos(prompt, pos) >= cos(prompt, neg); a tie counts, as in the original."""
+    return pos_score >= neg_score
+
+
 def pickapic_accuracy(scores, labels, logit_scale, tie_threshold=0.0):
     """PickScore's accuracy (trainer/scripts/eval_preference_predictor.py): per row, p = softmax over the two images
     of logit_scale * score; a tie is predicted when |p1 - p0| <= tie_threshold; credit 1 when the prediction equals the

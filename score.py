@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, add_model_flags, default_device,
                         default_num_workers, inference_precision, run_cli)
 from scorers import check_spec, clip_scorer, load_scorer
-from validate import encode_images, encode_prompts
+from encoding import encode_images, encode_prompts
 
 
 def score_images(prompt, image_paths, model, preprocess, tokenizer, device="cpu", batch_size=1024, num_workers=0,

@@ -6,7 +6,7 @@
     scorer = load_scorer("pickscore:PickScore_v1/")                                  # transformers CLIPModel folder
     scorer = load_scorer("aesthetic:sac+logos+ava1-l14-linearMSE.pth,clip=ViT-L-14.pt")
 
-A Scorer is what validate.py, score.py and compare.py use of a model: `model.encode_image(images, normalize=True)`
+A Scorer is what encoding.py (and so every script) uses of a model: `model.encode_image(images, normalize=True)`
 and `model.encode_text(tokens, normalize=True)`, whose row-wise dot product orders the images as the model does;
 `preprocess` and `tokenizer`; `score_scale`, which turns that dot product into the model's own score (PickScore's
 logit_scale.exp()); `softmax_scale`, the logit scale of Pick-a-Pic's tie-aware metric.

@@ -25,10 +25,10 @@ from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, TRAINING_MODES, Input
                         default_num_workers, load_model, load_weights, make_optimizer, run_cli, train_mode,
                         trainable_parameters)
 from data_set import PromptImagePair, drop_unreadable_pairs, load_pairs
-from pair_sources import read_source
+from encoding import pair_accuracy
 from losses import PairwiseLoss, TripletLoss
+from pair_sources import read_source
 from trunk_cache import STORAGE_DTYPES, CachedTriplets, TowerHeads, TrunkCache, tower_splits
-from validate import pair_accuracy
 
 LOSSES = {"triplet": TripletLoss, "pairwise": PairwiseLoss}
 SAVE_FORMATS = ("pth", "safetensors")

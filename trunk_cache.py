@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from clip_model import InputError
 from data_set import draft_size, open_image
+from encoding import ImageFiles
 from pair_sources import image_file, location_order, parse_cell
-from validate import ImageFiles
 
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOWERS = ("image", "text")

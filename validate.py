@@ -5,109 +5,14 @@
 import argparse
 import sys
 
-import numpy as np
-import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, add_model_flags, default_device,
                         default_num_workers, inference_precision, run_cli)
-from data_set import draft_size, drop_unreadable_pairs, open_image
-from pair_sources import benchmark_metric, describe, location_order, read_source
+from data_set import drop_unreadable_pairs
+from encoding import pair_scores, source_scores  # noqa: F401  (pair_scores: notebooks import it from here)
+from pair_sources import benchmark_metric, counted_correct, describe, read_source
 from scorers import check_spec, clip_scorer, load_scorer
-
-
-class ImageFiles(Dataset):
-    def __init__(self, paths, preprocess, wheres=None, fast_decode=False):
-        self.paths, self.preprocess, self.draft_size = paths, preprocess, draft_size(preprocess, fast_decode)
-        self.wheres = wheres or [None] * len(paths)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, idx):
-        return open_image(self.paths[idx], self.preprocess, self.draft_size, self.wheres[idx])
-
-
-@torch.no_grad()
-def encode_images(model, preprocess, paths, device, batch_size=1024, num_workers=0, progress=True, wheres=None,
-                  fast_decode=False):
-    """L2-normalised embeddings of the images at `paths` (paths, bytes or parquet cells), in order, as a float32
-    tensor on the CPU. `wheres` names each image's place (e.g. its row) in the message of an unreadable one."""
-    loader = DataLoader(ImageFiles(list(paths), preprocess, wheres, fast_decode), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
-    return torch.cat([model.encode_image(images.to(device), normalize=True).float().cpu()
-                      for images in tqdm(loader, desc="images", disable=not progress)])
-
-
-@torch.no_grad()
-def encode_prompts(model, tokenizer, prompts, device, batch_size=1024):
-    """L2-normalised embeddings of `prompts`, in order, as a float32 tensor on the CPU."""
-    prompts = list(prompts)
-    return torch.cat([model.encode_text(tokenizer(prompts[i:i + batch_size]).to(device), normalize=True).float().cpu()
-                      for i in range(0, len(prompts), batch_size)])
-
-
-def prompt_image_scores(model, preprocess, tokenizer, prompts, images, device, batch_size=1024, num_workers=0,
-                        progress=True, wheres=None, fast_decode=False):
-    """cos(prompts[k], images[k]) for each k. Preference data repeats images and prompts, so each distinct one is
-    encoded once; images stored in parquet are read file by file, row by row. `wheres[k]` names images[k]'s place."""
-    requests = pd.DataFrame({"prompt": list(prompts), "image": list(images),
-                             "where": wheres if wheres is not None else [None] * len(images)})
-    first_seen = requests[~requests.image.duplicated()]  # each distinct image, with the place it first appears in
-    order = location_order(first_seen.image.tolist())
-    distinct = pd.Index(first_seen.image.values[order])
-    distinct_prompts = pd.Index(pd.unique(requests.prompt))
-    # no encode call holds more images than the original's did (a batch of pairs' images): larger calls are slower
-    # on a CPU, and the set of distinct images can be twice the number of pairs
-    image_features = encode_images(model, preprocess, distinct, device, min(batch_size, max(len(requests) // 2, 1)),
-                                   num_workers, progress, first_seen["where"].values[order].tolist(), fast_decode)
-    text_features = encode_prompts(model, tokenizer, distinct_prompts, device, batch_size)
-    return (text_features[distinct_prompts.get_indexer(requests.prompt)]
-            * image_features[distinct.get_indexer(requests.image)]).sum(1)
-
-
-def pair_scores(model, preprocess, tokenizer, pairs, device, batch_size=1024, num_workers=0, progress=True,
-                fast_decode=False):
-    """Cosine similarity of each pair's prompt with its preferred and its other image: (pos_score, neg_score)."""
-    wheres = [f"row {row}, column {column!r}" for column in ("pos_path", "neg_path") for row in pairs.index]
-    scores = prompt_image_scores(model, preprocess, tokenizer, pd.concat([pairs.prompt, pairs.prompt]),
-                                 pd.concat([pairs.pos_path, pairs.neg_path]), device, batch_size, num_workers,
-                                 progress, wheres, fast_decode)
-    return scores[:len(pairs)], scores[len(pairs):]
-
-
-def counted_correct(pos_score, neg_score):
-    """Which pairs count as correct: cos(prompt, pos) >= cos(prompt, neg); a tie counts, as in the original."""
-    return pos_score >= neg_score
-
-
-def pair_accuracy(model, preprocess, tokenizer, pairs, device, batch_size=1024, num_workers=0, progress=True,
-                  fast_decode=False):
-    """Fraction of pairs counted correct."""
-    pos_score, neg_score = pair_scores(model, preprocess, tokenizer, pairs, device, batch_size, num_workers, progress,
-                                       fast_decode)
-    return counted_correct(pos_score, neg_score).float().mean().item()
-
-
-def source_scores(model, preprocess, tokenizer, source, device, batch_size=1024, num_workers=0, progress=True,
-                  fast_decode=False):
-    """(pos_score, neg_score, group_scores) of a PairSource: each pair's two cosines, and for a benchmark layout
-    each row's or entry's list of image scores (None for a pair table). Each distinct image is encoded once."""
-    pairs, groups = source.pairs, source.groups
-    if groups is None:
-        return (*pair_scores(model, preprocess, tokenizer, pairs, device, batch_size, num_workers, progress,
-                             fast_decode), None)
-    every = groups.explode("images")
-    prompts = pd.concat([pairs.prompt, pairs.prompt, every.prompt])
-    images = pd.concat([pairs.pos_path, pairs.neg_path, every.images])
-    wheres = ([f"row {row}" for row in pairs.entry] * 2 + [f"entry {entry}" for entry in every.entry])
-    scores = prompt_image_scores(model, preprocess, tokenizer, prompts, images, device, batch_size, num_workers,
-                                 progress, wheres, fast_decode)
-    n = len(pairs)
-    per_group = np.split(scores[2 * n:].numpy(), np.cumsum(groups.images.map(len))[:-1])
-    return scores[:n], scores[n:2 * n], [list(g) for g in per_group]
 
 
 def write_pair_scores(pairs, pos_score, neg_score, path):

@@ -11,7 +11,8 @@ with warnings.catch_warnings():
     from clip.model import build_model
 
 from clip_model import load_model
-from validate import pair_scores, validate_image_pair_classifier
+from encoding import pair_scores
+from validate import validate_image_pair_classifier
 
 # OpenAI's build_model infers the architecture from the state dict, with 64-wide attention heads
 OPENAI_LAYOUT = {"embed_dim": 64, "quick_gelu": True,

@@ -17,7 +17,8 @@ from clip_model import load_model
 from data_set import PromptImagePair
 from pair_sources import hpd_ranking_accuracy, imagereward_accuracy, pickapic_accuracy, read_source
 from train_pair_pos_neg import finetune_model
-from validate import evaluate_source, pair_scores, validate_image_pair_classifier
+from encoding import pair_scores
+from validate import evaluate_source, validate_image_pair_classifier
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "motorcycle_left.png",
           "coins.png", "moon.png"]

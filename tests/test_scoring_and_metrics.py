@@ -10,7 +10,8 @@ from PIL import Image
 from clip_model import load_model
 from score import rank_images, score_images
 from train_pair_pos_neg import finetune_model
-from validate import pair_scores, validate_image_pair_classifier
+from encoding import pair_scores
+from validate import validate_image_pair_classifier
 
 
 def test_scores_are_the_cosine_similarities_validate_compares(shapes_pairs, tiny_init):

@@ -8,7 +8,8 @@ from conftest import ROOT, TINY_CLIP
 from original import original_scores
 
 from clip_model import InputError, default_device, load_model
-from validate import pair_scores, validate_image_pair_classifier
+from encoding import pair_scores
+from validate import validate_image_pair_classifier
 
 
 @pytest.fixture

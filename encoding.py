@@ -1,0 +1,128 @@
+"""Images and prompts in, scores out: the one piece of code every script encodes with (validation, scoring, comparison,
+generator evaluation, best-of-N, the trunk cache's fill). It works on what a scorers.Scorer holds: a model with
+`encode_image(images, normalize=True)` and `encode_text(tokens, normalize=True)`, its preprocess and tokenizer.
+
+    features = encode_images(model, preprocess, ["a.png", "b.png"], "cpu")
+    scores = prompt_image_scores(model, preprocess, tokenizer, ["a cat", "a dog"], ["a.png", "b.png"], "cpu")
+"""
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from data_set import draft_size, open_image
+from pair_sources import counted_correct, location_order
+
+
+class ImageFiles(Dataset):
+    """Preprocessed images from paths, bytes or parquet cells; `wheres[i]` names image i's place in an error."""
+
+    def __init__(self, paths, preprocess, wheres=None, fast_decode=False):
+        self.paths, self.preprocess, self.draft_size = paths, preprocess, draft_size(preprocess, fast_decode)
+        self.wheres = wheres or [None] * len(paths)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, idx):
+        return open_image(self.paths[idx], self.preprocess, self.draft_size, self.wheres[idx])
+
+
+def _encode_into(batches, encode):
+    """encode(batch) for each batch, written into one float32 CPU tensor allocated at the first batch: a tensor kept
+    per batch between the large transient ones fragments the heap, and memory would grow with the number of batches."""
+    out, start = None, 0
+    for batch in batches:
+        features = encode(batch)
+        if out is None:
+            out = torch.empty((batches.total, *features.shape[1:]), dtype=torch.float32)
+        out[start:start + len(features)] = features
+        start += len(features)
+    return out if out is not None else torch.empty(0)
+
+
+class _Batches:
+    """An iterable of batches that knows how many items it holds in all."""
+
+    def __init__(self, iterable, total):
+        self.iterable, self.total = iterable, total
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+
+@torch.no_grad()
+def encode_images(model, preprocess, paths, device, batch_size=1024, num_workers=0, progress=True, wheres=None,
+                  fast_decode=False):
+    """L2-normalised embeddings of the images at `paths` (paths, bytes or parquet cells), in order, as a float32
+    tensor on the CPU. `wheres` names each image's place (e.g. its row) in the message of an unreadable one."""
+    paths = list(paths)
+    loader = DataLoader(ImageFiles(paths, preprocess, wheres, fast_decode), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
+    batches = _Batches(tqdm(loader, desc="images", disable=not progress), len(paths))
+    return _encode_into(batches, lambda images: model.encode_image(images.to(device), normalize=True))
+
+
+@torch.no_grad()
+def encode_prompts(model, tokenizer, prompts, device, batch_size=1024):
+    """L2-normalised embeddings of `prompts`, in order, as a float32 tensor on the CPU."""
+    prompts = list(prompts)
+    batches = _Batches((prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)), len(prompts))
+    return _encode_into(batches, lambda chunk: model.encode_text(tokenizer(chunk).to(device), normalize=True))
+
+
+def prompt_image_scores(model, preprocess, tokenizer, prompts, images, device, batch_size=1024, num_workers=0,
+                        progress=True, wheres=None, fast_decode=False):
+    """cos(prompts[k], images[k]) for each k. Preference data repeats images and prompts, so each distinct one is
+    encoded once; images stored in parquet are read file by file, row by row. `wheres[k]` names images[k]'s place."""
+    requests = pd.DataFrame({"prompt": list(prompts), "image": list(images),
+                             "where": wheres if wheres is not None else [None] * len(images)})
+    first_seen = requests[~requests.image.duplicated()]  # each distinct image, with the place it first appears in
+    order = location_order(first_seen.image.tolist())
+    distinct = pd.Index(first_seen.image.values[order])
+    distinct_prompts = pd.Index(pd.unique(requests.prompt))
+    # no encode call holds more images than the original's did (a batch of pairs' images): larger calls are slower
+    # on a CPU, and the set of distinct images can be twice the number of pairs
+    image_features = encode_images(model, preprocess, distinct, device, min(batch_size, max(len(requests) // 2, 1)),
+                                   num_workers, progress, first_seen["where"].values[order].tolist(), fast_decode)
+    text_features = encode_prompts(model, tokenizer, distinct_prompts, device, batch_size)
+    return (text_features[distinct_prompts.get_indexer(requests.prompt)]
+            * image_features[distinct.get_indexer(requests.image)]).sum(1)
+
+
+def pair_scores(model, preprocess, tokenizer, pairs, device, batch_size=1024, num_workers=0, progress=True,
+                fast_decode=False):
+    """Cosine similarity of each pair's prompt with its preferred and its other image: (pos_score, neg_score)."""
+    wheres = [f"row {row}, column {column!r}" for column in ("pos_path", "neg_path") for row in pairs.index]
+    scores = prompt_image_scores(model, preprocess, tokenizer, pd.concat([pairs.prompt, pairs.prompt]),
+                                 pd.concat([pairs.pos_path, pairs.neg_path]), device, batch_size, num_workers,
+                                 progress, wheres, fast_decode)
+    return scores[:len(pairs)], scores[len(pairs):]
+
+
+def pair_accuracy(model, preprocess, tokenizer, pairs, device, batch_size=1024, num_workers=0, progress=True,
+                  fast_decode=False):
+    """Fraction of pairs counted correct."""
+    pos_score, neg_score = pair_scores(model, preprocess, tokenizer, pairs, device, batch_size, num_workers, progress,
+                                       fast_decode)
+    return counted_correct(pos_score, neg_score).float().mean().item()
+
+
+def source_scores(model, preprocess, tokenizer, source, device, batch_size=1024, num_workers=0, progress=True,
+                  fast_decode=False):
+    """(pos_score, neg_score, group_scores) of a PairSource: each pair's two cosines, and for a benchmark layout
+    each row's or entry's list of image scores (None for a pair table). Each distinct image is encoded once."""
+    pairs, groups = source.pairs, source.groups
+    if groups is None:
+        return (*pair_scores(model, preprocess, tokenizer, pairs, device, batch_size, num_workers, progress,
+                             fast_decode), None)
+    every = groups.explode("images")
+    prompts = pd.concat([pairs.prompt, pairs.prompt, every.prompt])
+    images = pd.concat([pairs.pos_path, pairs.neg_path, every.images])
+    wheres = ([f"row {row}" for row in pairs.entry] * 2 + [f"entry {entry}" for entry in every.entry])
+    scores = prompt_image_scores(model, preprocess, tokenizer, prompts, images, device, batch_size, num_workers,
+                                 progress, wheres, fast_decode)
+    n = len(pairs)
+    per_group = np.split(scores[2 * n:].numpy(), np.cumsum(groups.images.map(len))[:-1])
+    return scores[:n], scores[n:2 * n], [list(g) for g in per_group]
