@@ -10,6 +10,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -101,6 +102,17 @@ def run_cli(main):
         message = re.sub(r"^[\w.]*InputError: ", "", str(e).strip().splitlines()[-1])
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_free_space(folder, nbytes, what):
+    """Refuse to start writing `what` (about `nbytes`) into `folder` when its disk has less free space than that plus a
+    margin (a tenth, and 16 MB for the file system's own blocks): one line naming the folder and the space needed,
+    before anything is written, so that the previous checkpoint stays the newest whole one."""
+    needed = int(nbytes * 1.1) + 16 * 2**20
+    free = shutil.disk_usage(folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))).free
+    if free < needed:
+        raise InputError(f"{folder}: not enough free space to write {what}: it needs {needed / 2**20:.1f} MB, "
+                         f"{free / 2**20:.1f} MB are free; nothing was written, the previous checkpoint is intact")
 
 
 def resolve_model_name(model=DEFAULT_MODEL):
