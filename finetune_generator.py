@@ -30,7 +30,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from clip_model import InputError, check_free_space, run_cli
-from generators import (LORA_WEIGHTS, add_lora, decode, generate_images, load_pipeline, lora_state_dict, noise_seed,
+from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, decode, generate_images, load_pipeline, lora_state_dict, noise_seed,
                         read_prompts, sample_latents, set_lora_state_dict, start_noise, text_embeddings, to_pil)
 
 METHODS = ("draft", "refl")
@@ -260,6 +260,7 @@ def finetune_generator(pretrained_model, prompts, scorer, reward_weights=None, m
     """
     check_flags(method, sampling_steps, grad_steps, rank, resolution, batch_size, max_train_steps, save_every,
                 gradient_accumulation_steps)
+    check_pipeline_folder(pretrained_model)
     scorers = parse_scorers(scorer if isinstance(scorer, (list, tuple)) else [scorer], reward_weights)
     train_prompts = read_prompts(prompts, "--prompts")
     val_prompts = read_prompts(validation_prompts, "--validation_prompts") if validation_prompts else []
