@@ -30,8 +30,9 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from clip_model import InputError, check_free_space, run_cli
-from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, decode, generate_images, load_pipeline, lora_state_dict, noise_seed,
-                        read_prompts, sample_latents, set_lora_state_dict, start_noise, text_embeddings, to_pil)
+from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, decode, generate_images, load_pipeline,
+                        lora_state_dict, noise_seed, read_prompts, sample_latents, set_lora_state_dict, start_noise,
+                        text_embeddings, to_pil)
 
 METHODS = ("draft", "refl")
 METRICS = ("step", "loss", "reward", "val_reward")
