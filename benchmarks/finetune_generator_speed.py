@@ -2,6 +2,7 @@
 
     python benchmarks/finetune_generator_speed.py                      # about 5 minutes on a 2-CPU VM
     python benchmarks/finetune_generator_speed.py --steps 6 --json benchmarks/results-generator-cpu.json
+    python benchmarks/finetune_generator_speed.py --flops      # the paper estimate's counts (meta tensors, seconds)
 
 Each configuration runs in its own process (so peak memory, the process's VmHWM, is that run's alone) and calls
 finetune_generator() as a user's run does: the tiny pipeline of the tests (generators.make_tiny_pipeline) at 64 px,
@@ -52,6 +53,35 @@ def worker(args):
                       "threads": torch.get_num_threads(), "peak_rss_gb": peak_rss_gb()}))
 
 
+def count_flops():
+    """FLOPs of one forward of SD 2.1-base's UNet at 64 x 64 latents, its VAE decoder at 512 px and OpenAI's ViT-L/14
+    image tower at 224 px, counted by torch's FlopCounterMode on meta tensors (no weights needed): the parts of the
+    estimate in docs/generators.md. The configs are SD 2.1-base's (stabilityai/stable-diffusion-2-1-base)."""
+    import open_clip
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                                    attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
+                                    use_linear_projection=True)
+        vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                            up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2)
+        clip = open_clip.create_model("ViT-L-14-quickgelu", device="meta")
+        parts = {"unet": lambda: unet(torch.randn(1, 4, 64, 64), torch.tensor([500]),
+                                      encoder_hidden_states=torch.randn(1, 77, 1024)),
+                 "vae_decoder": lambda: vae.decode(torch.randn(1, 4, 64, 64)),
+                 "vit_l14_image": lambda: clip.encode_image(torch.randn(1, 3, 224, 224))}
+        counts = {"unet_params": sum(p.numel() for p in unet.parameters())}
+        for name, forward in parts.items():
+            with FlopCounterMode(display=False) as counter:
+                forward()
+            counts[name] = counter.get_total_flops()
+    return counts
+
+
 def measure(pipeline, prompts, reward, grad_steps, gradient_checkpointing, steps):
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--pipeline", pipeline, "--prompts", prompts,
                "--reward", reward, "--grad_steps", str(grad_steps), "--steps", str(steps)]
@@ -67,6 +97,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--flops", action="store_true", help="only count the FLOPs of the paper estimate's parts")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
@@ -76,6 +107,10 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.flops:
+        for name, count in count_flops().items():
+            print(f"{name}: {count / 1e6:.1f} M" if name.endswith("params") else f"{name}: {count / 1e12:.4f} TFLOPs")
+        return
 
     import torch
     from clip_model import load_model
