@@ -162,8 +162,9 @@ def script_args(tiny_sd, files, save_folder, *extra):
 
 def test_a_sigkilled_run_resumed_from_latest_ends_on_the_uninterrupted_lora(tiny_sd, files, tmp_path):
     args = ["--batch_size", "1", "--max_train_steps", "6", "--save_every", "2"]
-    whole = run_script(script_args(tiny_sd, files, tmp_path / "whole", *args))
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    # the uninterrupted run in this process (one thread, as the scripts below): the same arithmetic
+    finetune(tiny_sd, files["prompts"], files["scorer"], batch_size=1, max_train_steps=6, save_every=2,
+             save_folder=str(tmp_path / "whole"), **TINY_RUN)
 
     killed = tmp_path / "killed"
     run = subprocess.Popen([sys.executable, "finetune_generator.py", *script_args(tiny_sd, files, killed, *args)],
@@ -186,10 +187,10 @@ def test_a_sigkilled_run_resumed_from_latest_ends_on_the_uninterrupted_lora(tiny
 
 
 def test_two_processes_end_on_the_lora_of_one_process_with_twice_the_batch(tiny_sd, files, tmp_path):
-    common = ["--max_train_steps", "3", "--save_every", "3"]
-    one = run_script(script_args(tiny_sd, files, tmp_path / "one", "--batch_size", "4", *common))
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_script(script_args(tiny_sd, files, tmp_path / "two", "--batch_size", "2", *common),
+    finetune(tiny_sd, files["prompts"], files["scorer"], batch_size=4, max_train_steps=3, save_every=3,
+             save_folder=str(tmp_path / "one"), **TINY_RUN)
+    two = run_script(script_args(tiny_sd, files, tmp_path / "two", "--batch_size", "2", "--max_train_steps", "3",
+                                 "--save_every", "3"),
                      env={"ACCELERATE_USE_CPU": "1"}, launcher=["-m", "torch.distributed.run", "--nproc_per_node", "2"])
     assert two.returncode == 0, two.stderr[-3000:]
     expected, ours = load_file(tmp_path / "one" / LORA_WEIGHTS), load_file(tmp_path / "two" / LORA_WEIGHTS)
