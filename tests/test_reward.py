@@ -70,7 +70,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_init):
         first_block = reward.model.visual.transformer.resblocks[0]
         first_block = getattr(first_block, "block", first_block)
         runs = []
-        first_block.register_forward_hook(lambda *_: runs.append(1))
+        first_block.register_forward_pre_hook(lambda *_: runs.append(1))
         x = images.clone().requires_grad_(True)
         reward(x, PROMPTS[:2]).sum().backward()
         grads.append(x.grad)
