@@ -27,14 +27,15 @@ from safetensors.torch import save_file
 FORMATS = ("open_clip", "transformers")
 TOLERANCE = 1e-4  # largest difference of an exported embedding from the checkpoint's, per element
 
-# Config keys that do not change what a ViT CLIP computes at inference; any other key must keep open_clip's default
-# for the transformers CLIPModel (plain pre-norm blocks, class-token and end-of-text pooling) to be the same function.
+# Config keys the mapping reads, or that change nothing a ViT CLIP computes at inference; any other key must keep
+# open_clip's default for transformers' CLIPModel (plain pre-norm blocks, class-token and end-of-text pooling) to be
+# the same function.
 MAPPED_TOP = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "init_logit_scale", "output_dict"}
 MAPPED_VISION = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "patch_dropout",
                  "output_tokens", "block_type", "attn_pooler_queries", "attn_pooler_heads"}
 MAPPED_TEXT = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "pad_id", "eos_id",
                "output_tokens", "block_type", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type"}
-SOT_TOKEN, EOT_TOKEN = 49406, 49407  # CLIP's BPE: <|startoftext|>, <|endoftext|> (the largest id, which OpenAI's argmax pooling finds)
+SOT_TOKEN, EOT_TOKEN = 49406, 49407  # CLIP's <|startoftext|>, <|endoftext|> (the largest id: OpenAI pools at argmax)
 
 
 def _unmapped(cfg, mapped, defaults):
@@ -75,14 +76,17 @@ def transformers_config(name, given=None):
     config = CLIPConfig(
         projection_dim=cfg["embed_dim"],
         vision_config=dict(hidden_size=width, intermediate_size=int(width * vision.get("mlp_ratio", 4.0)),
-                           num_hidden_layers=vision.get("layers", 12), num_attention_heads=width // vision.get("head_width", 64),
-                           image_size=as_int(vision.get("image_size", 224)), patch_size=as_int(vision.get("patch_size", 16)),
+                           num_hidden_layers=vision.get("layers", 12),
+                           num_attention_heads=width // vision.get("head_width", 64),
+                           image_size=as_int(vision.get("image_size", 224)),
+                           patch_size=as_int(vision.get("patch_size", 16)),
                            projection_dim=cfg["embed_dim"], hidden_act=act),
         # transformers pools the text at the first end-of-text token; open_clip at the largest token id: the same
         # position, since <|endoftext|> is the vocabulary's last id
         text_config=dict(hidden_size=text_width, intermediate_size=int(text_width * text.get("mlp_ratio", 4.0)),
                          num_hidden_layers=text.get("layers", 12), num_attention_heads=text.get("heads", 8),
-                         max_position_embeddings=text.get("context_length", 77), vocab_size=text.get("vocab_size", 49408),
+                         max_position_embeddings=text.get("context_length", 77),
+                         vocab_size=text.get("vocab_size", 49408),
                          projection_dim=cfg["embed_dim"], hidden_act=act,
                          bos_token_id=SOT_TOKEN, eos_token_id=EOT_TOKEN, pad_token_id=EOT_TOKEN))
     config.architectures = ["CLIPModel"]
@@ -128,22 +132,30 @@ def transformers_state_dict(state_dict, config):
     return {k: v.float().contiguous() for k, v in out.items()}
 
 
-def clip_processor(config, preprocess_cfg):
-    """transformers' CLIPProcessor for the model: CLIP's BPE built from open_clip's vocabulary (no download), and the
-    image steps of open_clip's preprocess (shortest side to the model's size, centre crop, mean/std)."""
+def write_clip_processor(folder, config, preprocess_cfg):
+    """transformers' CLIPProcessor files for the model: CLIP's BPE written from open_clip's vocabulary and merges (the
+    vocab.json and merges.txt OpenAI's CLIP folders ship; nothing downloaded) and the image steps of open_clip's
+    preprocess (shortest side to the model's size, centre crop, mean/std). `folder` already holds config.json."""
     from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPProcessor
     bpe = SimpleTokenizer()
     openai_names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {openai_names.get(token, token): i for token, i in bpe.encoder.items()}
-    merges = [pair for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=config.text_config.max_position_embeddings)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({openai_names.get(token, token): i for token, i in bpe.encoder.items()}, f, ensure_ascii=False)
+    merges = [" ".join(pair) for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    # read back by transformers' own class for a CLIP (config.json says which), whichever its version
+    tokenizer = AutoTokenizer.from_pretrained(folder, model_max_length=config.text_config.max_position_embeddings)
+    for where_it_was_read in ("is_local", "local_files_only"):  # not for a published tokenizer_config.json
+        tokenizer.init_kwargs.pop(where_it_was_read, None)
     size = config.vision_config.image_size
-    resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}[preprocess_cfg.get("interpolation", "bicubic")]  # PIL's codes
+    pil_resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}[preprocess_cfg.get("interpolation", "bicubic")]
     images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                resample=resample, image_mean=list(preprocess_cfg["mean"]),
+                                resample=pil_resample, image_mean=list(preprocess_cfg["mean"]),
                                 image_std=list(preprocess_cfg["std"]))
-    return CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    images.save_pretrained(folder)  # preprocessor_config.json too: where transformers 4 looks
 
 
 def write_open_clip(clip, name, folder):
@@ -152,7 +164,8 @@ def write_open_clip(clip, name, folder):
     model_cfg = open_clip.get_model_config(name)
     model_cfg["quick_gelu"] = bool(model_cfg.get("quick_gelu", False))  # explicit: QuickGELU and GELU are other models
     save_config_for_hf(clip, Path(folder) / "open_clip_config.json", model_cfg)
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, os.path.join(folder, "open_clip_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()},
+              os.path.join(folder, "open_clip_model.safetensors"))
 
 
 def write_transformers(clip, name, folder):
@@ -162,9 +175,7 @@ def write_transformers(clip, name, folder):
     config.save_pretrained(folder)
     save_file(transformers_state_dict(clip.state_dict(), config), os.path.join(folder, "model.safetensors"),
               metadata={"format": "pt"})
-    processor = clip_processor(config, clip.visual.preprocess_cfg)
-    processor.save_pretrained(folder)
-    processor.image_processor.save_pretrained(folder)  # preprocessor_config.json too: what transformers 4 reads
+    write_clip_processor(folder, config, clip.visual.preprocess_cfg)
 
 
 def _probe_inputs(clip, tokenizer):
@@ -232,7 +243,8 @@ with torch.no_grad():
     image = model.get_image_features(pixel_values=inputs.pixel_values)
     text = model.get_text_features(input_ids=inputs.input_ids)
 image, text = (F.normalize(getattr(f, "pooler_output", f), dim=-1) for f in (image, text))
-score = (image * text).sum(-1)  # cosine similarity: higher is better (PickScore's scale: model.logit_scale.exp() * score)
+score = (image * text).sum(-1)  # cosine similarity: higher is better
+# PickScore's scale, as this repository's pickscore: scorer gives it: model.logit_scale.exp() * score
 ```
 
 In the Social Reward repository, the folder is a `pickscore:` scorer, e.g.
@@ -275,10 +287,15 @@ images made for the same prompt (a score's absolute value means little across pr
 """
 
 
-def check_out(out, overwrite):
-    """--out must be a new or empty folder, or --overwrite given."""
+def check_out(out, overwrite, checkpoint):
+    """--out must be a new or empty folder, or --overwrite given; never one that --overwrite would take the checkpoint
+    or the current folder away with."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out}: a file, not a folder")
+    folder = os.path.realpath(out)
+    for what, path in (("the checkpoint", os.path.realpath(checkpoint)), ("the current folder", os.getcwd())):
+        if os.path.commonpath([folder, path]) == folder:
+            raise InputError(f"--out {out}: holds {what}, which the export would replace; choose a new folder")
     held = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if held and not overwrite:
         raise InputError(f"--out {out}: holds other files ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); "
@@ -295,7 +312,7 @@ def export(checkpoint, to, out, model=DEFAULT_MODEL, overwrite=False):
     """
     if to not in FORMATS:
         raise InputError(f"--to {to}: choose from {', '.join(FORMATS)}")
-    check_out(out, overwrite)
+    check_out(out, overwrite, checkpoint)
     name = resolve_model_name(model)
     if to == "transformers":
         transformers_config(name, model)  # an unmappable model fails here, before the checkpoint is read
@@ -312,6 +329,10 @@ def export(checkpoint, to, out, model=DEFAULT_MODEL, overwrite=False):
             raise RuntimeError(f"the {to} export's embeddings differ from the checkpoint's by {difference:.2e}")
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(to, out, name, checkpoint, sha256(checkpoint), difference))
+        umask = os.umask(0o022)
+        os.umask(umask)
+        for file in os.listdir(tmp):  # safetensors writes its files readable by their owner only
+            os.chmod(os.path.join(tmp, file), 0o666 & ~umask)
         if os.path.isdir(out) and os.listdir(out):  # --overwrite: swap the old folder out whole
             os.replace(out, tmp + ".old")
             os.replace(tmp, out)

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import export as export_module
-from clip_model import load_model
+from clip_model import InputError, load_model
 from export import export, sha256
 from scorers import load_scorer
 
@@ -68,7 +68,8 @@ def test_open_clip_export_loads_from_local_dir_and_gives_the_checkpoints_embeddi
     tokenizer = open_clip.get_tokenizer(f"local-dir:{open_clip_export}")
     model.eval()
     with torch.no_grad():  # open_clip's own preprocess and tokenizer for the folder, on the images' files
-        image_features = model.encode_image(torch.stack([preprocess(Image.open(p)) for p in tiny["images"]]), normalize=True)
+        pixels = torch.stack([preprocess(Image.open(p)) for p in tiny["images"]])
+        image_features = model.encode_image(pixels, normalize=True)
         text_features = model.encode_text(tokenizer(PROMPTS), normalize=True)
     assert torch.allclose(image_features, tiny["image_features"], rtol=0, atol=1e-4)
     assert torch.allclose(text_features, tiny["text_features"], rtol=0, atol=1e-4)
@@ -79,7 +80,8 @@ def test_open_clip_export_config_keeps_quick_gelu_and_the_preprocess(open_clip_e
     with open(os.path.join(open_clip_export, "open_clip_config.json")) as f:
         config = json.load(f)
     assert config["model_cfg"] == {**json.load(open(TINY_CLIP)), "quick_gelu": True}
-    assert config["preprocess_cfg"] == {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
+    assert config["preprocess_cfg"] == {"mean": list(open_clip.OPENAI_DATASET_MEAN),
+                                        "std": list(open_clip.OPENAI_DATASET_STD),
                                         "interpolation": "bicubic", "resize_mode": "shortest"}
     model = open_clip.create_model(f"local-dir:{open_clip_export}")
     assert isinstance(model.visual.transformer.resblocks[0].mlp.gelu, open_clip.model.QuickGELU)
@@ -109,7 +111,8 @@ def test_transformers_export_tokenizer_gives_open_clips_ids_and_text_embeddings(
     assert (tokens[0, ends[0]:] == 49407).all()  # transformers pads with <|endoftext|>: the first one is pooled
     model = CLIPModel.from_pretrained(transformers_export).eval()
     with torch.no_grad():
-        text_features = F.normalize(model.get_text_features(input_ids=tokens).pooler_output, dim=-1)
+        text_features = model.get_text_features(input_ids=tokens)
+    text_features = F.normalize(getattr(text_features, "pooler_output", text_features), dim=-1)
     assert torch.allclose(text_features, tiny["text_features"], rtol=0, atol=1e-4)
 
 
@@ -118,14 +121,16 @@ def test_pickscore_scorer_on_the_transformers_export_scores_cosine_times_logit_s
     with torch.no_grad():
         cosine = (scorer.model.encode_image(tiny["pixels"]) * scorer.model.encode_text(tiny["tokens"])).sum(1)
     expected = (tiny["image_features"] * tiny["text_features"]).sum(1)
-    assert torch.allclose(cosine * scorer.score_scale, expected * tiny["logit_scale"], rtol=0, atol=1e-4 * tiny["logit_scale"])
+    assert torch.allclose(cosine * scorer.score_scale, expected * tiny["logit_scale"], rtol=0,
+                          atol=1e-4 * tiny["logit_scale"])
     assert scorer.score_scale == pytest.approx(tiny["logit_scale"])
 
 
 @pytest.mark.parametrize("to", ["open_clip", "transformers"])
 def test_model_card_says_what_the_model_is_how_to_load_and_score_it_and_names_the_checkpoint(
         tiny, open_clip_export, transformers_export, to):
-    folder, checkpoint = (open_clip_export, tiny["pth"]) if to == "open_clip" else (transformers_export, tiny["safetensors"])
+    folder, checkpoint = {"open_clip": (open_clip_export, tiny["pth"]),
+                          "transformers": (transformers_export, tiny["safetensors"])}[to]
     with open(os.path.join(folder, "README.md")) as f:
         card = f.read()
     assert card.startswith(f"---\nlibrary_name: {to}\n")
@@ -162,7 +167,20 @@ def test_an_out_folder_holding_files_is_refused_naming_them_and_left_as_it_was(t
     assert os.listdir(out) == ["notes.txt"] and os.listdir(tmp_path) == ["out"]
 
 
-LS_INIT_CONFIG = {**json.load(open(TINY_CLIP)), "vision_cfg": {**json.load(open(TINY_CLIP))["vision_cfg"], "ls_init_value": 0.1}}
+def test_an_out_folder_holding_the_checkpoint_is_refused_even_with_overwrite(tmp_path, tiny, monkeypatch):
+    (tmp_path / "save_folder").mkdir()
+    checkpoint = tmp_path / "save_folder" / "clip_final.pth"
+    checkpoint.write_bytes(open(tiny["pth"], "rb").read())
+    with pytest.raises(InputError, match="holds the checkpoint, which the export would replace"):
+        export(str(checkpoint), "open_clip", str(tmp_path / "save_folder"), TINY_CLIP, overwrite=True)
+    monkeypatch.chdir(tmp_path / "save_folder")
+    with pytest.raises(InputError, match=r"--out \.\.: holds the current folder"):
+        export(tiny["pth"], "open_clip", "..", TINY_CLIP, overwrite=True)
+    assert os.listdir(tmp_path / "save_folder") == ["clip_final.pth"]
+
+
+TINY_CONFIG = json.load(open(TINY_CLIP))
+LS_INIT_CONFIG = {**TINY_CONFIG, "vision_cfg": {**TINY_CONFIG["vision_cfg"], "ls_init_value": 0.1}}  # layer scale
 
 
 @pytest.mark.parametrize("model, message", [
