@@ -34,6 +34,7 @@ class Scorer:
     tokenizer: object
     score_scale: float = 1.0
     softmax_scale: float = 100.0
+    tensor_preprocess: object = None  # the same preprocessing on a B x 3 x H x W float tensor in [0, 1], differentiable
 
 
 def parse_spec(spec):
@@ -78,7 +79,7 @@ def check_spec(spec):
 def clip_scorer(model=DEFAULT_MODEL, pretrained="openai", checkout_path=None, device="cpu"):
     """Our CLIP (the scripts' --model, --pretrained, --checkout_path): its score is the cosine similarity."""
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path, device)
-    return Scorer(clip, preprocess, tokenizer, 1.0, clip.logit_scale.exp().item())
+    return Scorer(clip, preprocess, tokenizer, 1.0, clip.logit_scale.exp().item(), open_clip_tensor_preprocess(clip))
 
 
 def load_scorer(spec, device="cpu"):
@@ -88,12 +89,38 @@ def load_scorer(spec, device="cpu"):
         return clip_scorer(options.get("model", DEFAULT_MODEL), path, None, device)
     if kind == "hpsv2":
         model, _, tokenizer = load_model(options.get("model", "ViT-H-14"), path, None, device)
-        return Scorer(model, hps_preprocess(model.visual.image_size[0]), tokenizer, 1.0, model.logit_scale.exp().item())
+        size = model.visual.image_size[0]
+        return Scorer(model, hps_preprocess(size), tokenizer, 1.0, model.logit_scale.exp().item(),
+                      Compose([ResizeLongestAndPad(size), Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)]))
     if kind == "pickscore":
         model = PickScoreModel(path).to(device).eval()
-        return Scorer(model, model.preprocess, open_clip.get_tokenizer(DEFAULT_MODEL), model.scale, model.scale)
+        return Scorer(model, model.preprocess, open_clip.get_tokenizer(DEFAULT_MODEL), model.scale, model.scale,
+                      ResizeShortestAndCrop(model.size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
     clip, preprocess, tokenizer = load_model(options.get("model", DEFAULT_MODEL), options["clip"], None, device)
-    return Scorer(AestheticPredictor(clip, path).to(device).eval(), preprocess, tokenizer, 1.0, 1.0)
+    return Scorer(AestheticPredictor(clip, path).to(device).eval(), preprocess, tokenizer, 1.0, 1.0,
+                  open_clip_tensor_preprocess(clip))
+
+
+class ResizeShortestAndCrop(nn.Module):
+    """CLIP's evaluation preprocessing on a B x 3 x H x W float tensor in [0, 1]: the shortest side to `size` (bicubic,
+    antialiased, as torchvision resizes a PIL image), a centre crop, mean/std. Differentiable."""
+
+    def __init__(self, size, mean, std):
+        super().__init__()
+        self.size, self.normalize = size, Normalize(mean, std)
+
+    def forward(self, images):
+        images = TF.resize(images, self.size, InterpolationMode.BICUBIC, antialias=True)
+        return self.normalize(TF.center_crop(images, [self.size, self.size]))
+
+
+def open_clip_tensor_preprocess(clip):
+    """The tensor counterpart of an open_clip model's evaluation transform (its preprocess_cfg)."""
+    cfg = clip.visual.preprocess_cfg
+    size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
+    if cfg.get("resize_mode", "shortest") == "longest":
+        return Compose([ResizeLongestAndPad(size), Normalize(cfg["mean"], cfg["std"])])
+    return ResizeShortestAndCrop(size, cfg["mean"], cfg["std"])
 
 
 class ResizeLongestAndPad(nn.Module):
@@ -106,7 +133,7 @@ class ResizeLongestAndPad(nn.Module):
         self.size = size
 
     def forward(self, image):
-        height, width = image.shape[1:]
+        height, width = image.shape[-2:]
         scale = self.size / max(height, width)
         new = [round(height * scale), round(width * scale)]
         if scale != 1.0:
@@ -134,7 +161,7 @@ class PickScoreModel(nn.Module):
         except Exception as e:
             raise InputError(f"pickscore:{folder}: not a transformers CLIPModel folder ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:160]})") from None
-        size = self.clip.config.vision_config.image_size
+        self.size = size = self.clip.config.vision_config.image_size
         self.preprocess = open_clip.image_transform(size, is_train=False, mean=OPENAI_DATASET_MEAN,
                                                     std=OPENAI_DATASET_STD)
         self.scale = self.clip.logit_scale.exp().item()
