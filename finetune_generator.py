@@ -37,9 +37,6 @@ from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, decode, g
 METHODS = ("draft", "refl")
 METRICS = ("step", "loss", "reward", "val_reward")
 REFL_MARGIN, REFL_GRAD_SCALE = 2.0, 1e-3  # ReFL.py: loss = relu(2 - reward).mean() * grad_scale (1e-3)
-# the flags that make a run what it is: a checkpoint resumes only a run with the same ones
-RUN_FLAGS = ("pretrained_model", "prompts", "scorer", "reward_weights", "method", "sampling_steps", "grad_steps",
-             "guidance_scale", "resolution", "rank", "lora_alpha", "batch_size", "learning_rate", "seed")
 
 
 def parse_scorers(named_specs, reward_weights=None):
@@ -110,6 +107,20 @@ def method_loss(method, unet, pipeline, rewards, prompts, noise, sampling_steps,
     if method == "draft":
         return -reward.mean(), reward
     return torch.relu(REFL_MARGIN - reward).mean() * REFL_GRAD_SCALE, reward
+
+
+def nonfinite_guard(accelerator, save_folder, skip_nonfinite_loss):
+    """The check after each forward pass, as the trainer's: a non-finite loss on any process stops the run naming the
+    step and the prompts, or with skip_nonfinite_loss is reported and its step skipped."""
+    def loss_is_finite(all_losses, step, prompts):
+        if torch.isfinite(all_losses).all():
+            return True
+        if not skip_nonfinite_loss:
+            raise InputError(f"step {step}: the loss is not finite ({all_losses.tolist()}) on the prompts {prompts}; "
+                             f"the last checkpoint in {save_folder} is intact (--skip_nonfinite_loss skips such steps)")
+        accelerator.print(f"skipped a step with a non-finite loss, prompts {prompts}")
+        return False
+    return loss_is_finite
 
 
 def refl_stop(sampling_steps, seed, step):
@@ -191,7 +202,7 @@ def find_checkpoint(resume_from_checkpoint, save_folder, run):
                          f"(a checkpoint-STEP folder with progress.json)")
     with open(path) as f:
         progress = json.load(f)
-    for flag in RUN_FLAGS:
+    for flag in run:
         if progress.get("run", {}).get(flag) != run[flag]:
             raise InputError(f"--resume_from_checkpoint {resume_from_checkpoint}: a checkpoint of another run "
                              f"(--{flag} {progress.get('run', {}).get(flag)} there, {run[flag]} here)")
@@ -266,10 +277,12 @@ def finetune_generator(pretrained_model, prompts, scorer, reward_weights=None, m
     train_prompts = read_prompts(prompts, "--prompts")
     val_prompts = read_prompts(validation_prompts, "--validation_prompts") if validation_prompts else []
     lora_alpha = rank if lora_alpha is None else lora_alpha
-    run = {"pretrained_model": os.path.abspath(pretrained_model), "prompts": prompts, "scorer": [s for _, s, _ in scorers],
-           "reward_weights": [w for _, _, w in scorers], "method": method, "sampling_steps": sampling_steps,
-           "grad_steps": grad_steps, "guidance_scale": guidance_scale, "resolution": resolution, "rank": rank,
-           "lora_alpha": lora_alpha, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed}
+    # the flags that make a run what it is: a checkpoint resumes only a run with the same ones
+    run = {"pretrained_model": os.path.abspath(pretrained_model), "prompts": prompts,
+           "scorer": [s for _, s, _ in scorers], "reward_weights": [w for _, _, w in scorers], "method": method,
+           "sampling_steps": sampling_steps, "grad_steps": grad_steps, "guidance_scale": guidance_scale,
+           "resolution": resolution, "rank": rank, "lora_alpha": lora_alpha, "batch_size": batch_size,
+           "learning_rate": learning_rate, "seed": seed}
     run = json.loads(json.dumps(run))  # as progress.json holds it (lists, not tuples)
     checkpoint, progress = (find_checkpoint(resume_from_checkpoint, save_folder, run) if resume_from_checkpoint
                             else (None, {"step": 0, "epoch": 0, "batches_done": 0, "skipped_steps": 0}))
@@ -308,6 +321,7 @@ def finetune_generator(pretrained_model, prompts, scorer, reward_weights=None, m
     if not checkpoint:
         metrics.log(step=0, val_reward=validate(0))
 
+    loss_is_finite = nonfinite_guard(accelerator, save_folder, skip_nonfinite_loss)
     bar = tqdm(total=max_train_steps, initial=progress["step"], disable=not accelerator.is_local_main_process)
     losses, batch_rewards, window_ok = [], [], True
     while progress["step"] < max_train_steps:
@@ -323,17 +337,12 @@ def finetune_generator(pretrained_model, prompts, scorer, reward_weights=None, m
                 loss, reward = method_loss(method, unet, pipeline, rewards, prompts_batch, noise, sampling_steps,
                                            grad_steps, guidance_scale, refl_stop(sampling_steps, seed, step))
                 all_losses = accelerator.gather(loss.detach()[None])
-                if torch.isfinite(all_losses).all():
+                if loss_is_finite(all_losses, step, prompts_batch):
                     accelerator.backward(loss)
                     losses.append(all_losses.mean())
                     batch_rewards.append(accelerator.gather(reward.detach()).mean())
-                elif not skip_nonfinite_loss:
-                    raise InputError(f"step {step}: the loss is not finite ({all_losses.tolist()}) on the prompts "
-                                     f"{prompts_batch}; the last checkpoint in {save_folder} is intact "
-                                     f"(--skip_nonfinite_loss skips such steps)")
-                else:
+                else:  # the step is skipped: its whole accumulation window
                     window_ok = False
-                    accelerator.print(f"skipped a step with a non-finite loss, prompts {prompts_batch}")
             if not accelerator.sync_gradients:
                 continue
             if window_ok:
