@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from clip_model import InputError, check_free_space, default_device, inference_precision, run_cli, PRECISIONS
-from generators import generate_images, load_lora, load_pipeline, read_prompts, to_pil
+from generators import check_pipeline_folder, generate_images, load_lora, load_pipeline, read_prompts, to_pil
 
 TABLE = "generations.parquet"
 COLUMNS = ("generator", "prompt", "sample", "image")
@@ -56,6 +56,7 @@ def generate(pretrained_model, prompts, generator, out, samples=1, lora=None, re
         raise InputError(f"--{'samples' if samples < 1 else 'batch_size'} must be at least 1 (got {min(samples, batch_size)})")
     if not generator or "/" in generator or generator.startswith("."):
         raise InputError(f"--generator {generator!r}: give a name (it names a folder in --out)")
+    check_pipeline_folder(pretrained_model)
     prompt_list = read_prompts(prompts)
     os.makedirs(out, exist_ok=True)
     previous = existing_rows(out, generator, overwrite)

@@ -57,12 +57,15 @@ def check_pipeline_folder(folder):
 def load_pipeline(folder, device="cpu", dtype=torch.float32):
     """A StableDiffusionPipeline from a local folder (nothing downloaded), every weight frozen, sampling with DDIM
     (eta 0) from the folder's own noise schedule, in eval mode, no safety checker, no progress bars."""
+    import diffusers
+    import transformers
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     check_pipeline_folder(folder)
+    diffusers.utils.logging.disable_progress_bar()  # a bar per part of a local folder says nothing
+    transformers.utils.logging.disable_progress_bar()
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype,
-                                                           safety_checker=None, feature_extractor=None,
-                                                           requires_safety_checker=False)
+        pipeline = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                           feature_extractor=None, requires_safety_checker=False)
     except Exception as e:
         raise InputError(f"--pretrained_model {folder}: cannot load it as a Stable Diffusion pipeline "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
@@ -71,7 +74,7 @@ def load_pipeline(folder, device="cpu", dtype=torch.float32):
     pipeline.set_progress_bar_config(disable=True)
     for model in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
         model.requires_grad_(False).eval()
-    return pipeline.to(device)
+    return pipeline.to(device, dtype)  # (from_pretrained's own dtype argument changed its name across diffusers)
 
 
 def add_lora(unet, rank=4, lora_alpha=None):
