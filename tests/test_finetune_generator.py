@@ -191,7 +191,8 @@ def test_two_processes_end_on_the_lora_of_one_process_with_twice_the_batch(tiny_
              save_folder=str(tmp_path / "one"), **TINY_RUN)
     two = run_script(script_args(tiny_sd, files, tmp_path / "two", "--batch_size", "2", "--max_train_steps", "3",
                                  "--save_every", "3"),
-                     env={"ACCELERATE_USE_CPU": "1"}, launcher=["-m", "torch.distributed.run", "--nproc_per_node", "2"])
+                     env={"ACCELERATE_USE_CPU": "1"},  # --standalone: a free port, whatever else runs here
+                     launcher=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
     assert two.returncode == 0, two.stderr[-3000:]
     expected, ours = load_file(tmp_path / "one" / LORA_WEIGHTS), load_file(tmp_path / "two" / LORA_WEIGHTS)
     assert expected.keys() == ours.keys()
