@@ -10,8 +10,6 @@ distinct image and prompt encoded once. Scores are kept in --out as they are mad
 and only what is missing is scored. Writes table.csv, table.md, agreement.csv and comparison.png into --out.
 """
 import argparse
-import hashlib
-import json
 import math
 import os
 
@@ -20,9 +18,10 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from clip_model import PRECISIONS, InputError, default_device, default_num_workers, inference_precision, run_cli
-from encoding import source_scores
+from encoding import source_requests, split_source_scores
+from kept_scores import kept_prompt_image_scores
 from pair_sources import benchmark_metric, counted_correct, image_file, read_source
-from scorers import check_spec, load_scorer
+from scorers import check_spec
 
 
 def parse_scorers(named_specs):
@@ -49,38 +48,21 @@ def wilson_interval(correct, n, z=1.96):
     return 100 * (centre - half), 100 * (centre + half)
 
 
-def scores_path(out, scorer_name, spec, source_name, fast_decode, precision="fp32"):
-    """Where one scorer's scores of one source are kept; the name changes with anything that changes them."""
-    changed = [os.path.getmtime(p) for p in (source_name, spec.split(":", 1)[1].split(",")[0]) if os.path.exists(p)]
-    settings = [spec, source_name, fast_decode, changed] + ([precision] if precision != "fp32" else [])
-    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
-    return os.path.join(out, "scores", f"{scorer_name}-{key}.json")
-
-
 def score_all(sources, scorers, out, device, batch_size, num_workers, fast_decode, precision="fp32"):
     """{scorer name: [per source {"pos", "neg", "groups", "score_scale", "softmax_scale"}]}, scoring only what --out
-    does not hold yet; each (scorer, source) is written whole (to a temporary name, then renamed) once scored."""
-    os.makedirs(os.path.join(out, "scores"), exist_ok=True)
+    does not hold yet (kept_scores.py: a file per scorer, rewritten whole as scores are made)."""
+    requests = [source_requests(source) for source in sources]
+    prompts, images, wheres = ([item for request in requests for item in request[i]] for i in range(3))
+    ends = np.cumsum([len(request[0]) for request in requests])
     results = {}
     for name, spec in scorers.items():
-        paths = [scores_path(out, name, spec, source.name, fast_decode, precision) for source in sources]
-        missing = [i for i, path in enumerate(paths) if not os.path.isfile(path)]
-        scorer = load_scorer(spec, device) if missing else None
-        for i in missing:
-            print(f"{name}: scoring {sources[i].name}")
-            with inference_precision(device, precision):
-                pos, neg, groups = source_scores(scorer.model, scorer.preprocess, scorer.tokenizer, sources[i], device,
-                                                 batch_size, num_workers, fast_decode=fast_decode)
-            record = {"pos": pos.tolist(), "neg": neg.tolist(), "groups": groups and [list(map(float, g)) for g in groups],
-                      "score_scale": scorer.score_scale, "softmax_scale": scorer.softmax_scale}
-            with open(paths[i] + ".tmp", "w") as f:
-                json.dump(record, f)
-            os.replace(paths[i] + ".tmp", paths[i])
-        del scorer  # one scorer's model in memory at a time
+        scores, scales = kept_prompt_image_scores(os.path.join(out, "scores"), name, spec, prompts, images, wheres,
+                                                  device, batch_size, num_workers, fast_decode, precision)
         results[name] = []
-        for path in paths:
-            with open(path) as f:
-                results[name].append(json.load(f))
+        for source, start, end in zip(sources, np.concatenate([[0], ends[:-1]]), ends):
+            pos, neg, groups = split_source_scores(source, scores[start:end])
+            results[name].append({"pos": pos.tolist(), "neg": neg.tolist(),
+                                  "groups": groups and [list(map(float, g)) for g in groups], **scales})
     return results
 
 
