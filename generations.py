@@ -124,11 +124,13 @@ def _hps_layout(root, prompts):
                 if int(stem) >= len(styles[style]):
                     raise InputError(f"{os.path.join(folder, style, name)}: index {int(stem)} has no prompt "
                                      f"({style}.json lists {len(styles[style])})")
-                rows.append((generator, style, styles[style][int(stem)], 0, os.path.join(folder, style, name)))
+                rows.append((generator, style, styles[style][int(stem)], int(stem), os.path.join(folder, style, name)))
             if len(images) < len(styles[style]):  # HPS v2 skips a missing image too, and says so
                 notes.append(f"{generator}/{style}: {len(styles[style]) - len(images)} of {len(styles[style])} "
                              f"prompts have no image")
     table = pd.DataFrame(rows, columns=COLUMNS)
+    # a prompt listed twice in a style is two samples of it (the sample column held the index until here)
+    table["sample"] = table.sort_values("sample").groupby(["generator", "style", "prompt"]).cumcount()
     table.attrs["notes"] = notes
     return table
 
