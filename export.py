@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 # clip_model first: it imports open_clip without transformers (a second), which only --to transformers needs
@@ -23,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.push_to_hf_hub import save_config_for_hf
 from safetensors.torch import save_file
+
+from out_folder import check_new_folder, folder_written_whole
 
 FORMATS = ("open_clip", "transformers")
 TOLERANCE = 1e-4  # largest difference of an exported embedding from the checkpoint's, per element
@@ -287,21 +288,6 @@ images made for the same prompt (a score's absolute value means little across pr
 """
 
 
-def check_out(out, overwrite, checkpoint):
-    """--out must be a new or empty folder, or --overwrite given; never one that --overwrite would take the checkpoint
-    or the current folder away with."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise InputError(f"--out {out}: a file, not a folder")
-    folder = os.path.realpath(out)
-    for what, path in (("the checkpoint", os.path.realpath(checkpoint)), ("the current folder", os.getcwd())):
-        if os.path.commonpath([folder, path]) == folder:
-            raise InputError(f"--out {out}: holds {what}, which the export would replace; choose a new folder")
-    held = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    if held and not overwrite:
-        raise InputError(f"--out {out}: holds other files ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); "
-                         f"pass --overwrite to replace them")
-
-
 def export(checkpoint, to, out, model=DEFAULT_MODEL, overwrite=False):
     """Write the OpenAI-format `checkpoint` (as train_pair_pos_neg.py saves it) into the folder `out` in `to`'s
     layout ("open_clip" or "transformers") with a README.md model card; returns the largest difference of the
@@ -312,35 +298,22 @@ def export(checkpoint, to, out, model=DEFAULT_MODEL, overwrite=False):
     """
     if to not in FORMATS:
         raise InputError(f"--to {to}: choose from {', '.join(FORMATS)}")
-    check_out(out, overwrite, checkpoint)
+    check_new_folder(out, overwrite, keep=[checkpoint])
     name = resolve_model_name(model)
     if to == "transformers":
         transformers_config(name, model)  # an unmappable model fails here, before the checkpoint is read
     clip, _, tokenizer = load_model(model, checkout_path=checkpoint)
-    out = os.path.abspath(out)
-    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.export-{os.getpid()}")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.mkdir(tmp)
-    try:
+    with folder_written_whole(out) as tmp:
         (write_open_clip if to == "open_clip" else write_transformers)(clip, name, tmp)
         difference = export_difference(tmp, to, clip, tokenizer)
         if not difference <= TOLERANCE:
             raise RuntimeError(f"the {to} export's embeddings differ from the checkpoint's by {difference:.2e}")
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(to, out, name, checkpoint, sha256(checkpoint), difference))
+            f.write(model_card(to, os.path.abspath(out), name, checkpoint, sha256(checkpoint), difference))
         umask = os.umask(0o022)
         os.umask(umask)
         for file in os.listdir(tmp):  # safetensors writes its files readable by their owner only
             os.chmod(os.path.join(tmp, file), 0o666 & ~umask)
-        if os.path.isdir(out) and os.listdir(out):  # --overwrite: swap the old folder out whole
-            os.replace(out, tmp + ".old")
-            os.replace(tmp, out)
-            shutil.rmtree(tmp + ".old")
-        else:
-            os.replace(tmp, out)  # onto a missing or empty folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return difference
 
 

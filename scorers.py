@@ -76,6 +76,25 @@ def check_spec(spec):
     return kind, path, options
 
 
+def parse_named_scorers(named_specs):
+    """NAME=SPEC strings (or a {name: spec} dict) -> {name: spec}, checked (kinds, options, files) before any model
+    loads."""
+    if isinstance(named_specs, dict):
+        named_specs = [f"{name}={spec}" for name, spec in named_specs.items()]
+    scorers = {}
+    for named in named_specs:
+        name, eq, spec = named.partition("=")
+        if not eq or not name or ":" in name:
+            raise InputError(f"--scorer {named}: give NAME=KIND:PATH, e.g. ours=clip:clip_final.pth")
+        if name in scorers:
+            raise InputError(f"--scorer {named}: the name {name!r} is given twice")
+        check_spec(spec)
+        scorers[name] = spec
+    if not scorers:
+        raise InputError("give at least one --scorer NAME=KIND:PATH")
+    return scorers
+
+
 def clip_scorer(model=DEFAULT_MODEL, pretrained="openai", checkout_path=None, device="cpu"):
     """Our CLIP (the scripts' --model, --pretrained, --checkout_path): its score is the cosine similarity."""
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path, device)
