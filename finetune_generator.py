@@ -40,21 +40,16 @@ REFL_MARGIN, REFL_GRAD_SCALE = 2.0, 1e-3  # ReFL.py: loss = relu(2 - reward).mea
 
 
 def parse_scorers(named_specs, reward_weights=None):
-    """[NAME=]KIND:PATH[,key=value] strings -> [(name, spec, weight)], checked before any model loads."""
-    from scorers import check_spec
-    if not named_specs:
-        raise InputError("give at least one --scorer [NAME=]KIND:PATH, e.g. ours=clip:clip_final.pth")
-    scorers = []
-    for named in named_specs:
-        name, eq, spec = named.partition("=")
-        if not eq or ":" in name:  # no NAME= before the spec (a spec's own options hold '=' after its ':')
-            name, spec = named.partition(":")[0], named
-        check_spec(spec)
-        scorers.append((name, spec))
+    """[NAME=]KIND:PATH[,key=value] strings -> [(name, spec, weight)], checked (scorers.parse_named_scorers) before any
+    model loads; a spec without a name is named by its kind."""
+    from scorers import parse_named_scorers
+    named = [spec if "=" in spec and ":" not in spec.partition("=")[0] else f"{spec.partition(':')[0]}={spec}"
+             for spec in named_specs]
+    scorers = parse_named_scorers(named)
     weights = reward_weights or [1.0] * len(scorers)
     if len(weights) != len(scorers):
         raise InputError(f"--reward_weights: {len(weights)} weights for {len(scorers)} --scorer")
-    return [(name, spec, float(w)) for (name, spec), w in zip(scorers, weights)]
+    return [(name, spec, float(w)) for (name, spec), w in zip(scorers.items(), weights)]
 
 
 def check_flags(method, sampling_steps, grad_steps, rank, resolution, batch_size, max_train_steps, save_every,

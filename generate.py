@@ -7,8 +7,8 @@ fine-tuning's LoRA, appended to a generations table that evaluate_generators.py 
         --samples 4 --generator tuned --out generations/
     python evaluate_generators.py generations/generations.parquet --scorer ours=clip:clip_final.pth --out table/
 
-Images go to OUT/GENERATOR/PPPPP_K.png (prompt P, sample K) and rows (generator, prompt, sample, image) to
-OUT/generations.parquet. For a given --seed, sample K of a prompt starts from the same noise for every generator (and
+Images go to OUT/GENERATOR/PPPPP_K.png (prompt P, sample K) and rows (generator, prompt, sample, image: the path
+relative to OUT, as generations.read_generations reads it) to OUT/generations.parquet. For a given --seed, sample K of a prompt starts from the same noise for every generator (and
 in finetune_generator.py's validation, sample 0), so generators are compared image for image.
 """
 import argparse
@@ -78,10 +78,11 @@ def generate(pretrained_model, prompts, generator, out, samples=1, lora=None, re
                                      guidance_scale, batch_size)
         check_free_space(folder, images[0].numel() * len(chunk) * 2, "images")
         for (p, prompt, k), image in zip(chunk, to_pil(images)):
-            path = os.path.abspath(os.path.join(folder, f"{p:05d}_{k}.png"))
+            name = os.path.join(generator, f"{p:05d}_{k}.png")  # relative to the table's folder: --out can move
+            path = os.path.join(out, name)
             image.save(path + ".tmp.png")
             os.replace(path + ".tmp.png", path)
-            rows.append({"generator": generator, "prompt": prompt, "sample": k, "image": path})
+            rows.append({"generator": generator, "prompt": prompt, "sample": k, "image": name})
     new = pd.DataFrame(rows, columns=list(COLUMNS))
     table = pd.concat([previous, new], ignore_index=True) if len(previous) else new
     path = os.path.join(out, TABLE)
