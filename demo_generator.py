@@ -1,6 +1,7 @@
 """A generator fine-tuned through a reward, offline on a CPU in a few minutes: a tiny Stable Diffusion pipeline with
 random weights, LoRA-tuned by finetune_generator.py (DRaFT) through `accelerate launch`, its validation reward before
-and after, and a picture of the same seeds before and after.
+and after, a picture of the same seeds before and after, and the tuned generator's win rate over its base under
+the reward (generate.py, then evaluate_generators.py, as the paper's table is made).
 
     python demo_generator.py                     # writes ./demo_generator_out: the pipeline, the LoRA, the picture
     python demo_generator.py --scorer clip:demo_out/clip_finetune/clip_epoch_4_global_step_final.pth,model=assets/tiny-clip.json
@@ -19,6 +20,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from clip_model import load_model, run_cli
+from evaluate_generators import evaluate_generators
+from generate import generate
 from generators import make_tiny_pipeline
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,7 +60,7 @@ def run_demo(out="demo_generator_out", scorer=None, steps=200, sampling_steps=4,
     subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                     "finetune_generator.py", "--pretrained_model", pipeline, "--prompts", prompts,
-                    "--validation_prompts", prompts, "--scorer", f"reward={scorer}", "--method", "draft",
+                    "--validation_prompts", prompts, "--scorer", scorer, "--method", "draft",
                     "--sampling_steps", str(sampling_steps), "--grad_steps", "1", "--guidance_scale", "1",
                     "--resolution", str(resolution), "--batch_size", str(batch_size), "--learning_rate",
                     str(learning_rate), "--max_train_steps", str(steps), "--save_every", str(steps // 4),
@@ -70,14 +73,24 @@ def run_demo(out="demo_generator_out", scorer=None, steps=200, sampling_steps=4,
                            os.path.join(save_folder, f"validation-{steps}.png"), os.path.join(out, "before_after.png"),
                            val.val_reward.iloc[0], val.val_reward.iloc[-1])
     print(f"the same seeds before and after fine-tuning: {picture}")
+    # the paper's table for this pair: both generators on the same prompts and noises, then evaluate_generators.py
+    generations = os.path.join(out, "generations")
+    for name, lora in (("base", None), ("tuned", save_folder)):
+        generate(pipeline, prompts, name, generations, samples=4, lora=lora, resolution=resolution,
+                 sampling_steps=sampling_steps, guidance_scale=1.0, seed=seed + 1, device="cpu", overwrite=True)
+    _, rates = evaluate_generators([os.path.join(generations, "generations.parquet")], {"reward": scorer},
+                                   out=os.path.join(out, "evaluation"), device="cpu", num_workers=0, overwrite=True)
+    rate = rates[(rates.generator == "tuned") & (rates.other == "base")].iloc[0]
+    print(f"tuned over base under the reward, {rate['items']} images on other noises: win rate "
+          f"{100 * rate.win_rate:.1f}% (95% interval {100 * rate.ci_low:.1f}-{100 * rate.ci_high:.1f}%)")
     print(f"load the LoRA: pipeline.load_lora_weights({save_folder!r}), or generate.py --lora {save_folder}")
-    return val.val_reward.iloc[0], val.val_reward.iloc[-1]
+    return val.val_reward.iloc[0], val.val_reward.iloc[-1], rate.win_rate
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_generator_out")
-    parser.add_argument("--scorer", default=None, help="the reward (a scorers.py spec); default: a random tiny CLIP")
+    parser.add_argument("--scorer", default=None, help="the reward, KIND:PATH[,key=value] (a scorers.py spec); default: a random tiny CLIP")
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     run_demo(os.path.abspath(args.out), args.scorer, args.steps)

@@ -74,7 +74,8 @@ def load_pipeline(folder, device="cpu", dtype=torch.float32):
     pipeline.set_progress_bar_config(disable=True)
     for model in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
         model.requires_grad_(False).eval()
-    return pipeline.to(device, dtype)  # (from_pretrained's own dtype argument changed its name across diffusers)
+    # (from_pretrained's own dtype argument changed its name across diffusers versions)
+    return pipeline.to(device) if dtype == torch.float32 else pipeline.to(device, dtype)
 
 
 def add_lora(unet, rank=4, lora_alpha=None):
