@@ -4,9 +4,11 @@ and a tiny pipeline made from configs for tests and the demo.
 
     pipeline = load_pipeline("stable-diffusion-2-1-base/", "cuda")        # a folder as save_pretrained writes it
     lora_params = add_lora(pipeline.unet, rank=4, lora_alpha=4)
+    noise = start_noise(pipeline, [(42, "a red cube", 0)], 512, "cuda")   # sample 0 of the prompt at seed 42
     embeds = text_embeddings(pipeline, ["a red cube"], guidance_scale=7.5)
-    latents = sample_latents(pipeline, start_noise(pipeline, ["a red cube"], [0], 512, seed=0), embeds, 50, 7.5)
-    images = decode(pipeline, latents)                                    # B x 3 x H x W in [0, 1]
+    latents = sample_latents(pipeline.unet, pipeline.scheduler, noise, embeds, 50, 7.5, grad_steps=1)  # DRaFT-1
+    images = decode(pipeline.vae, latents)                                # B x 3 x H x W in [0, 1]
+    images = generate_images(pipeline, ["a red cube"], [(42, "a red cube", 0)], 512, 50, 7.5)  # no gradient
     make_tiny_pipeline("tiny-sd/")                                        # random weights, for tests and the demo
 """
 import glob
