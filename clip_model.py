@@ -6,6 +6,7 @@
 """
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import pickle
@@ -254,6 +255,21 @@ def load_model(model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, checkout_path
                              f"pass a local file instead: --pretrained /path/to/weights.pt (or .bin, .safetensors)") from None
     preprocess = image_transform_v2(PreprocessCfg(**clip.visual.preprocess_cfg), is_train=False)
     return clip.to(device).eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+def write_clip_tokenizer_files(folder):
+    """vocab.json and merges.txt of CLIP's BPE (OpenAI's CLIP, and the text encoder of SD 1.x and 2.x), written from
+    the vocabulary open_clip ships under the token names transformers' CLIPTokenizer uses; nothing downloaded."""
+    from open_clip.tokenizer import SimpleTokenizer
+    bpe = SimpleTokenizer()
+    os.makedirs(folder, exist_ok=True)
+    openai_names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({openai_names.get(token, token): i for token, i in bpe.encoder.items()}, f, ensure_ascii=False)
+    merges = [" ".join(pair) for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
 
 
 @dataclass(frozen=True)

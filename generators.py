@@ -12,7 +12,6 @@ and a tiny pipeline made from configs for tests and the demo.
     make_tiny_pipeline("tiny-sd/")                                        # random weights, for tests and the demo
 """
 import glob
-import gzip
 import hashlib
 import json
 import os
@@ -20,7 +19,7 @@ import os
 import pandas as pd
 import torch
 
-from clip_model import InputError
+from clip_model import InputError, write_clip_tokenizer_files
 
 # what a Stable Diffusion folder must hold (the diffusers layout save_pretrained writes): part -> (description,
 # files of which one must be there)
@@ -239,21 +238,6 @@ def to_pil(images):
 
 
 # ---- a tiny pipeline from configs --------------------------------------------------------------------------------
-
-def write_clip_tokenizer_files(folder):
-    """vocab.json and merges.txt of CLIP's BPE (the tokenizer of SD 1.x and 2.x) from the vocabulary open_clip ships,
-    under the token names transformers' CLIPTokenizer uses."""
-    from open_clip.tokenizer import SimpleTokenizer, default_bpe
-    os.makedirs(folder, exist_ok=True)
-    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {names.get(token, token): index for token, index in SimpleTokenizer().encoder.items()}
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return folder
-
 
 TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
