@@ -20,7 +20,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from clip_model import PRECISIONS, InputError, default_device, default_num_workers, inference_precision, run_cli
-from encoding import source_scores
+from encoding import is_main_process, process_device, source_scores, wait_for_everyone
 from pair_sources import benchmark_metric, counted_correct, image_file, read_source
 from scorers import check_spec, load_scorer
 
@@ -59,24 +59,29 @@ def scores_path(out, scorer_name, spec, source_name, fast_decode, precision="fp3
 
 def score_all(sources, scorers, out, device, batch_size, num_workers, fast_decode, precision="fp32"):
     """{scorer name: [per source {"pos", "neg", "groups", "score_scale", "softmax_scale"}]}, scoring only what --out
-    does not hold yet; each (scorer, source) is written whole (to a temporary name, then renamed) once scored."""
+    does not hold yet; each (scorer, source) is written whole (to a temporary name, then renamed) once scored. Under
+    several processes each encodes a share, the main one alone writes, and every one reads back what was written."""
     os.makedirs(os.path.join(out, "scores"), exist_ok=True)
     results = {}
     for name, spec in scorers.items():
         paths = [scores_path(out, name, spec, source.name, fast_decode, precision) for source in sources]
         missing = [i for i, path in enumerate(paths) if not os.path.isfile(path)]
+        wait_for_everyone()  # every process has listed the same missing scores before the main process writes any
         scorer = load_scorer(spec, device) if missing else None
         for i in missing:
-            print(f"{name}: scoring {sources[i].name}")
+            if is_main_process():
+                print(f"{name}: scoring {sources[i].name}")
             with inference_precision(device, precision):
                 pos, neg, groups = source_scores(scorer.model, scorer.preprocess, scorer.tokenizer, sources[i], device,
                                                  batch_size, num_workers, fast_decode=fast_decode)
             record = {"pos": pos.tolist(), "neg": neg.tolist(), "groups": groups and [list(map(float, g)) for g in groups],
                       "score_scale": scorer.score_scale, "softmax_scale": scorer.softmax_scale}
-            with open(paths[i] + ".tmp", "w") as f:
-                json.dump(record, f)
-            os.replace(paths[i] + ".tmp", paths[i])
+            if is_main_process():
+                with open(paths[i] + ".tmp", "w") as f:
+                    json.dump(record, f)
+                os.replace(paths[i] + ".tmp", paths[i])
         del scorer  # one scorer's model in memory at a time
+        wait_for_everyone()  # written before any process reads
         results[name] = []
         for path in paths:
             with open(path) as f:
@@ -169,21 +174,24 @@ def comparison_picture(picked, path, thumb=192):
 
 def compare(sources, scorers, out="comparison", prompts=4, image_root=None, device=None, batch_size=1024,
             num_workers=None, tie_threshold=0.0, fast_decode=False, precision="fp32"):
-    """Score every source with every scorer ({name: spec}); write the table, agreement and picture into `out`.
+    """Score every source with every scorer ({name: spec}); write the table, agreement and picture into `out` (the
+    main process of several; every process returns the table).
 
     Example:
         table = compare(["val.parquet"], {"before": "clip:init.pth", "after": "clip:final.pth"}, out="cmp")
     """
-    device = device or default_device()
+    device = process_device(device or default_device())
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     inference_precision(device, precision)  # an unknown precision ends here, before any model loads
     scorers = parse_scorers([f"{k}={v}" for k, v in scorers.items()]) if isinstance(scorers, dict) else parse_scorers(scorers)
     sources = [read_source(s, image_root) for s in sources]
     for source in sources:
-        if source.left_out:
+        if source.left_out and is_main_process():
             print(f"{source.name}: {source.left_out}")
     results = score_all(sources, scorers, out, device, batch_size, num_workers, fast_decode, precision)
     table = comparison_table(sources, results, tie_threshold)
+    if not is_main_process():
+        return table
     table.to_csv(os.path.join(out, "table.csv"), index=False)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(markdown_table(table))
@@ -211,6 +219,8 @@ def main():
     args = parser.parse_args()
     table = compare(args.sources, args.scorer, args.out, args.prompts, args.image_root, args.device, args.batch_size,
                     args.num_workers, args.tie_threshold, args.fast_decode, args.precision)
+    if not is_main_process():
+        return
     print(markdown_table(table), end="")
     print(f"written: {', '.join(os.path.join(args.out, f) for f in ('table.csv', 'table.md', 'agreement.csv', 'comparison.png'))}")
 

@@ -322,19 +322,18 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
 
 
 def validation(accelerator, step_model, preprocess, tokenizer, validation_pairs, num_workers, fast_decode):
-    """validate(step): the accuracy on validation_pairs, measured on the main process (None without them)."""
+    """validate(step): the accuracy on validation_pairs (None without them); every process encodes a share of the
+    images and prompts (encoding.across_processes), the main process prints."""
     def validate(step):
         if validation_pairs is None:
             return None
-        accuracy = None
+        clip = accelerator.unwrap_model(step_model)
+        clip = clip.clip if isinstance(clip, TowerHeads) else clip
+        accuracy = pair_accuracy(clip.eval(), preprocess, tokenizer, validation_pairs, accelerator.device,
+                                 num_workers=num_workers, progress=False, fast_decode=fast_decode)
+        train_mode(clip)
         if accelerator.is_main_process:
-            clip = accelerator.unwrap_model(step_model)
-            clip = clip.clip if isinstance(clip, TowerHeads) else clip
-            accuracy = pair_accuracy(clip.eval(), preprocess, tokenizer, validation_pairs, accelerator.device,
-                                     num_workers=num_workers, progress=False, fast_decode=fast_decode)
-            train_mode(clip)
             tqdm.write(f"step {step}: validation Accuracy: {accuracy * 100:.2f}%")
-        accelerator.wait_for_everyone()
         return accuracy
     return validate
 
