@@ -217,5 +217,8 @@ def pair_order(pairs, shuffle, window, seed, batch_size, num_processes):
             raise InputError("--shuffle block: the pairs' images are files, not parquet cells; a block order is for "
                              "pairs whose images live in parquet (use --shuffle uniform)")
         return None
+    if len(np.unique(blocks)) < num_processes:
+        raise InputError(f"--shuffle block: {len(np.unique(blocks))} row groups for {num_processes} processes; each "
+                         f"process reads row groups of its own (use --shuffle uniform)")
     keep_row_groups(2 * window)  # two image columns per row group
     return BlockOrder(blocks, window, seed, batch_size, num_processes)

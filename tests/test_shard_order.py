@@ -117,3 +117,10 @@ def test_image_files_keep_the_uniform_shuffle_and_refuse_a_block_order(shapes_pa
     assert pair_order(read_source(shapes_pairs).pairs, "uniform", 16, 0, 4, 1) is None
     with pytest.raises(InputError, match="--shuffle block"):
         pair_order(shapes_pairs, "block", 16, 0, 4, 1)
+
+
+def test_a_block_order_needs_a_row_group_for_each_process(shards):
+    pairs = read_source(shards[1]).pairs  # 3 row groups
+    assert isinstance(pair_order(pairs, "block", 2, 0, 4, 3), BlockOrder)
+    with pytest.raises(InputError, match="3 row groups for 4 processes"):
+        pair_order(pairs, "block", 2, 0, 4, 4)
