@@ -18,7 +18,7 @@ from PIL import Image
 
 from clip_model import (PRECISIONS, InputError, default_device, default_num_workers, inference_precision,
                         run_cli)
-from encoding import prompt_image_scores
+from encoding import is_main_process, process_device, prompt_image_scores
 from generations import read_generations
 from out_folder import check_new_folder, folder_written_whole
 from pair_sources import describe, image_file, location_order
@@ -73,14 +73,15 @@ def best_of_n(candidates, scorer, top_k=1, out="best_of_n", device=None, batch_s
               fast_decode=False, precision="fp32", overwrite=False):
     """Score the candidates (tables or DataFrames: prompt, image[, generator, sample]) under `scorer` (a scorers.py
     spec), keep each prompt's top_k and write them into `out` as an image folder. Returns a dict with the mean score of
-    all candidates and of the kept ones, and the kept rows.
+    all candidates and of the kept ones, and the kept rows. Under several processes each encodes a share; the main one
+    writes.
 
     Example:
         result = best_of_n("candidates.parquet", "clip:clip_final.pth", top_k=1, out="best")
     """
     if top_k < 1:
         raise InputError(f"--top_k must be at least 1 (got {top_k})")
-    device = device or default_device()
+    device = process_device(device or default_device())
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     inference_precision(device, precision)
     check_spec(scorer)
@@ -89,6 +90,10 @@ def best_of_n(candidates, scorer, top_k=1, out="best_of_n", device=None, batch_s
     candidates["score"] = score_candidates(candidates, scorer, device, batch_size, num_workers, fast_decode,
                                            precision)
     kept, short = keep_best(candidates, top_k)
+    result = {"candidates": len(candidates), "mean_all": float(candidates.score.mean()), "kept": len(kept),
+              "mean_kept": float(kept.score.mean()), "rows": kept.assign(image=kept.image.map(describe))}
+    if not is_main_process():  # several processes: each scored a share; the main one writes
+        return result
     if len(short):
         print(f"{len(short)} prompts have fewer than {top_k} candidates and keep them all: "
               + ", ".join(repr(p) for p in short.index[:5]) + (", ..." if len(short) > 5 else ""))
@@ -100,8 +105,7 @@ def best_of_n(candidates, scorer, top_k=1, out="best_of_n", device=None, batch_s
             lines.append(json.dumps({"file_name": name, "text": row.prompt, "score": float(row.score)}))
         with open(os.path.join(tmp, "metadata.jsonl"), "w") as f:
             f.write("\n".join(lines) + "\n")
-    return {"candidates": len(candidates), "mean_all": float(candidates.score.mean()), "kept": len(kept),
-            "mean_kept": float(kept.score.mean()), "rows": kept.assign(image=kept.image.map(describe))}
+    return result
 
 
 def main():
@@ -119,6 +123,8 @@ def main():
     args = parser.parse_args()
     result = best_of_n(args.candidates, args.scorer, args.top_k, args.out, args.device, args.batch_size,
                        args.num_workers, args.fast_decode, args.precision, args.overwrite)
+    if not is_main_process():
+        return
     print(f"mean score: {result['mean_all']:.4f} over all {result['candidates']} candidates, "
           f"{result['mean_kept']:.4f} over the {result['kept']} kept")
     print(f"written: {os.path.join(args.out, 'metadata.jsonl')} and {result['kept']} images")

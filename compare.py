@@ -10,14 +10,13 @@ distinct image and prompt encoded once. Scores are kept in --out as they are mad
 and only what is missing is scored. Writes table.csv, table.md, agreement.csv and comparison.png into --out.
 """
 import argparse
-import math
 import os
 
 import numpy as np
 import pandas as pd
 
 from clip_model import PRECISIONS, InputError, default_device, default_num_workers, inference_precision, run_cli
-from encoding import source_requests, split_source_scores
+from encoding import is_main_process, process_device, source_requests, split_source_scores
 from kept_scores import kept_prompt_image_scores
 from pair_sources import benchmark_metric, counted_correct, read_source, wilson_interval
 from pictures import comparison_picture
@@ -110,21 +109,24 @@ def best_images(sources, results, prompts=4):
 
 def compare(sources, scorers, out="comparison", prompts=4, image_root=None, device=None, batch_size=1024,
             num_workers=None, tie_threshold=0.0, fast_decode=False, precision="fp32"):
-    """Score every source with every scorer ({name: spec}); write the table, agreement and picture into `out`.
+    """Score every source with every scorer ({name: spec}); write the table, agreement and picture into `out` (the
+    main process of several; every process returns the table).
 
     Example:
         table = compare(["val.parquet"], {"before": "clip:init.pth", "after": "clip:final.pth"}, out="cmp")
     """
-    device = device or default_device()
+    device = process_device(device or default_device())
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     inference_precision(device, precision)  # an unknown precision ends here, before any model loads
     scorers = parse_named_scorers(scorers)
     sources = [read_source(s, image_root) for s in sources]
     for source in sources:
-        if source.left_out:
+        if source.left_out and is_main_process():
             print(f"{source.name}: {source.left_out}")
     results = score_all(sources, scorers, out, device, batch_size, num_workers, fast_decode, precision)
     table = comparison_table(sources, results, tie_threshold)
+    if not is_main_process():
+        return table
     table.to_csv(os.path.join(out, "table.csv"), index=False)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(markdown_table(table))
@@ -152,6 +154,8 @@ def main():
     args = parser.parse_args()
     table = compare(args.sources, args.scorer, args.out, args.prompts, args.image_root, args.device, args.batch_size,
                     args.num_workers, args.tie_threshold, args.fast_decode, args.precision)
+    if not is_main_process():
+        return
     print(markdown_table(table), end="")
     print(f"written: {', '.join(os.path.join(args.out, f) for f in ('table.csv', 'table.md', 'agreement.csv', 'comparison.png'))}")
 

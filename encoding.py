@@ -4,16 +4,78 @@ generator evaluation, best-of-N, the trunk cache's fill). It works on what a sco
 
     features = encode_images(model, preprocess, ["a.png", "b.png"], "cpu")
     scores = prompt_image_scores(model, preprocess, tokenizer, ["a cat", "a dog"], ["a.png", "b.png"], "cpu")
+
+Under `accelerate launch` or `torchrun` (several processes), each process encodes a contiguous share of the images and
+prompts and every process gets the whole result, so a script scores as one process would, N times faster; it only
+writes and prints where is_main_process():
+
+    device = process_device(args.device)          # under several GPU processes: this process's GPU
+    scores = prompt_image_scores(...)             # the same tensor in every process
+    if is_main_process():
+        write(scores)
 """
+import os
+
 import numpy as np
 import pandas as pd
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data_set import draft_size, open_image
 from pair_sources import PairSource, counted_correct, location_order
 
+
+# ---- several processes ---------------------------------------------------------------------------------------------
+
+def distributed():
+    """accelerate's PartialState when this process is one of several (accelerate launch, torchrun), else None. The
+    first call creates the process group (gloo on CPUs, nccl on GPUs, each process bound to its own GPU); a single
+    process creates none."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def is_main_process():
+    """Whether this process writes outputs and prints: the only one, or the main one of several."""
+    state = distributed()
+    return state is None or state.is_main_process
+
+
+def wait_for_everyone():
+    """A barrier across the processes (nothing with one process)."""
+    state = distributed()
+    if state is not None:
+        state.wait_for_everyone()
+
+
+def process_device(device):
+    """The device this process encodes on: `device`, except that under several processes "cuda" is this process's
+    own GPU. Call before the model is loaded onto it."""
+    state = distributed()
+    if state is not None and torch.device(device).type == "cuda" and torch.device(device).index is None:
+        return str(state.device)
+    return device
+
+
+def across_processes(encode, items):
+    """encode(items) (a tensor with a row per item), with the items split across the processes: each encodes a
+    contiguous share, and every process returns the whole tensor, in order. One process: encode(items)."""
+    state = distributed()
+    if state is None:
+        return encode(items)
+    bounds = [len(items) * i // state.num_processes for i in range(state.num_processes + 1)]
+    mine = encode(items[bounds[state.process_index]:bounds[state.process_index + 1]])
+    parts = [None] * state.num_processes
+    torch.distributed.all_gather_object(parts, mine)
+    parts = [part for part in parts if len(part)]
+    return torch.cat(parts) if parts else mine
+
+
+# ---- encoding ------------------------------------------------------------------------------------------------------
 
 class ImageFiles(Dataset):
     """Preprocessed images from paths, bytes or parquet cells; `wheres[i]` names image i's place in an error."""
@@ -56,20 +118,28 @@ class _Batches:
 def encode_images(model, preprocess, paths, device, batch_size=1024, num_workers=0, progress=True, wheres=None,
                   fast_decode=False):
     """L2-normalised embeddings of the images at `paths` (paths, bytes or parquet cells), in order, as a float32
-    tensor on the CPU. `wheres` names each image's place (e.g. its row) in the message of an unreadable one."""
+    tensor on the CPU. `wheres` names each image's place (e.g. its row) in the message of an unreadable one.
+    Under several processes each encodes a share (across_processes)."""
     paths = list(paths)
-    loader = DataLoader(ImageFiles(paths, preprocess, wheres, fast_decode), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
-    batches = _Batches(tqdm(loader, desc="images", disable=not progress), len(paths))
-    return _encode_into(batches, lambda images: model.encode_image(images.to(device), normalize=True))
+    wheres = wheres or [None] * len(paths)
+
+    def encode(share):
+        loader = DataLoader(ImageFiles([paths[i] for i in share], preprocess, [wheres[i] for i in share], fast_decode),
+                            batch_size=batch_size, num_workers=num_workers,
+                            pin_memory=torch.device(device).type == "cuda")
+        batches = _Batches(tqdm(loader, desc="images", disable=not (progress and is_main_process())), len(share))
+        return _encode_into(batches, lambda images: model.encode_image(images.to(device), normalize=True))
+    return across_processes(encode, range(len(paths)))
 
 
 @torch.no_grad()
 def encode_prompts(model, tokenizer, prompts, device, batch_size=1024):
-    """L2-normalised embeddings of `prompts`, in order, as a float32 tensor on the CPU."""
-    prompts = list(prompts)
-    batches = _Batches((prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)), len(prompts))
-    return _encode_into(batches, lambda chunk: model.encode_text(tokenizer(chunk).to(device), normalize=True))
+    """L2-normalised embeddings of `prompts`, in order, as a float32 tensor on the CPU (under several processes each
+    encodes a share)."""
+    def encode(share):
+        batches = _Batches((share[i:i + batch_size] for i in range(0, len(share), batch_size)), len(share))
+        return _encode_into(batches, lambda chunk: model.encode_text(tokenizer(chunk).to(device), normalize=True))
+    return across_processes(encode, list(prompts))
 
 
 def prompt_image_scores(model, preprocess, tokenizer, prompts, images, device, batch_size=1024, num_workers=0,

@@ -21,6 +21,7 @@ import pandas as pd
 
 from clip_model import PRECISIONS, InputError, default_device, default_num_workers, inference_precision, run_cli
 from data_set import readable
+from encoding import is_main_process, process_device
 from generations import read_generations, shared_items
 from kept_scores import kept_prompt_image_scores
 from pair_sources import describe, location_order, wilson_interval
@@ -140,33 +141,37 @@ def evaluate_generators(generations, scorers, out="generators", prompts=None, pr
                         batch_size=1024, num_workers=None, fast_decode=False, precision="fp32", skip_bad_images=False,
                         overwrite=False):
     """Score every generation under every scorer ({name: spec} or NAME=SPEC strings) and write the leaderboard, the
-    win rates, every score and generators.png into `out`. Returns (leaderboard, win_rates) DataFrames.
+    win rates, every score and generators.png into `out`. Returns (leaderboard, win_rates) DataFrames. Under several
+    processes (accelerate launch, torchrun) each encodes a share; the main one writes and prints.
 
     Example:
         board, rates = evaluate_generators(["base.parquet", "lora.parquet"], {"ours": "clip:clip_final.pth"})
     """
-    device = device or default_device()
+    device = process_device(device or default_device())
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     inference_precision(device, precision)  # an unknown precision ends here, before any model loads
     scorers = parse_named_scorers(scorers)
     check_out_folder(out, overwrite)
     generations = read_generations(generations, prompts)
+    say = print if is_main_process() else lambda *args, **kwargs: None  # several processes: the main one speaks
     for note in generations.attrs.get("notes", []):
-        print(note)
+        say(note)
     if skip_bad_images:
         bad = {image for image in pd.unique(generations.image) if not readable(image)}
         if bad:
-            print(f"skipping {len(bad)} unreadable images (first: {', '.join(sorted(map(describe, bad))[:3])})",
-                  file=sys.stderr)
+            say(f"skipping {len(bad)} unreadable images (first: {', '.join(sorted(map(describe, bad))[:3])})",
+                file=sys.stderr)
             generations = generations[~generations.image.isin(bad)].reset_index(drop=True)
     if generations.generator.nunique() > 1:
         shared, lacking = shared_items(generations)
         for generator, count in lacking.items():
             if count:
-                print(f"{generator}: lacks {count} items the other generators have; win rates count shared items only")
+                say(f"{generator}: lacks {count} items the other generators have; win rates count shared items only")
     os.makedirs(out, exist_ok=True)
     scores = score_generations(generations, scorers, out, device, batch_size, num_workers, fast_decode, precision)
     board, rates = leaderboard(scores), win_rates(scores)
+    if not is_main_process():
+        return board, rates
     board.to_csv(os.path.join(out, "leaderboard.csv"), index=False)
     with open(os.path.join(out, "leaderboard.md"), "w") as f:
         f.write(leaderboard_markdown(board))
@@ -196,6 +201,8 @@ def main():
     board, rates = evaluate_generators(args.generations, args.scorer, args.out, args.prompts, args.prompts_shown,
                                        args.device, args.batch_size, args.num_workers, args.fast_decode,
                                        args.precision, args.skip_bad_images, args.overwrite)
+    if not is_main_process():
+        return
     print(leaderboard_markdown(board), end="")
     for row in rates.itertuples():
         print(f"{row.scorer}: {row.generator} over {row.other}: {100 * row.win_rate:.1f}% "

@@ -4,7 +4,8 @@ compare.py and evaluate_generators.py keep in their --out folder.
 One parquet file per scorer setting (the spec, the weights file's modification time, decoding and precision), a row
 per (prompt, image) with the score before the scorer's score_scale; an image is named by its identity (a file by its
 real path, size and modification time; image bytes by their hash; a parquet cell by its file's identity and place).
-The file is rewritten whole (a temporary name, then renamed) after each batch of new scores.
+The file is rewritten whole (a temporary name, then renamed) after each batch of new scores; under several processes
+every process scores its share and holds the whole table, and the main process alone writes it.
 
     scores, scales = kept_prompt_image_scores("out/scores", "ours", "clip:final.pth", prompts, images, wheres, "cpu")
 """
@@ -17,7 +18,7 @@ import pandas as pd
 import torch
 
 from clip_model import inference_precision
-from encoding import prompt_image_scores
+from encoding import is_main_process, prompt_image_scores, wait_for_everyone
 from pair_sources import image_file, parse_cell
 from scorers import load_scorer
 
@@ -66,7 +67,9 @@ class KeptScores:
             new = pd.DataFrame({"prompt": keys.get_level_values(0)[first], "image": keys.get_level_values(1)[first],
                                 "score": np.asarray(new_scores, dtype=np.float32)})
             self.table = pd.concat([self.table, new], ignore_index=True)
-            self._write()
+            if is_main_process():  # every process holds the same table; one writes it
+                self._write()
+            wait_for_everyone()
             kept = pd.MultiIndex.from_frame(self.table[["prompt", "image"]])
         return torch.from_numpy(self.table.score.values[kept.get_indexer(keys)].astype(np.float32))
 
@@ -84,7 +87,8 @@ def kept_prompt_image_scores(folder, name, spec, prompts, images, wheres, device
     kept = KeptScores(folder, name, spec, fast_decode, precision)
 
     def score_missing(indices):
-        print(f"{name}: scoring {len(indices)} (prompt, image) pairs not kept in {folder} yet")
+        if is_main_process():
+            print(f"{name}: scoring {len(indices)} (prompt, image) pairs not kept in {folder} yet")
         scorer = load_scorer(spec, device)
         with inference_precision(device, precision):
             scores = prompt_image_scores(scorer.model, scorer.preprocess, scorer.tokenizer,

@@ -72,36 +72,72 @@ def describe(ref):
 
 
 class ParquetCells:
-    """Reads single cells of parquet files, one row group's column at a time (the last few kept), so memory holds a
-    row group's images, never a file's. Rows read in order read each row group once."""
+    """Reads single cells of parquet files, one row group's column at a time (the last `keep` kept), so memory holds a
+    few row groups' images, never a file's. Rows read in order read each row group once. `bytes_read` counts the
+    compressed bytes of the column chunks read (what a read costs the disk)."""
 
     def __init__(self, keep=4):
-        self.files, self.cached, self.keep = {}, OrderedDict(), keep
+        self.files, self.cached, self.keep, self.bytes_read = {}, OrderedDict(), keep, 0
 
     def read(self, file, row, column):
-        if file not in self.files:
-            parquet = pq.ParquetFile(file, pre_buffer=False)
-            starts = np.cumsum([0] + [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)])
-            self.files[file] = (parquet, starts)
-        parquet, starts = self.files[file]
+        parquet, starts = self.open(file)
         group = int(np.searchsorted(starts, row, side="right")) - 1
         key = (file, group, column)
         if key not in self.cached:
             self.cached[key] = parquet.read_row_group(group, columns=[column]).column(0)
-            if len(self.cached) > self.keep:
+            self.bytes_read += parquet.metadata.row_group(group).column(
+                parquet.schema_arrow.get_field_index(column)).total_compressed_size
+            while len(self.cached) > self.keep:
                 self.cached.popitem(last=False)
         self.cached.move_to_end(key)
         return self.cached[key][row - starts[group]].as_py()
 
+    def open(self, file):
+        """(ParquetFile, first row of each row group and the row count at the end) of `file`, opened once."""
+        if file not in self.files:
+            parquet = pq.ParquetFile(file, pre_buffer=False)
+            starts = np.cumsum([0] + [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)])
+            self.files[file] = (parquet, starts)
+        return self.files[file]
+
 
 _cells = (None, None)  # (pid, ParquetCells): a DataLoader worker (a forked process) opens the files itself
+_keep = 4  # row-group columns each process keeps (keep_row_groups)
+
+
+def cells():
+    """This process's ParquetCells."""
+    global _cells
+    if _cells[0] != os.getpid():
+        _cells = (os.getpid(), ParquetCells(_keep))
+    return _cells[1]
 
 
 def read_cell(file, row, column):
-    global _cells
-    if _cells[0] != os.getpid():
-        _cells = (os.getpid(), ParquetCells())
-    return _cells[1].read(file, row, column)
+    return cells().read(file, row, column)
+
+
+def keep_row_groups(columns):
+    """Keep `columns` row-group columns per process (at least the default 4): a block order's window of W row groups
+    with two image columns needs 2 W. DataLoader workers forked after this call inherit it."""
+    global _keep
+    _keep = max(4, columns)
+    cells().keep = _keep
+
+
+def row_groups(refs):
+    """The row group of each parquet-cell reference as one integer per ref, numbered across files in the order the
+    files first appear; None if any ref is not a parquet cell (a path or bytes)."""
+    places = [parse_cell(ref) for ref in refs]
+    if not places or any(place is None for place in places):
+        return None
+    numbered, first = np.empty(len(places), dtype=np.int64), 0
+    frame = pd.DataFrame([place[:2] for place in places], columns=["file", "row"])
+    for file, part in frame.groupby("file", sort=False):
+        starts = cells().open(file)[1]
+        numbered[part.index.values] = first + np.searchsorted(starts, part.row.values, side="right") - 1
+        first += len(starts) - 1
+    return numbered
 
 
 def image_file(ref):

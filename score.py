@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, add_model_flags, default_device,
                         default_num_workers, inference_precision, run_cli)
 from scorers import check_spec, clip_scorer, load_scorer
-from encoding import encode_images, encode_prompts
+from encoding import encode_images, encode_prompts, is_main_process, process_device
 
 
 def score_images(prompt, image_paths, model, preprocess, tokenizer, device="cpu", batch_size=1024, num_workers=0,
@@ -28,7 +28,8 @@ def rank_images(prompt, image_paths, checkout_path=None, device=None, batch_size
                 model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, fast_decode=False, scorer=None, precision="fp32"):
     """A DataFrame of path, score, best first. The score is the scorer's own (ours: the cosine similarity; PickScore:
     logit_scale.exp() times it); `scorer` is a scorers.py spec, by default our CLIP from model/pretrained/checkout_path;
-    `precision` "fp32" (the original's) or "bf16"/"fp16" (autocast).
+    `precision` "fp32" (the original's) or "bf16"/"fp16" (autocast). Under several processes each encodes a share of
+    the images and every one returns the whole ranking.
 
     Example:
         ranking = rank_images("a red fox in the snow", ["a.png", "b.png"], checkout_path="clip_final.pth")
@@ -38,7 +39,7 @@ def rank_images(prompt, image_paths, checkout_path=None, device=None, batch_size
         raise InputError(f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if scorer is not None:
         check_spec(scorer)
-    device = device or default_device()
+    device = process_device(device or default_device())
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     precision_context = inference_precision(device, precision)
     scorer = load_scorer(scorer, device) if scorer else clip_scorer(model, pretrained, checkout_path, device)
@@ -74,6 +75,8 @@ def main():
     args = parser.parse_args()
     ranking = rank_images(args.prompt, args.images, args.checkout_path, args.device, args.batch_size,
                           args.num_workers, args.model, args.pretrained, args.fast_decode, args.scorer, args.precision)
+    if not is_main_process():
+        return
     for rank, (path, score) in enumerate(zip(ranking.path, ranking.score), start=1):
         print(f"{rank:>4}  {score:.4f}  {path}")
     if args.output:

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, TRAINING_MODES, InputError, add_model_flags,
                         check_free_space, default_num_workers, load_model, load_weights, make_optimizer, run_cli,
                         train_mode, trainable_parameters)
-from data_set import PromptImagePair, drop_unreadable_pairs, load_pairs
+from data_set import (DEFAULT_SHUFFLE_WINDOW, SHUFFLES, PromptImagePair, drop_unreadable_pairs, load_pairs,
+                      pair_order)
 from encoding import pair_accuracy
 from losses import PairwiseLoss, TripletLoss
 from pair_sources import read_source
@@ -239,13 +240,16 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
                    pretrained=DEFAULT_PRETRAINED, num_workers=None, save_every=800, seed=42,
                    gradient_accumulation_steps=None, validation_file=None, report_to=None, save_format="pth",
                    resume_from_checkpoint=None, skip_bad_images=False, skip_nonfinite_loss=False, image_root=None,
-                   fast_decode=False, trunk_cache=None, trunk_cache_dtype="fp16"):
+                   fast_decode=False, trunk_cache=None, trunk_cache_dtype="fp16", shuffle=None,
+                   shuffle_window=DEFAULT_SHUFFLE_WINDOW):
     """Fine-tune a CLIP on pairs and save checkpoints into `save_folder`; returns the path of the last one.
 
     `training_file` and `validation_file` are any source pair_sources.read_source reads: a pair table (parquet or
     DataFrame), Pick-a-Pic parquet shards (a list, a glob or a folder), an HPD v2 or ImageReward json (images under
     `image_root`). Ties and unlabeled rows are left out. `trunk_cache`: a folder where the frozen part of each tower
-    is computed once and read back in every epoch and later run (trunk_cache.py).
+    is computed once and read back in every epoch and later run (trunk_cache.py). `shuffle`: "block" (the default
+    for images in parquet: row groups in a shuffled order, pairs shuffled within windows of `shuffle_window` row
+    groups, each read once per epoch) or "uniform" (the original's; the default for image files); data_set.pair_order.
 
     Example (a notebook, one process):
         finetune_model("training_file.parquet", "visual_upper_layers", batch_size=32, n_epochs=1)
@@ -264,6 +268,7 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
     set_seed(seed)
     num_workers = default_num_workers(accelerator.device) if num_workers is None else num_workers
     source = without_unreadable_pairs(accelerator, source, skip_bad_images)
+    order = pair_order(source.pairs, shuffle, shuffle_window, seed, batch_size, accelerator.num_processes)
     loss_fn = LOSSES[loss_name]()
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path)
     optimizer = make_optimizer(trainable_parameters(clip, training_mode, loss_fn.uses_logit_scale), training_mode,
@@ -273,7 +278,7 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
     train_mode(clip)
     step_model, dataset = training_data(source, clip.to(accelerator.device), preprocess, tokenizer, accelerator,
                                         batch_size, num_workers, fast_decode, trunk_cache, trunk_cache_dtype)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=order is None, sampler=order, num_workers=num_workers,
                         pin_memory=accelerator.device.type == "cuda", persistent_workers=num_workers > 0)
     # the model itself is prepared and called, so DDP synchronises gradients and autocast applies
     step_model, optimizer, loader = accelerator.prepare(step_model, optimizer, loader)
@@ -322,19 +327,18 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
 
 
 def validation(accelerator, step_model, preprocess, tokenizer, validation_pairs, num_workers, fast_decode):
-    """validate(step): the accuracy on validation_pairs, measured on the main process (None without them)."""
+    """validate(step): the accuracy on validation_pairs (None without them); every process encodes a share of the
+    images and prompts (encoding.across_processes), the main process prints."""
     def validate(step):
         if validation_pairs is None:
             return None
-        accuracy = None
+        clip = accelerator.unwrap_model(step_model)
+        clip = clip.clip if isinstance(clip, TowerHeads) else clip
+        accuracy = pair_accuracy(clip.eval(), preprocess, tokenizer, validation_pairs, accelerator.device,
+                                 num_workers=num_workers, progress=False, fast_decode=fast_decode)
+        train_mode(clip)
         if accelerator.is_main_process:
-            clip = accelerator.unwrap_model(step_model)
-            clip = clip.clip if isinstance(clip, TowerHeads) else clip
-            accuracy = pair_accuracy(clip.eval(), preprocess, tokenizer, validation_pairs, accelerator.device,
-                                     num_workers=num_workers, progress=False, fast_decode=fast_decode)
-            train_mode(clip)
             tqdm.write(f"step {step}: validation Accuracy: {accuracy * 100:.2f}%")
-        accelerator.wait_for_everyone()
         return accuracy
     return validate
 
@@ -370,6 +374,12 @@ def main():
                              "read it back in every epoch and later run (partial training modes)")
     parser.add_argument("--trunk_cache_dtype", default="fp16", choices=list(STORAGE_DTYPES),
                         help="how cache entries are stored (fp32: a run ends on the weights of the uncached run)")
+    parser.add_argument("--shuffle", default=None, choices=list(SHUFFLES),
+                        help="block: row groups in a shuffled order, pairs shuffled within a window of them, each row "
+                             "group read once per epoch (the default for images in parquet, e.g. Pick-a-Pic shards); "
+                             "uniform: every pair anywhere (the original's; the default for image files)")
+    parser.add_argument("--shuffle_window", type=int, default=DEFAULT_SHUFFLE_WINDOW, metavar="W",
+                        help="row groups whose pairs are shuffled together in the block order (memory holds W)")
     args = parser.parse_args()
     finetune_model(**vars(args))
 

@@ -10,7 +10,8 @@ import torch
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, add_model_flags, default_device,
                         default_num_workers, inference_precision, run_cli)
 from data_set import drop_unreadable_pairs
-from encoding import pair_scores, source_scores  # noqa: F401  (pair_scores: notebooks import it from here)
+from encoding import (is_main_process, pair_scores, process_device,  # noqa: F401  (pair_scores: notebooks import it)
+                      source_scores)
 from pair_sources import benchmark_metric, counted_correct, describe, read_source
 from scorers import check_spec, clip_scorer, load_scorer
 
@@ -40,11 +41,12 @@ def evaluate_source(source, checkout_path=None, device=None, batch_size=1024, nu
                     pretrained=DEFAULT_PRETRAINED, scores_out=None, skip_bad_images=False, image_root=None,
                     tie_threshold=0.0, fast_decode=False, scorer=None, precision="fp32"):
     """Read a source, score it, and return {"accuracy", "pairs", "metric": (name, value) or None}: the original's
-    pairwise accuracy (ties left out) and, for a benchmark layout, that benchmark's own metric.
+    pairwise accuracy (ties left out) and, for a benchmark layout, that benchmark's own metric. Under several
+    processes (accelerate launch, torchrun) each encodes a share, every one returns the result, the main one writes.
 
     scorer:    a scorers.py spec (e.g. "hpsv2:HPS_v2.1_compressed.pt") instead of model/pretrained/checkout_path.
     precision: "fp32" (the original's), or "bf16"/"fp16" (autocast)."""
-    device = device or default_device()
+    device = process_device(device or default_device())
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     if batch_size < 1 or num_workers < 0:
         raise InputError(f"--batch_size must be at least 1 and --num_workers at least 0 (got {batch_size}, {num_workers})")
@@ -59,17 +61,17 @@ def evaluate_source(source, checkout_path=None, device=None, batch_size=1024, nu
     precision_context = inference_precision(device, precision)
     # the data is checked before the model loads: a typo costs seconds, not a ViT-L/14 load
     source = read_source(source, image_root, check_files=not skip_bad_images)
-    if source.left_out:
+    if source.left_out and is_main_process():
         print(source.left_out, file=sys.stderr)
     if skip_bad_images:
         source, skipped = drop_unreadable_pairs(source)
-        if skipped:
+        if skipped and is_main_process():
             print(skipped, file=sys.stderr)
     scorer = load_scorer(scorer, device) if scorer else clip_scorer(model, pretrained, checkout_path, device)
     with precision_context:
         pos_score, neg_score, group_scores = source_scores(scorer.model, scorer.preprocess, scorer.tokenizer, source,
                                                            device, batch_size, num_workers, fast_decode=fast_decode)
-    if scores_out is not None:
+    if scores_out is not None and is_main_process():
         if group_scores is None:
             write_pair_scores(source.pairs, pos_score, neg_score, scores_out)
         else:
@@ -112,6 +114,8 @@ def main():
     result = evaluate_source(args.parquet_file, args.checkout_path, args.device, args.batch_size, args.num_workers,
                              args.model, args.pretrained, args.scores_out, args.skip_bad_images, args.image_root,
                              args.tie_threshold, args.fast_decode, args.scorer, args.precision)
+    if not is_main_process():
+        return
     print(f"Accuracy: {result['accuracy'] * 100:.2f}%")
     if result["metric"]:
         name, value = result["metric"]

@@ -1,15 +1,15 @@
 """Peak memory of validate.py on Pick-a-Pic shards of 200 and 2,000 rows: image bytes are read a row group at a time,
 so the larger shard must not cost more than the smaller by the bytes it adds.
 
-    python benchmarks/pickapic_memory.py                     # about 2 minutes here
-    python benchmarks/pickapic_memory.py --rows 200,2000 --row_group_size 100 --batch_size 100 --json memory.json
+    python benchmarks/pickapic_memory.py                     # about 3 minutes here
+    python benchmarks/pickapic_memory.py --rows 200,2000 --row_group_size 100 --batch_size 8,100 --json memory.json
 
 Each row holds two distinct JPEGs of about 100 KB (so 2,000 rows hold about 400 MB of image bytes), written with
 pyarrow's defaults and `--row_group_size` rows per row group (the `datasets` library writes image data in row groups
 of 100). validate.py runs as a user runs it (the tiny config, random weights, CPU) in a process of its own, and the
 peak resident memory of that process is reported. The batch size is the same for every shard: validate.py's default
 (1024, capped at the number of pairs) would otherwise give the larger shard larger encode calls, whose activations,
-not the data, would make the difference.
+not the data, would make the difference. A small batch (8) makes many batches: memory that grows per batch shows there.
 """
 import argparse
 import io
@@ -72,32 +72,40 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="200,2000")
     parser.add_argument("--row_group_size", type=int, default=100)
-    parser.add_argument("--batch_size", type=int, default=100, help="validate.py --batch_size, the same for each shard")
+    parser.add_argument("--batch_size", default="8,100", help="validate.py --batch_size values, each run on every shard")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     pool = jpeg_pool(64, rng)
     results = {"machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}",
                "date": time.strftime("%Y-%m-%d"), "row_group_size": args.row_group_size,
-               "batch_size": args.batch_size, "runs": {}}
+               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "runs": {}}
     with tempfile.TemporaryDirectory() as folder:
+        shards = {}
         for rows in map(int, args.rows.split(",")):
-            shard = os.path.join(folder, f"test-{rows}.parquet")
-            image_bytes = write_shard(shard, rows, args.row_group_size, pool)
-            start = time.perf_counter()
-            output, peak = peak_rss_of([sys.executable, "validate.py", shard, "--model", TINY_CLIP, "--pretrained",
-                                        "none", "--device", "cpu", "--batch_size", str(args.batch_size)])
-            if "Accuracy:" not in output:
-                raise SystemExit(f"validate.py failed on {rows} rows:\n{output}")
-            results["runs"][rows] = {"image_mb": image_bytes / 2**20, "file_mb": os.path.getsize(shard) / 2**20,
-                                     "peak_rss_mb": peak, "run_s": time.perf_counter() - start}
+            shards[rows] = os.path.join(folder, f"test-{rows}.parquet")
+            image_bytes = write_shard(shards[rows], rows, args.row_group_size, pool)
+            results["runs"][rows] = {"image_mb": image_bytes / 2**20, "file_mb": os.path.getsize(shards[rows]) / 2**20}
+        for batch_size in args.batch_size.split(","):
+            for rows, shard in shards.items():
+                start = time.perf_counter()
+                output, peak = peak_rss_of([sys.executable, "validate.py", shard, "--model", TINY_CLIP, "--pretrained",
+                                            "none", "--device", "cpu", "--batch_size", batch_size])
+                if "Accuracy:" not in output:
+                    raise SystemExit(f"validate.py failed on {rows} rows:\n{output}")
+                results["runs"][rows][f"batch_{batch_size}"] = {"peak_rss_mb": peak,
+                                                                "run_s": time.perf_counter() - start}
     print(f"{results['date']}, {results['machine']}, validate.py on Pick-a-Pic-layout shards, "
-          f"{args.row_group_size} rows per row group, batch {args.batch_size}, tiny config, CPU")
-    print(f"{'rows':>6} {'image MB':>9} {'file MB':>8} {'peak RSS MB':>12} {'run s':>6}")
-    for rows, run in results["runs"].items():
-        print(f"{rows:>6} {run['image_mb']:9.0f} {run['file_mb']:8.0f} {run['peak_rss_mb']:12.0f} {run['run_s']:6.1f}")
-    peaks = [run["peak_rss_mb"] for run in results["runs"].values()]
-    print(f"largest minus smallest peak RSS: {max(peaks) - min(peaks):.0f} MB")
+          f"{args.row_group_size} rows per row group, tiny config, CPU")
+    print(f"{'batch':>6} {'rows':>6} {'image MB':>9} {'file MB':>8} {'peak RSS MB':>12} {'run s':>6}")
+    for batch_size in args.batch_size.split(","):
+        peaks = []
+        for rows, run in results["runs"].items():
+            measured = run[f"batch_{batch_size}"]
+            peaks.append(measured["peak_rss_mb"])
+            print(f"{batch_size:>6} {rows:>6} {run['image_mb']:9.0f} {run['file_mb']:8.0f} "
+                  f"{measured['peak_rss_mb']:12.0f} {measured['run_s']:6.1f}")
+        print(f"batch {batch_size}: largest minus smallest peak RSS: {max(peaks) - min(peaks):.0f} MB")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -1,0 +1,95 @@
+"""Every scoring script under torchrun on two CPU processes prints and writes what one process does: each process
+encodes a share of the images and prompts (encoding.across_processes), the main process alone writes and prints."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT, TINY_CLIP
+from test_shard_order import write_shard
+
+TWO_PROCESSES = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+
+
+def run(launcher, script, *args):
+    result = subprocess.run([sys.executable, *launcher, script, *map(str, args)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def assert_same_table(path_one, path_two):
+    one, two = pd.read_csv(path_one), pd.read_csv(path_two)
+    assert list(one.columns) == list(two.columns) and len(one) == len(two)
+    for column in one.columns:
+        if pd.api.types.is_float_dtype(one[column]):
+            np.testing.assert_allclose(two[column], one[column], rtol=0, atol=1e-6)
+        else:
+            assert one[column].equals(two[column]), column
+
+
+def test_validate_on_two_processes_prints_and_writes_what_one_does(tiny_init, tmp_path):
+    shards = [write_shard(tmp_path / "a.parquet", 0, 10, 4), write_shard(tmp_path / "b.parquet", 10, 7, 3)]
+    flags = ["--model", TINY_CLIP, "--pretrained", "none", "--checkout_path", tiny_init, "--device", "cpu"]
+    one = run([], "validate.py", *shards, *flags, "--scores_out", tmp_path / "one.csv")
+    two = run(TWO_PROCESSES, "validate.py", *shards, *flags, "--scores_out", tmp_path / "two.csv")
+    assert "Pick-a-Pic accuracy" in one and two == one
+    assert_same_table(tmp_path / "one.csv", tmp_path / "two.csv")  # every image's score, 34 images in shares of 17
+
+
+def test_score_on_two_processes_prints_and_writes_the_ranking_one_does(shapes_pairs, tiny_init, tmp_path):
+    images = list(shapes_pairs.pos_path[:7]) + list(shapes_pairs.neg_path[:6])  # 13 images: shares of 6 and 7
+    flags = ["--prompt", "three blue squares", *images, "--model", TINY_CLIP, "--pretrained", "none",
+             "--checkout_path", tiny_init, "--device", "cpu"]
+    one = run([], "score.py", *flags, "--output", tmp_path / "one.csv")
+    two = run(TWO_PROCESSES, "score.py", *flags, "--output", tmp_path / "two.csv")
+    assert len(one.splitlines()) == 13 and two == one
+    assert_same_table(tmp_path / "one.csv", tmp_path / "two.csv")
+
+
+def test_compare_on_two_processes_keeps_and_writes_what_one_does(shapes_pairs, tiny_init, tmp_path):
+    shapes_pairs.to_parquet(tmp_path / "pairs.parquet")
+    flags = [tmp_path / "pairs.parquet", "--scorer", f"a=clip:{tiny_init},model={TINY_CLIP}", "--device", "cpu"]
+    one = run([], "compare.py", *flags, "--out", tmp_path / "one")
+    two = run(TWO_PROCESSES, "compare.py", *flags, "--out", tmp_path / "two")
+    assert "a: scoring" in one and two.replace(str(tmp_path / "two"), "OUT") == one.replace(str(tmp_path / "one"), "OUT")
+    for name in ("table.csv", "agreement.csv"):
+        assert_same_table(tmp_path / "one" / name, tmp_path / "two" / name)
+    assert (tmp_path / "one" / "table.md").read_text() == (tmp_path / "two" / "table.md").read_text()
+    # the kept scores: written once, whole, by the main process
+    kept_one, kept_two = (sorted(os.listdir(tmp_path / out / "scores")) for out in ("one", "two"))
+    assert kept_one == kept_two and len(kept_two) == 1
+    scores_one, scores_two = (pd.read_parquet(tmp_path / out / "scores" / kept_one[0]) for out in ("one", "two"))
+    assert scores_one.prompt.equals(scores_two.prompt) and scores_one.image.equals(scores_two.image)
+    np.testing.assert_allclose(scores_two.score, scores_one.score, rtol=0, atol=1e-6)
+    assert not list((tmp_path / "two" / "scores").glob("*.tmp"))
+
+
+def test_evaluate_generators_on_two_processes_writes_what_one_does(shapes_pairs, tiny_init, tmp_path):
+    generations = pd.DataFrame({"generator": ["a"] * 12 + ["b"] * 12, "prompt": list(shapes_pairs.prompt[:12]) * 2,
+                                "image": list(shapes_pairs.pos_path[:12]) + list(shapes_pairs.neg_path[:12])})
+    generations.to_parquet(tmp_path / "generations.parquet")
+    flags = [tmp_path / "generations.parquet", "--scorer", f"ours=clip:{tiny_init},model={TINY_CLIP}", "--device", "cpu"]
+    one = run([], "evaluate_generators.py", *flags, "--out", tmp_path / "one")
+    two = run(TWO_PROCESSES, "evaluate_generators.py", *flags, "--out", tmp_path / "two")
+    assert "ours: scoring 24" in one and two.replace(str(tmp_path / "two"), "OUT") == one.replace(str(tmp_path / "one"), "OUT")
+    for name in ("leaderboard.csv", "winrates.csv"):
+        assert_same_table(tmp_path / "one" / name, tmp_path / "two" / name)
+    one_scores, two_scores = (pd.read_parquet(tmp_path / out / "scores.parquet") for out in ("one", "two"))
+    np.testing.assert_allclose(two_scores.score, one_scores.score, rtol=0, atol=1e-6)
+
+
+def test_best_of_n_on_two_processes_keeps_what_one_does(shapes_pairs, tiny_init, tmp_path):
+    candidates = pd.DataFrame({"prompt": list(shapes_pairs.prompt[:6]) * 2,
+                               "image": list(shapes_pairs.pos_path[:6]) + list(shapes_pairs.neg_path[:6])})
+    candidates.to_parquet(tmp_path / "candidates.parquet")
+    flags = [tmp_path / "candidates.parquet", "--scorer", f"clip:{tiny_init},model={TINY_CLIP}", "--device", "cpu"]
+    one = run([], "best_of_n.py", *flags, "--out", tmp_path / "one")
+    two = run(TWO_PROCESSES, "best_of_n.py", *flags, "--out", tmp_path / "two")
+    assert "mean score" in one and two.replace(str(tmp_path / "two"), "OUT") == one.replace(str(tmp_path / "one"), "OUT")
+    metadata = [[json.loads(line) for line in open(tmp_path / out / "metadata.jsonl")] for out in ("one", "two")]
+    assert [m["file_name"] for m in metadata[0]] == [m["file_name"] for m in metadata[1]]
+    np.testing.assert_allclose([m["score"] for m in metadata[1]], [m["score"] for m in metadata[0]], rtol=0, atol=1e-6)
