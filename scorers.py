@@ -21,6 +21,7 @@ from torch import nn
 import torchvision.transforms.functional as TF
 from torchvision.transforms import Compose, InterpolationMode, Normalize, ToTensor
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.transform import MaybeConvertMode
 
 from clip_model import DEFAULT_MODEL, InputError, load_model, read_state_dict
 
@@ -124,7 +125,7 @@ def hps_preprocess(size=224):
 
 class PickScoreModel(nn.Module):
     """A transformers CLIPModel folder (PickScore_v1) scored as PickScore does: logit_scale.exp() * cos(text, image).
-    Its processor is CLIP's: shortest side to the model's size (bicubic), centre crop, OpenAI mean/std; CLIP's BPE."""
+    Its processor is CLIP's: RGB, shortest side to the model's size (bicubic), centre crop, OpenAI mean/std; CLIP's BPE."""
 
     def __init__(self, folder):
         super().__init__()
@@ -135,8 +136,10 @@ class PickScoreModel(nn.Module):
             raise InputError(f"pickscore:{folder}: not a transformers CLIPModel folder ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:160]})") from None
         size = self.clip.config.vision_config.image_size
-        self.preprocess = open_clip.image_transform(size, is_train=False, mean=OPENAI_DATASET_MEAN,
-                                                    std=OPENAI_DATASET_STD)
+        # RGB first, as PickScore's evaluation and CLIP's processor do: PIL resizes a palette or 1-bit image with
+        # nearest neighbour whatever the filter asked for
+        self.preprocess = Compose([MaybeConvertMode("RGB"), *open_clip.image_transform(
+            size, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD).transforms])
         self.scale = self.clip.logit_scale.exp().item()
 
     @staticmethod
