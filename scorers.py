@@ -1,15 +1,20 @@
-"""Reward models side by side: our CLIP checkpoints, HPS v2, PickScore and the LAION aesthetic predictor, from local files.
+"""Reward models side by side: our CLIP checkpoints, HPS v2, PickScore, the LAION aesthetic predictor and ImageReward,
+from local files.
 
     scorer = load_scorer("clip:clip_epoch_4_global_step_final.pth")                  # ours (OpenAI format)
     scorer = load_scorer("clip:openai")                                              # OpenAI's ViT-L/14
     scorer = load_scorer("hpsv2:HPS_v2.1_compressed.pt")                             # {"state_dict": open_clip ViT-H-14}
     scorer = load_scorer("pickscore:PickScore_v1/")                                  # transformers CLIPModel folder
     scorer = load_scorer("aesthetic:sac+logos+ava1-l14-linearMSE.pth,clip=ViT-L-14.pt")
+    scorer = load_scorer("imagereward:ImageReward.pt,tokenizer=bert-base-uncased/")   # [,med_config=med_config.json]
 
 A Scorer is what encoding.py (and so every script) uses of a model: `model.encode_image(images, normalize=True)`
 and `model.encode_text(tokens, normalize=True)`, whose row-wise dot product orders the images as the model does;
 `preprocess` and `tokenizer`; `score_scale`, which turns that dot product into the model's own score (PickScore's
-logit_scale.exp()); `softmax_scale`, the logit scale of Pick-a-Pic's tie-aware metric.
+logit_scale.exp()); `softmax_scale`, the logit scale of Pick-a-Pic's tie-aware metric; `tensor_preprocess`, the
+preprocessing of a float tensor B x 3 x H x W in [0, 1], differentiable (for a reward's gradient).
+A model whose text encoder attends to the image (ImageReward) has no encode_text: `encode_image` gives its image tokens
+and `pair_scores(image_features, tokens)` the score of each row; encoding.py scores it pair by pair.
 """
 import os
 from dataclasses import dataclass
@@ -24,8 +29,10 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transform import MaybeConvertMode
 
 from clip_model import DEFAULT_MODEL, InputError, load_model, read_state_dict
+from imagereward import REWARD_STD, load_imagereward
 
-KINDS = {"clip": ("model",), "hpsv2": ("model",), "pickscore": (), "aesthetic": ("clip", "model")}
+KINDS = {"clip": ("model",), "hpsv2": ("model",), "pickscore": (), "aesthetic": ("clip", "model"),
+         "imagereward": ("tokenizer", "med_config")}
 
 
 @dataclass
@@ -35,6 +42,7 @@ class Scorer:
     tokenizer: object
     score_scale: float = 1.0
     softmax_scale: float = 100.0
+    tensor_preprocess: object = None
 
 
 def parse_spec(spec):
@@ -70,10 +78,27 @@ def check_spec(spec):
     if not os.path.isfile(path):
         raise InputError(f"--scorer {spec}: {path}: no such weights file" +
                          (" (a folder: a PickScore model? use pickscore:)" if os.path.isdir(path) else ""))
+    if kind == "imagereward":
+        check_imagereward_files(spec, options)
     if kind == "aesthetic" and "clip" not in options:
         raise InputError(f"--scorer {spec}: the aesthetic predictor needs the CLIP it reads: clip=PATH (OpenAI ViT-L/14 "
                          f"weights) or clip=openai")
     return kind, path, options
+
+
+def check_imagereward_files(spec, options):
+    """ImageReward's tokenizer folder (BERT's vocabulary) and its optional med_config.json exist."""
+    folder = options.get("tokenizer")
+    if not folder:
+        raise InputError(f"--scorer {spec}: ImageReward needs BERT's tokenizer: tokenizer=DIR (bert-base-uncased as "
+                         f"save_pretrained writes it)")
+    if not os.path.isdir(folder):
+        raise InputError(f"--scorer {spec}: tokenizer={folder}: no such folder")
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in ("vocab.txt", "tokenizer.json")):
+        raise InputError(f"--scorer {spec}: tokenizer={folder} has no vocab.txt nor tokenizer.json: not a BERT "
+                         f"tokenizer folder")
+    if "med_config" in options and not os.path.isfile(options["med_config"]):
+        raise InputError(f"--scorer {spec}: med_config={options['med_config']}: no such file")
 
 
 def clip_scorer(model=DEFAULT_MODEL, pretrained="openai", checkout_path=None, device="cpu"):
@@ -93,6 +118,12 @@ def load_scorer(spec, device="cpu"):
     if kind == "pickscore":
         model = PickScoreModel(path).to(device).eval()
         return Scorer(model, model.preprocess, open_clip.get_tokenizer(DEFAULT_MODEL), model.scale, model.scale)
+    if kind == "imagereward":
+        model, preprocess, tensor_preprocess, tokenizer = load_imagereward(path, options["tokenizer"],
+                                                                           options.get("med_config"), device)
+        # ImageReward was trained with a softmax over the MLP's outputs of the two images; its reward is that output
+        # divided by REWARD_STD, so REWARD_STD * reward gives back the model's own preference probabilities
+        return Scorer(model, preprocess, tokenizer, 1.0, REWARD_STD, tensor_preprocess)
     clip, preprocess, tokenizer = load_model(options.get("model", DEFAULT_MODEL), options["clip"], None, device)
     return Scorer(AestheticPredictor(clip, path).to(device).eval(), preprocess, tokenizer, 1.0, 1.0)
 
