@@ -6,7 +6,7 @@ from local files.
     scorer = load_scorer("hpsv2:HPS_v2.1_compressed.pt")                             # {"state_dict": open_clip ViT-H-14}
     scorer = load_scorer("pickscore:PickScore_v1/")                                  # transformers CLIPModel folder
     scorer = load_scorer("aesthetic:sac+logos+ava1-l14-linearMSE.pth,clip=ViT-L-14.pt")
-    scorer = load_scorer("imagereward:ImageReward.pt,tokenizer=bert-base-uncased/")   # [,med_config=med_config.json]
+    scorer = load_scorer("imagereward:ImageReward.pt,tokenizer=bert-base-uncased/")
 
 A Scorer is what encoding.py (and so every script) uses of a model: `model.encode_image(images, normalize=True)`
 and `model.encode_text(tokens, normalize=True)`, whose row-wise dot product orders the images as the model does;
