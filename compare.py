@@ -10,77 +10,35 @@ distinct image and prompt encoded once. Scores are kept in --out as they are mad
 and only what is missing is scored. Writes table.csv, table.md, agreement.csv and comparison.png into --out.
 """
 import argparse
-import hashlib
-import json
 import math
 import os
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from clip_model import PRECISIONS, InputError, default_device, default_num_workers, inference_precision, run_cli
-from encoding import source_scores
-from pair_sources import benchmark_metric, counted_correct, image_file, read_source
-from scorers import check_spec, load_scorer
-
-
-def parse_scorers(named_specs):
-    """NAME=SPEC strings -> {name: spec}, checked (kinds, options, files) before any model loads."""
-    scorers = {}
-    for named in named_specs:
-        name, eq, spec = named.partition("=")
-        if not eq or not name or ":" in name:
-            raise InputError(f"--scorer {named}: give NAME=KIND:PATH, e.g. ours=clip:clip_final.pth")
-        if name in scorers:
-            raise InputError(f"--scorer {named}: the name {name!r} is given twice")
-        check_spec(spec)
-        scorers[name] = spec
-    if not scorers:
-        raise InputError("give at least one --scorer NAME=KIND:PATH")
-    return scorers
-
-
-def wilson_interval(correct, n, z=1.96):
-    """The 95% Wilson score interval of a proportion correct/n, in percent."""
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return 100 * (centre - half), 100 * (centre + half)
-
-
-def scores_path(out, scorer_name, spec, source_name, fast_decode, precision="fp32"):
-    """Where one scorer's scores of one source are kept; the name changes with anything that changes them."""
-    changed = [os.path.getmtime(p) for p in (source_name, spec.split(":", 1)[1].split(",")[0]) if os.path.exists(p)]
-    settings = [spec, source_name, fast_decode, changed] + ([precision] if precision != "fp32" else [])
-    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
-    return os.path.join(out, "scores", f"{scorer_name}-{key}.json")
+from encoding import source_requests, split_source_scores
+from kept_scores import kept_prompt_image_scores
+from pair_sources import benchmark_metric, counted_correct, read_source, wilson_interval
+from pictures import comparison_picture
+from scorers import parse_named_scorers
 
 
 def score_all(sources, scorers, out, device, batch_size, num_workers, fast_decode, precision="fp32"):
     """{scorer name: [per source {"pos", "neg", "groups", "score_scale", "softmax_scale"}]}, scoring only what --out
-    does not hold yet; each (scorer, source) is written whole (to a temporary name, then renamed) once scored."""
-    os.makedirs(os.path.join(out, "scores"), exist_ok=True)
+    does not hold yet (kept_scores.py: a file per scorer, rewritten whole as scores are made)."""
+    requests = [source_requests(source) for source in sources]
+    prompts, images, wheres = ([item for request in requests for item in request[i]] for i in range(3))
+    ends = np.cumsum([len(request[0]) for request in requests])
     results = {}
     for name, spec in scorers.items():
-        paths = [scores_path(out, name, spec, source.name, fast_decode, precision) for source in sources]
-        missing = [i for i, path in enumerate(paths) if not os.path.isfile(path)]
-        scorer = load_scorer(spec, device) if missing else None
-        for i in missing:
-            print(f"{name}: scoring {sources[i].name}")
-            with inference_precision(device, precision):
-                pos, neg, groups = source_scores(scorer.model, scorer.preprocess, scorer.tokenizer, sources[i], device,
-                                                 batch_size, num_workers, fast_decode=fast_decode)
-            record = {"pos": pos.tolist(), "neg": neg.tolist(), "groups": groups and [list(map(float, g)) for g in groups],
-                      "score_scale": scorer.score_scale, "softmax_scale": scorer.softmax_scale}
-            with open(paths[i] + ".tmp", "w") as f:
-                json.dump(record, f)
-            os.replace(paths[i] + ".tmp", paths[i])
-        del scorer  # one scorer's model in memory at a time
+        scores, scales = kept_prompt_image_scores(os.path.join(out, "scores"), name, spec, prompts, images, wheres,
+                                                  device, batch_size, num_workers, fast_decode, precision)
         results[name] = []
-        for path in paths:
-            with open(path) as f:
-                results[name].append(json.load(f))
+        for source, start, end in zip(sources, np.concatenate([[0], ends[:-1]]), ends):
+            pos, neg, groups = split_source_scores(source, scores[start:end])
+            results[name].append({"pos": pos.tolist(), "neg": neg.tolist(),
+                                  "groups": groups and [list(map(float, g)) for g in groups], **scales})
     return results
 
 
@@ -91,9 +49,9 @@ def comparison_table(sources, results, tie_threshold=0.0):
         for source, scored in zip(sources, per_source):
             correct = int(counted_correct(np.array(scored["pos"]), np.array(scored["neg"])).sum())
             n = len(scored["pos"])
-            low, high = wilson_interval(correct, n)
+            _, low, high = wilson_interval(correct, n)
             row = {"scorer": name, "source": source.name, "pairs": n, "accuracy": 100 * correct / n,
-                   "ci_low": low, "ci_high": high}
+                   "ci_low": 100 * low, "ci_high": 100 * high}
             metric = benchmark_metric(source, scored["groups"], scored["softmax_scale"], tie_threshold)
             if metric:
                 row[metric[0]] = 100 * metric[1]
@@ -150,23 +108,6 @@ def best_images(sources, results, prompts=4):
     return picked
 
 
-def comparison_picture(picked, path, thumb=192):
-    """One row per prompt, one column per scorer: the image the scorer ranks first, captioned with its score."""
-    names = list(picked[0][1])
-    header, caption = 34, 24
-    sheet = Image.new("RGB", (len(names) * thumb, len(picked) * (header + thumb + caption)), "white")
-    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default(size=14)
-    for r, (prompt, choice) in enumerate(picked):
-        y = r * (header + thumb + caption)
-        draw.text((6, y + 10), f"\u201c{prompt[:24 * len(names)]}\u201d", fill="black", font=font)
-        for c, name in enumerate(names):
-            image_ref, score = choice[name]
-            with Image.open(image_file(image_ref)) as image:
-                sheet.paste(ImageOps.pad(image.convert("RGB"), (thumb, thumb), color="white"), (c * thumb, y + header))
-            draw.text((c * thumb + 6, y + header + thumb + 4), f"{name}: {score:.4f}", fill="black", font=font)
-    sheet.save(path)
-
-
 def compare(sources, scorers, out="comparison", prompts=4, image_root=None, device=None, batch_size=1024,
             num_workers=None, tie_threshold=0.0, fast_decode=False, precision="fp32"):
     """Score every source with every scorer ({name: spec}); write the table, agreement and picture into `out`.
@@ -177,7 +118,7 @@ def compare(sources, scorers, out="comparison", prompts=4, image_root=None, devi
     device = device or default_device()
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     inference_precision(device, precision)  # an unknown precision ends here, before any model loads
-    scorers = parse_scorers([f"{k}={v}" for k, v in scorers.items()]) if isinstance(scorers, dict) else parse_scorers(scorers)
+    scorers = parse_named_scorers(scorers)
     sources = [read_source(s, image_root) for s in sources]
     for source in sources:
         if source.left_out:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data_set import draft_size, open_image
-from pair_sources import counted_correct, location_order
+from pair_sources import PairSource, counted_correct, location_order
 
 
 class ImageFiles(Dataset):
@@ -126,11 +126,9 @@ def attended_scores(model, preprocess, tokenizer, requests, distinct, device, ba
 def pair_scores(model, preprocess, tokenizer, pairs, device, batch_size=1024, num_workers=0, progress=True,
                 fast_decode=False):
     """Cosine similarity of each pair's prompt with its preferred and its other image: (pos_score, neg_score)."""
-    wheres = [f"row {row}, column {column!r}" for column in ("pos_path", "neg_path") for row in pairs.index]
-    scores = prompt_image_scores(model, preprocess, tokenizer, pd.concat([pairs.prompt, pairs.prompt]),
-                                 pd.concat([pairs.pos_path, pairs.neg_path]), device, batch_size, num_workers,
-                                 progress, wheres, fast_decode)
-    return scores[:len(pairs)], scores[len(pairs):]
+    source = PairSource("pairs", "table", pairs)
+    return source_scores(model, preprocess, tokenizer, source, device, batch_size, num_workers, progress,
+                         fast_decode)[:2]
 
 
 def pair_accuracy(model, preprocess, tokenizer, pairs, device, batch_size=1024, num_workers=0, progress=True,
@@ -141,20 +139,36 @@ def pair_accuracy(model, preprocess, tokenizer, pairs, device, batch_size=1024, 
     return counted_correct(pos_score, neg_score).float().mean().item()
 
 
+def source_requests(source):
+    """The (prompts, images, wheres) whose scores make a PairSource's: each pair's preferred and other image, then, for
+    a benchmark layout, every image of each row or entry. source_scores splits the scores back (split_source_scores)."""
+    pairs, groups = source.pairs, source.groups
+    if groups is None:
+        wheres = [f"row {row}, column {column!r}" for column in ("pos_path", "neg_path") for row in pairs.index]
+        return (pd.concat([pairs.prompt, pairs.prompt]).tolist(), pd.concat([pairs.pos_path, pairs.neg_path]).tolist(),
+                wheres)
+    every = groups.explode("images")
+    prompts = pd.concat([pairs.prompt, pairs.prompt, every.prompt]).tolist()
+    images = pd.concat([pairs.pos_path, pairs.neg_path, every.images]).tolist()
+    wheres = [f"row {row}" for row in pairs.entry] * 2 + [f"entry {entry}" for entry in every.entry]
+    return prompts, images, wheres
+
+
+def split_source_scores(source, scores):
+    """source_requests' scores as (pos_score, neg_score, group_scores): group_scores is None for a pair table, else
+    each row's or entry's list of image scores."""
+    n = len(source.pairs)
+    if source.groups is None:
+        return scores[:n], scores[n:2 * n], None
+    per_group = np.split(scores[2 * n:].numpy(), np.cumsum(source.groups.images.map(len))[:-1])
+    return scores[:n], scores[n:2 * n], [list(g) for g in per_group]
+
+
 def source_scores(model, preprocess, tokenizer, source, device, batch_size=1024, num_workers=0, progress=True,
                   fast_decode=False):
     """(pos_score, neg_score, group_scores) of a PairSource: each pair's two cosines, and for a benchmark layout
     each row's or entry's list of image scores (None for a pair table). Each distinct image is encoded once."""
-    pairs, groups = source.pairs, source.groups
-    if groups is None:
-        return (*pair_scores(model, preprocess, tokenizer, pairs, device, batch_size, num_workers, progress,
-                             fast_decode), None)
-    every = groups.explode("images")
-    prompts = pd.concat([pairs.prompt, pairs.prompt, every.prompt])
-    images = pd.concat([pairs.pos_path, pairs.neg_path, every.images])
-    wheres = ([f"row {row}" for row in pairs.entry] * 2 + [f"entry {entry}" for entry in every.entry])
+    prompts, images, wheres = source_requests(source)
     scores = prompt_image_scores(model, preprocess, tokenizer, prompts, images, device, batch_size, num_workers,
                                  progress, wheres, fast_decode)
-    n = len(pairs)
-    per_group = np.split(scores[2 * n:].numpy(), np.cumsum(groups.images.map(len))[:-1])
-    return scores[:n], scores[n:2 * n], [list(g) for g in per_group]
+    return split_source_scores(source, scores)

@@ -2,20 +2,18 @@
 cross-attends to the image's tokens, and ImageReward's MLP on the text encoder's first token, built from transformers'
 BLIP classes (ports of BLIP's own) with ImageReward.pt's tensors mapped onto them.
 
-    model, preprocess, tensor_preprocess, tokenizer = load_imagereward("ImageReward.pt", "bert-base-uncased/")
+    model, preprocess, tokenizer = load_imagereward("ImageReward.pt", "bert-base-uncased/")
     image_tokens = model.encode_image(preprocess(Image.open("a.png"))[None])
     reward = model.pair_scores(image_tokens, tokenizer(["a cat astronaut"]))   # ImageReward's score(prompt, image)
 
 The score is a property of a (prompt, image) pair, not a dot product of two embeddings: encoding.py encodes each
 distinct image once and runs the text encoder per pair (see encoding.prompt_image_scores).
 """
-import functools
 import json
 import math
 import re
 
 import torch
-import torchvision.transforms.functional as TF
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
@@ -72,7 +70,7 @@ class ImageReward(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(text_config.hidden_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128),
                                  nn.Dropout(0.2), nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16),
                                  nn.Linear(16, 1))
-        self.pad_token_id = pad_token_id
+        self.pad_token_id, self.image_size = pad_token_id, vision_config.image_size
 
     def encode_image(self, pixels, normalize=True):
         """The image tokens [B, N, D] the text encoder attends to (`normalize` is ignored: there is no embedding)."""
@@ -120,17 +118,6 @@ def image_preprocess(size=224):
                     Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
 
 
-def _resize_crop_normalize(images, size):
-    images = TF.resize(images, size, InterpolationMode.BICUBIC, antialias=True)
-    return TF.normalize(TF.center_crop(images, size), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
-
-
-def tensor_preprocess(size=224):
-    """The same on a float tensor B x 3 x H x W in [0, 1], differentiable (ImageReward's ReFL does this on the
-    generator's decoded images): shortest side to `size` (bicubic, antialiased), centre crop, OpenAI's mean/std."""
-    return functools.partial(_resize_crop_normalize, size=size)
-
-
 def vit_config(width=1024, layers=24, patch=16, image_size=224, mlp_width=4096):
     """transformers' BlipVisionConfig of one of BLIP's ViTs (by default ImageReward's: create_vit('large'), ViT-L/16
     at 224 px); timm's LayerNorm eps 1e-6 and exact GELU, as BLIP's vit.py has them."""
@@ -171,7 +158,7 @@ def text_config(med_config, encoder_width):
 
 
 def load_imagereward(path, tokenizer_folder, med_config=None, device="cpu"):
-    """(model, preprocess, tensor_preprocess, tokenizer) of an ImageReward.pt, in fp32 and eval mode.
+    """(model, preprocess, tokenizer) of an ImageReward.pt, in fp32 and eval mode.
 
     path:             ImageReward.pt (HF THUDM/ImageReward), the state dict of ImageReward's module.
     tokenizer_folder: BERT's uncased WordPiece (bert-base-uncased as save_pretrained writes it).
@@ -196,5 +183,4 @@ def load_imagereward(path, tokenizer_folder, med_config=None, device="cpu"):
     assign_weights(model, {our_name(k): v for k, v in state_dict.items() if our_name(k)}, path)
     positions = model.text.embeddings.position_ids  # a buffer no file holds: made again off the meta device
     model.text.embeddings.position_ids = torch.arange(positions.shape[-1]).expand(1, -1)
-    size = vision.image_size
-    return model.to(device).eval(), image_preprocess(size), tensor_preprocess(size), tokenizer
+    return model.to(device).eval(), image_preprocess(vision.image_size), tokenizer

@@ -13,6 +13,7 @@ or by a parquet cell `FILE#ROW/COLUMN`, read when an item loads: a few rows at a
 import glob
 import io
 import json
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -364,6 +365,14 @@ def _ranked_json(file, image_root, check_files):
 def counted_correct(pos_score, neg_score):
     """Which pairs count as correct: cos(prompt, pos) >= cos(prompt, neg); a tie counts, as in the original."""
     return pos_score >= neg_score
+
+
+def wilson_interval(successes, n, z=1.96):
+    """A proportion successes / n (successes may count halves) and its 95% Wilson score interval: (p, low, high)."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return p, centre - half, centre + half
 
 
 def pickapic_accuracy(scores, labels, logit_scale, tie_threshold=0.0):

@@ -42,7 +42,7 @@ class Scorer:
     tokenizer: object
     score_scale: float = 1.0
     softmax_scale: float = 100.0
-    tensor_preprocess: object = None
+    tensor_preprocess: object = None  # the same preprocessing on a B x 3 x H x W float tensor in [0, 1], differentiable
 
 
 def parse_spec(spec):
@@ -86,6 +86,25 @@ def check_spec(spec):
     return kind, path, options
 
 
+def parse_named_scorers(named_specs):
+    """NAME=SPEC strings (or a {name: spec} dict) -> {name: spec}, checked (kinds, options, files) before any model
+    loads."""
+    if isinstance(named_specs, dict):
+        named_specs = [f"{name}={spec}" for name, spec in named_specs.items()]
+    scorers = {}
+    for named in named_specs:
+        name, eq, spec = named.partition("=")
+        if not eq or not name or ":" in name:
+            raise InputError(f"--scorer {named}: give NAME=KIND:PATH, e.g. ours=clip:clip_final.pth")
+        if name in scorers:
+            raise InputError(f"--scorer {named}: the name {name!r} is given twice")
+        check_spec(spec)
+        scorers[name] = spec
+    if not scorers:
+        raise InputError("give at least one --scorer NAME=KIND:PATH")
+    return scorers
+
+
 def check_imagereward_files(spec, options):
     """ImageReward's tokenizer folder (BERT's vocabulary) and its optional med_config.json exist."""
     folder = options.get("tokenizer")
@@ -104,7 +123,7 @@ def check_imagereward_files(spec, options):
 def clip_scorer(model=DEFAULT_MODEL, pretrained="openai", checkout_path=None, device="cpu"):
     """Our CLIP (the scripts' --model, --pretrained, --checkout_path): its score is the cosine similarity."""
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path, device)
-    return Scorer(clip, preprocess, tokenizer, 1.0, clip.logit_scale.exp().item())
+    return Scorer(clip, preprocess, tokenizer, 1.0, clip.logit_scale.exp().item(), open_clip_tensor_preprocess(clip))
 
 
 def load_scorer(spec, device="cpu"):
@@ -114,18 +133,45 @@ def load_scorer(spec, device="cpu"):
         return clip_scorer(options.get("model", DEFAULT_MODEL), path, None, device)
     if kind == "hpsv2":
         model, _, tokenizer = load_model(options.get("model", "ViT-H-14"), path, None, device)
-        return Scorer(model, hps_preprocess(model.visual.image_size[0]), tokenizer, 1.0, model.logit_scale.exp().item())
+        size = model.visual.image_size[0]
+        return Scorer(model, hps_preprocess(size), tokenizer, 1.0, model.logit_scale.exp().item(),
+                      Compose([ResizeLongestAndPad(size), Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)]))
     if kind == "pickscore":
         model = PickScoreModel(path).to(device).eval()
-        return Scorer(model, model.preprocess, open_clip.get_tokenizer(DEFAULT_MODEL), model.scale, model.scale)
+        return Scorer(model, model.preprocess, open_clip.get_tokenizer(DEFAULT_MODEL), model.scale, model.scale,
+                      ResizeShortestAndCrop(model.size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
     if kind == "imagereward":
-        model, preprocess, tensor_preprocess, tokenizer = load_imagereward(path, options["tokenizer"],
-                                                                           options.get("med_config"), device)
+        model, preprocess, tokenizer = load_imagereward(path, options["tokenizer"], options.get("med_config"), device)
         # ImageReward was trained with a softmax over the MLP's outputs of the two images; its reward is that output
-        # divided by REWARD_STD, so REWARD_STD * reward gives back the model's own preference probabilities
-        return Scorer(model, preprocess, tokenizer, 1.0, REWARD_STD, tensor_preprocess)
+        # divided by REWARD_STD, so REWARD_STD * reward gives back the model's own preference probabilities.
+        # On tensors, as ImageReward's ReFL feeds its score_gard: Resize(224), CenterCrop(224), Normalize
+        return Scorer(model, preprocess, tokenizer, 1.0, REWARD_STD,
+                      ResizeShortestAndCrop(model.image_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
     clip, preprocess, tokenizer = load_model(options.get("model", DEFAULT_MODEL), options["clip"], None, device)
-    return Scorer(AestheticPredictor(clip, path).to(device).eval(), preprocess, tokenizer, 1.0, 1.0)
+    return Scorer(AestheticPredictor(clip, path).to(device).eval(), preprocess, tokenizer, 1.0, 1.0,
+                  open_clip_tensor_preprocess(clip))
+
+
+class ResizeShortestAndCrop(nn.Module):
+    """CLIP's evaluation preprocessing on a B x 3 x H x W float tensor in [0, 1]: the shortest side to `size` (bicubic,
+    antialiased, as torchvision resizes a PIL image), a centre crop, mean/std. Differentiable."""
+
+    def __init__(self, size, mean, std):
+        super().__init__()
+        self.size, self.normalize = size, Normalize(mean, std)
+
+    def forward(self, images):
+        images = TF.resize(images, self.size, InterpolationMode.BICUBIC, antialias=True)
+        return self.normalize(TF.center_crop(images, [self.size, self.size]))
+
+
+def open_clip_tensor_preprocess(clip):
+    """The tensor counterpart of an open_clip model's evaluation transform (its preprocess_cfg)."""
+    cfg = clip.visual.preprocess_cfg
+    size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
+    if cfg.get("resize_mode", "shortest") == "longest":
+        return Compose([ResizeLongestAndPad(size), Normalize(cfg["mean"], cfg["std"])])
+    return ResizeShortestAndCrop(size, cfg["mean"], cfg["std"])
 
 
 class ResizeLongestAndPad(nn.Module):
@@ -138,7 +184,7 @@ class ResizeLongestAndPad(nn.Module):
         self.size = size
 
     def forward(self, image):
-        height, width = image.shape[1:]
+        height, width = image.shape[-2:]
         scale = self.size / max(height, width)
         new = [round(height * scale), round(width * scale)]
         if scale != 1.0:
@@ -166,7 +212,7 @@ class PickScoreModel(nn.Module):
         except Exception as e:
             raise InputError(f"pickscore:{folder}: not a transformers CLIPModel folder ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:160]})") from None
-        size = self.clip.config.vision_config.image_size
+        self.size = size = self.clip.config.vision_config.image_size
         # RGB first, as PickScore's evaluation and CLIP's processor do: PIL resizes a palette or 1-bit image with
         # nearest neighbour whatever the filter asked for
         self.preprocess = Compose([MaybeConvertMode("RGB"), *open_clip.image_transform(

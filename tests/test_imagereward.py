@@ -209,18 +209,22 @@ def test_the_tokenizer_lowercases_truncates_to_35_and_pads_with_zeros(bert_folde
     assert len(tokenizer) == len(vocab) + 2 and tokenizer.bert.convert_tokens_to_ids("[ENC]") == len(vocab) + 1
 
 
-def test_tensor_preprocess_follows_the_pil_one_and_passes_gradients(tiny_imagereward, bert_folder, images):
+def test_as_a_reward_it_scores_pil_images_as_score_does_and_passes_gradients_to_tensors(tiny_imagereward,
+                                                                                        bert_folder, images):
+    from reward import Reward
     path, med_config, _ = tiny_imagereward
-    scorer = load_scorer(f"imagereward:{path},tokenizer={bert_folder},med_config={med_config}")
+    reward = Reward.load(f"imagereward:{path},tokenizer={bert_folder},med_config={med_config}")
+    prompts = [PROMPTS[1], PROMPTS[0]]
+    expected = prompt_image_scores(reward.scorer.model, reward.scorer.preprocess, reward.scorer.tokenizer, prompts,
+                                   images[:2], "cpu", progress=False)
+    with torch.no_grad():
+        assert torch.allclose(reward([Image.open(p) for p in images[:2]], prompts), expected, atol=1e-5, rtol=0)
     image = Image.open(images[0])  # RGB, 300 x 260
-    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
-    pixels.requires_grad_(True)
-    prepared = scorer.tensor_preprocess(pixels)
-    assert prepared.shape == (1, 3, 224, 224)
-    # PIL's bicubic and torch's antialiased bicubic differ by a few 1/255 at most on noise
-    assert (prepared - scorer.preprocess(image)[None]).abs().mean() < 0.03
-    reward = scorer.model.pair_scores(scorer.model.encode_image(prepared), scorer.tokenizer([PROMPTS[1]]))
-    reward.sum().backward()
+    pixels = (torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255).requires_grad_(True)
+    prepared = reward.scorer.tensor_preprocess(pixels)
+    # on the tensor: ImageReward's ReFL preprocessing; PIL's bicubic and torch's antialiased one differ by a few 1/255
+    assert prepared.shape == (1, 3, 224, 224) and (prepared - reward.scorer.preprocess(image)).abs().mean() < 0.03
+    reward(pixels, prompts[:1]).sum().backward()
     assert pixels.grad is not None and pixels.grad.abs().sum() > 0
 
 
@@ -283,14 +287,10 @@ def test_compare_sets_imagereward_beside_a_clip_scorer(tiny_imagereward, bert_fo
             out=str(tmp_path / "out"), prompts=2, device="cpu", num_workers=0)
     table = pd.read_csv(tmp_path / "out" / "table.csv").set_index("scorer")
     assert list(table.index) == ["ours", "ir"]
-    [kept] = [f for f in os.listdir(tmp_path / "out" / "scores") if f.startswith("ir-")]
-    with open(tmp_path / "out" / "scores" / kept) as f:
-        scored = json.load(f)
     scorer = load_scorer(spec)
-    pos = prompt_image_scores(scorer.model, scorer.preprocess, scorer.tokenizer, pairs.prompt, pairs.pos_path, "cpu",
-                              progress=False)
-    assert scored["pos"] == pytest.approx(pos.tolist(), abs=1e-5) and scored["softmax_scale"] == 1.0333394966054072
-    assert table.accuracy["ir"] == pytest.approx(100 * (pos >= torch.tensor(scored["neg"])).float().mean().item())
+    pos, neg = (prompt_image_scores(scorer.model, scorer.preprocess, scorer.tokenizer, pairs.prompt, pairs[column],
+                                    "cpu", progress=False) for column in ("pos_path", "neg_path"))
+    assert table.accuracy["ir"] == pytest.approx(100 * (pos >= neg).float().mean().item())
 
 
 # ---- the PickScore scorer converts to RGB before resizing; a hub tag fails at once offline (the same issue) --------

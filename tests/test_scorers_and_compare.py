@@ -14,7 +14,8 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
 from clip_model import load_model
-from compare import compare, wilson_interval
+from compare import compare
+from pair_sources import wilson_interval
 from scorers import load_scorer
 from score import rank_images, score_images
 from validate import evaluate_source
@@ -102,10 +103,10 @@ def test_the_aesthetic_score_is_its_mlp_on_the_normalized_image_embedding(tmp_pa
 
 def test_the_95_percent_interval_is_wilsons_computed_by_hand():
     # 8 of 10: p = 0.8, z = 1.96: centre (0.8 + 0.19208) / 1.38416, half 1.96 * sqrt(0.016 + 0.009604) / 1.38416
-    low, high = wilson_interval(8, 10)
+    p, low, high = wilson_interval(8, 10)
     centre, half = (0.8 + 1.96 ** 2 / 20) / (1 + 1.96 ** 2 / 10), 1.96 * math.sqrt(0.016 + 1.96 ** 2 / 400) / (1 + 1.96 ** 2 / 10)
-    assert (low, high) == pytest.approx((100 * (centre - half), 100 * (centre + half)))
-    assert (low, high) == pytest.approx((49.02, 94.33), abs=0.01)
+    assert p == 0.8 and (low, high) == pytest.approx((centre - half, centre + half))
+    assert (low, high) == pytest.approx((0.4902, 0.9433), abs=1e-4)
 
 
 def test_compare_accuracy_per_scorer_equals_validate_and_the_picture_has_a_column_per_scorer(shapes_pairs, tiny_init,

@@ -1,0 +1,207 @@
+"""Text-to-image models side by side under any rewards: a leaderboard of mean scores and the win rate of each model
+over each other on the prompts both have (the paper's table of a fine-tuned Stable Diffusion against its base).
+
+    python evaluate_generators.py generations.parquet --scorer ours=clip:clip_final.pth \\
+        --scorer hps=hpsv2:HPS_v2.1_compressed.pt --scorer pickscore=pickscore:PickScore_v1 --out generators/
+    python evaluate_generators.py hps_images/ --prompts HPSv2/benchmark/ --scorer ours=clip:clip_final.pth
+
+Generations come as a table (generator, prompt, image[, sample, style]; generate.py writes one) or in HPS v2's
+benchmark layout (ROOT/<generator>/<style>/<index:05d>.jpg with --prompts holding <style>.json). An item is a
+(style, prompt, sample); win rates count only the items both generators have. Writes into --out: leaderboard.csv,
+leaderboard.md, winrates.csv, scores.parquet and generators.png; scores are kept in --out/scores as they are made, so
+a rerun (or a run with one more generator) scores only what is missing.
+"""
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+
+from clip_model import PRECISIONS, InputError, default_device, default_num_workers, inference_precision, run_cli
+from data_set import readable
+from generations import read_generations, shared_items
+from kept_scores import kept_prompt_image_scores
+from pair_sources import describe, location_order, wilson_interval
+from pictures import comparison_picture
+from scorers import parse_named_scorers
+
+OUTPUTS = ("leaderboard.csv", "leaderboard.md", "winrates.csv", "scores.parquet", "generators.png", "scores")
+
+
+def check_out_folder(out, overwrite):
+    """--out may be new, or hold what this script writes (a rerun reads its kept scores); anything else is refused."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out}: a file, not a folder")
+    others = sorted(set(os.listdir(out)) - set(OUTPUTS)) if os.path.isdir(out) else []
+    if others and not overwrite:
+        raise InputError(f"--out {out}: holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}"
+                         f"); choose another folder or pass --overwrite")
+
+
+def mean_interval(scores, z=1.96):
+    """The mean and its 95% interval (normal approximation; the interval is the mean itself for one score)."""
+    mean = float(np.mean(scores))
+    half = z * float(np.std(scores, ddof=1)) / math.sqrt(len(scores)) if len(scores) > 1 else 0.0
+    return mean, mean - half, mean + half
+
+
+def score_generations(generations, scorers, out, device, batch_size=1024, num_workers=0, fast_decode=False,
+                      precision="fp32"):
+    """Every generation with its score under each scorer (the scorer's own score), through the scores kept in
+    out/scores: scores.parquet's table, with the images as given."""
+    wheres = [f"{g}/{s}, sample {k} of {p!r}" for g, s, p, k in
+              zip(generations.generator, generations["style"], generations.prompt, generations["sample"])]
+    order = location_order(generations.image.tolist())  # images stored in parquet are read row group by row group
+    prompts, images = generations.prompt.values[order].tolist(), generations.image.values[order].tolist()
+    frames = []
+    for name, spec in scorers.items():
+        scores, scales = kept_prompt_image_scores(os.path.join(out, "scores"), name, spec, prompts, images,
+                                                  [wheres[i] for i in order], device, batch_size, num_workers,
+                                                  fast_decode, precision)
+        in_order = np.empty(len(order), dtype=np.float64)
+        in_order[order] = scores.numpy().astype(np.float64) * scales["score_scale"]
+        frames.append(generations.assign(scorer=name, score=in_order))
+    return pd.concat(frames, ignore_index=True)[["scorer", "generator", "style", "prompt", "sample", "image", "score"]]
+
+
+def leaderboard(scores):
+    """A row per (scorer, generator, style): images, mean and its 95% interval; style "all" over every image."""
+    rows = []
+    styles = [s for s in pd.unique(scores["style"]) if s != "all"]
+    for (scorer, generator), group in scores.groupby(["scorer", "generator"], sort=False):
+        for style, part in [("all", group)] + [(s, group[group["style"] == s]) for s in styles]:
+            if len(part):
+                mean, low, high = mean_interval(part.score.values)
+                rows.append({"scorer": scorer, "generator": generator, "style": style, "images": len(part),
+                             "mean": mean, "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows)
+
+
+def win_rates(scores):
+    """A row per (scorer, generator, other): over the items both have, the share where generator's image scores above
+    other's (a tie counts one half), with its 95% Wilson interval."""
+    rows = []
+    for scorer, group in scores.groupby("scorer", sort=False):
+        by_item = group.pivot_table(index=["style", "prompt", "sample"], columns="generator", values="score",
+                                    aggfunc="first")
+        generators = list(pd.unique(group.generator))
+        for generator in generators:
+            for other in generators:
+                if other == generator:
+                    continue
+                both = by_item[[generator, other]].dropna()
+                if both.empty:
+                    continue
+                wins = (both[generator] > both[other]).sum() + 0.5 * (both[generator] == both[other]).sum()
+                rate, low, high = wilson_interval(float(wins), len(both))
+                rows.append({"scorer": scorer, "generator": generator, "other": other, "items": len(both),
+                             "win_rate": rate, "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows, columns=["scorer", "generator", "other", "items", "win_rate", "ci_low", "ci_high"])
+
+
+def leaderboard_markdown(board):
+    """Generators as rows, scorers as columns: the mean over every image [95% interval], the best of each in bold."""
+    overall = board[board["style"] == "all"]
+    scorers = list(pd.unique(overall.scorer))
+    lines = ["| generator | " + " | ".join(scorers) + " |", "|---" * (len(scorers) + 1) + "|"]
+    best = overall.loc[overall.groupby("scorer", sort=False)["mean"].idxmax()].set_index("scorer").generator
+    for generator in pd.unique(overall.generator):
+        cells = []
+        for scorer in scorers:
+            row = overall[(overall.scorer == scorer) & (overall.generator == generator)]
+            if row.empty:
+                cells.append("")
+                continue
+            row = row.iloc[0]
+            cell = f"{row['mean']:.4f} [{row.ci_low:.4f}, {row.ci_high:.4f}]"
+            cells.append(f"**{cell}**" if best[scorer] == generator else cell)
+        lines.append(f"| {generator} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def shown_items(scores, prompts_shown):
+    """For the first `prompts_shown` prompts every generator has: each generator's image of that item and its score
+    under the first scorer, as pictures.comparison_picture draws them."""
+    first = scores[scores.scorer == scores.scorer.iloc[0]]
+    by_item = first.groupby(["style", "prompt", "sample"], sort=False)
+    generators = list(pd.unique(first.generator))
+    picked = []
+    for (_, prompt, _), group in by_item:
+        if len(picked) == prompts_shown:
+            break
+        if set(group.generator) == set(generators) and prompt not in [p for p, _ in picked]:
+            picked.append((prompt, dict(zip(group.generator, zip(group.image, group.score)))))
+    return picked
+
+
+def evaluate_generators(generations, scorers, out="generators", prompts=None, prompts_shown=4, device=None,
+                        batch_size=1024, num_workers=None, fast_decode=False, precision="fp32", skip_bad_images=False,
+                        overwrite=False):
+    """Score every generation under every scorer ({name: spec} or NAME=SPEC strings) and write the leaderboard, the
+    win rates, every score and generators.png into `out`. Returns (leaderboard, win_rates) DataFrames.
+
+    Example:
+        board, rates = evaluate_generators(["base.parquet", "lora.parquet"], {"ours": "clip:clip_final.pth"})
+    """
+    device = device or default_device()
+    num_workers = default_num_workers(device) if num_workers is None else num_workers
+    inference_precision(device, precision)  # an unknown precision ends here, before any model loads
+    scorers = parse_named_scorers(scorers)
+    check_out_folder(out, overwrite)
+    generations = read_generations(generations, prompts)
+    for note in generations.attrs.get("notes", []):
+        print(note)
+    if skip_bad_images:
+        bad = {image for image in pd.unique(generations.image) if not readable(image)}
+        if bad:
+            print(f"skipping {len(bad)} unreadable images (first: {', '.join(sorted(map(describe, bad))[:3])})",
+                  file=sys.stderr)
+            generations = generations[~generations.image.isin(bad)].reset_index(drop=True)
+    if generations.generator.nunique() > 1:
+        shared, lacking = shared_items(generations)
+        for generator, count in lacking.items():
+            if count:
+                print(f"{generator}: lacks {count} items the other generators have; win rates count shared items only")
+    os.makedirs(out, exist_ok=True)
+    scores = score_generations(generations, scorers, out, device, batch_size, num_workers, fast_decode, precision)
+    board, rates = leaderboard(scores), win_rates(scores)
+    board.to_csv(os.path.join(out, "leaderboard.csv"), index=False)
+    with open(os.path.join(out, "leaderboard.md"), "w") as f:
+        f.write(leaderboard_markdown(board))
+    rates.to_csv(os.path.join(out, "winrates.csv"), index=False)
+    scores.assign(image=scores.image.map(describe)).to_parquet(os.path.join(out, "scores.parquet"))
+    picked = shown_items(scores, prompts_shown)
+    if picked:
+        comparison_picture(picked, os.path.join(out, "generators.png"))
+    return board, rates
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("generations", nargs="+", help="generation tables (.parquet/.csv) or HPS v2 image folders")
+    parser.add_argument("--scorer", action="append", default=[], required=True, help="NAME=KIND:PATH[,key=value]")
+    parser.add_argument("--prompts", default=None, help="HPS v2 layout: the folder of <style>.json prompt lists")
+    parser.add_argument("--out", default="generators")
+    parser.add_argument("--prompts_shown", type=int, default=4, help="prompts in generators.png")
+    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--batch_size", type=int, default=1024)
+    parser.add_argument("--num_workers", type=int, default=None)
+    parser.add_argument("--fast_decode", action="store_true")
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    parser.add_argument("--skip_bad_images", action="store_true", help="leave out unreadable images (counted)")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files")
+    args = parser.parse_args()
+    board, rates = evaluate_generators(args.generations, args.scorer, args.out, args.prompts, args.prompts_shown,
+                                       args.device, args.batch_size, args.num_workers, args.fast_decode,
+                                       args.precision, args.skip_bad_images, args.overwrite)
+    print(leaderboard_markdown(board), end="")
+    for row in rates.itertuples():
+        print(f"{row.scorer}: {row.generator} over {row.other}: {100 * row.win_rate:.1f}% "
+              f"[{100 * row.ci_low:.1f}, {100 * row.ci_high:.1f}] of {row.items} items")
+    print(f"written: {', '.join(os.path.join(args.out, f) for f in OUTPUTS[:5])}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,97 @@
+"""Scores kept on disk as they are made, so a rerun (or a run over more data) scores only what is missing: what
+compare.py and evaluate_generators.py keep in their --out folder.
+
+One parquet file per scorer setting (the spec, the weights file's modification time, decoding and precision), a row
+per (prompt, image) with the score before the scorer's score_scale; an image is named by its identity (a file by its
+real path, size and modification time; image bytes by their hash; a parquet cell by its file's identity and place).
+The file is rewritten whole (a temporary name, then renamed) after each batch of new scores.
+
+    scores, scales = kept_prompt_image_scores("out/scores", "ours", "clip:final.pth", prompts, images, wheres, "cpu")
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import torch
+
+from clip_model import inference_precision
+from encoding import prompt_image_scores
+from pair_sources import image_file, parse_cell
+from scorers import load_scorer
+
+
+def image_identity(ref):
+    """What names an image across runs: a file by its real path, size and modification time; a parquet cell by its
+    file's and its place; bytes by their hash."""
+    cell = parse_cell(ref) if isinstance(ref, str) else None
+    if cell:
+        stat = os.stat(cell[0])
+        return f"cell {os.path.realpath(cell[0])} {stat.st_size} {stat.st_mtime_ns} {cell[1]} {cell[2]}"
+    if isinstance(ref, str):
+        stat = os.stat(ref)
+        return f"file {os.path.realpath(ref)} {stat.st_size} {stat.st_mtime_ns}"
+    return "bytes " + hashlib.sha256(image_file(ref).getbuffer()).hexdigest()
+
+
+def setting_key(spec, fast_decode=False, precision="fp32"):
+    """A name for everything that changes a scorer's scores: its spec, its weights file's modification time, the
+    decoding and the precision."""
+    weights = spec.split(":", 1)[1].split(",")[0]
+    changed = os.path.getmtime(weights) if os.path.exists(weights) else None
+    settings = [spec, changed, fast_decode] + ([precision] if precision != "fp32" else [])
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
+
+
+class KeptScores:
+    """One scorer's kept scores in `folder` (see the module's docstring)."""
+
+    def __init__(self, folder, name, spec, fast_decode=False, precision="fp32"):
+        self.path = os.path.join(folder, f"{name}-{setting_key(spec, fast_decode, precision)}.parquet")
+        self.table = pd.read_parquet(self.path) if os.path.isfile(self.path) else pd.DataFrame(
+            {"prompt": pd.Series(dtype=str), "image": pd.Series(dtype=str), "score": pd.Series(dtype="float32")})
+        self.scales = json.loads(self.table.attrs.get("scales", "null")) if "scales" in self.table.attrs else None
+
+    def scores(self, prompts, images, score_missing):
+        """The score of each (prompts[k], images[k]) as a float32 tensor. score_missing(indices) -> (scores, scales)
+        is called once, if any request is not kept yet, with the indices of the distinct missing ones; `scales` are
+        the scorer's {"score_scale", "softmax_scale"}, kept with the scores."""
+        keys = pd.MultiIndex.from_arrays([list(prompts), [image_identity(ref) for ref in images]])
+        kept = pd.MultiIndex.from_frame(self.table[["prompt", "image"]])
+        missing = ~keys.isin(kept)
+        if missing.any():
+            first = np.flatnonzero(missing & ~keys.duplicated())
+            new_scores, self.scales = score_missing(first)
+            new = pd.DataFrame({"prompt": keys.get_level_values(0)[first], "image": keys.get_level_values(1)[first],
+                                "score": np.asarray(new_scores, dtype=np.float32)})
+            self.table = pd.concat([self.table, new], ignore_index=True)
+            self._write()
+            kept = pd.MultiIndex.from_frame(self.table[["prompt", "image"]])
+        return torch.from_numpy(self.table.score.values[kept.get_indexer(keys)].astype(np.float32))
+
+    def _write(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.table.attrs["scales"] = json.dumps(self.scales)
+        self.table.to_parquet(self.path + ".tmp")
+        os.replace(self.path + ".tmp", self.path)
+
+
+def kept_prompt_image_scores(folder, name, spec, prompts, images, wheres, device, batch_size=1024, num_workers=0,
+                             fast_decode=False, precision="fp32"):
+    """encoding.prompt_image_scores under the scorer `spec`, through the scores kept in `folder`: the scorer loads and
+    encodes only when some request is not kept yet. Returns (scores, {"score_scale", "softmax_scale"})."""
+    kept = KeptScores(folder, name, spec, fast_decode, precision)
+
+    def score_missing(indices):
+        print(f"{name}: scoring {len(indices)} (prompt, image) pairs not kept in {folder} yet")
+        scorer = load_scorer(spec, device)
+        with inference_precision(device, precision):
+            scores = prompt_image_scores(scorer.model, scorer.preprocess, scorer.tokenizer,
+                                         [prompts[i] for i in indices], [images[i] for i in indices], device,
+                                         batch_size, num_workers, wheres=[wheres[i] for i in indices],
+                                         fast_decode=fast_decode)
+        return scores.numpy(), {"score_scale": scorer.score_scale, "softmax_scale": scorer.softmax_scale}
+
+    scores = kept.scores(prompts, images, score_missing)
+    return scores, kept.scales
