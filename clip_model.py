@@ -6,10 +6,12 @@
 """
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import pickle
 import re
+import shutil
 import socket
 import sys
 import urllib.parse
@@ -104,6 +106,17 @@ def run_cli(main):
         message = re.sub(r"^[\w.]*InputError: ", "", str(e).strip().splitlines()[-1])
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_free_space(folder, nbytes, what):
+    """Refuse to start writing `what` (about `nbytes`) into `folder` when its disk has less free space than that plus a
+    margin (a tenth, and 16 MB for the file system's own blocks): one line naming the folder and the space needed,
+    before anything is written, so that the previous checkpoint stays the newest whole one."""
+    needed = int(nbytes * 1.1) + 16 * 2**20
+    free = shutil.disk_usage(folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))).free
+    if free < needed:
+        raise InputError(f"{folder}: not enough free space to write {what}: it needs {needed / 2**20:.1f} MB, "
+                         f"{free / 2**20:.1f} MB are free; nothing was written, the previous checkpoint is intact")
 
 
 def resolve_model_name(model=DEFAULT_MODEL):
@@ -269,6 +282,21 @@ def load_model(model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, checkout_path
                              f"pass a local file instead: --pretrained /path/to/weights.pt (or .bin, .safetensors)") from None
     preprocess = image_transform_v2(PreprocessCfg(**clip.visual.preprocess_cfg), is_train=False)
     return clip.to(device).eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+def write_clip_tokenizer_files(folder):
+    """vocab.json and merges.txt of CLIP's BPE (OpenAI's CLIP, and the text encoder of SD 1.x and 2.x), written from
+    the vocabulary open_clip ships under the token names transformers' CLIPTokenizer uses; nothing downloaded."""
+    from open_clip.tokenizer import SimpleTokenizer
+    bpe = SimpleTokenizer()
+    os.makedirs(folder, exist_ok=True)
+    openai_names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({openai_names.get(token, token): i for token, i in bpe.encoder.items()}, f, ensure_ascii=False)
+    merges = [" ".join(pair) for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """The whole job offline on a CPU in a few minutes: synthetic pairs, a tiny CLIP from random init, accuracy before/after,
-and compare.py's table and picture of the model before and after fine-tuning.
+compare.py's table and picture of the model before and after fine-tuning, then the reward applied to generators:
+best of N candidates before and after, and evaluate_generators.py ranking two synthetic generators.
 
     python demo.py                      # writes ./demo_out: images, train/val parquet, checkpoints
 
 The preferred image of each pair shows what its prompt says ("two red circles"); the other image shows
 another prompt. A random CLIP scores them at chance; fine-tuning with train_pair_pos_neg.py through
-`accelerate launch` teaches it colours, shapes and counts.
+`accelerate launch` teaches it colours, shapes and counts. A synthetic "generator" draws what its prompt says only
+sometimes (the world knows when), so the share of kept images that draw their prompt measures the reward.
 """
 import argparse
 import os
@@ -17,8 +19,11 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
+from best_of_n import best_of_n
 from clip_model import load_model, run_cli
 from compare import compare, markdown_table
+from evaluate_generators import evaluate_generators, leaderboard_markdown
+from pictures import comparison_picture
 from validate import validate_image_pair_classifier
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220), "yellow": (235, 210, 30),
@@ -66,6 +71,40 @@ def make_pairs(folder, n_pairs, seed):
     return pd.DataFrame(rows)
 
 
+def make_generations(folder, generator, n_prompts, samples, follow_rate, seed):
+    """A synthetic generator: for each of `n_prompts` prompts, `samples` images that draw the prompt's scene with
+    probability `follow_rate` (else another scene); the table as generate.py writes it, with `follows` (the truth)."""
+    os.makedirs(folder, exist_ok=True)
+    rng, scene_rng = random.Random(seed), random.Random(1234)  # the same prompts for every generator
+    scenes = [(n, c, s) for n in COUNTS for c in COLOURS for s in SHAPES]
+    rows = []
+    for p, scene in enumerate(scene_rng.sample(scenes, n_prompts)):
+        for k in range(samples):
+            follows = rng.random() < follow_rate
+            path = os.path.join(folder, f"{p:03d}_{k}.png")
+            draw(*(scene if follows else rng.choice([s for s in scenes if s != scene])), rng).save(path)
+            rows.append({"generator": generator, "prompt": prompt_for(*scene), "sample": k, "image": path,
+                         "follows": follows})
+    return pd.DataFrame(rows)
+
+
+def enhancement_demo(out, rewards, n_prompts=40, n=8, follow_rate=0.25):
+    """Best of `n` under each reward ({name: spec}): the share of kept images that draw their prompt, and a picture
+    of each reward's pick for four prompts; returns {name: share}."""
+    candidates = make_generations(os.path.join(out, "candidates"), "candidates", n_prompts, n, follow_rate, seed=7)
+    shares, picks = {}, {}
+    for name, spec in rewards.items():
+        kept = best_of_n(candidates, spec, top_k=1, out=os.path.join(out, f"best_of_{n}_{name}"), device="cpu",
+                         num_workers=0, overwrite=True)["rows"]
+        follows = candidates.set_index("image").follows
+        shares[name] = follows[kept.image].mean()
+        picks[name] = dict(zip(kept.prompt, zip(kept.image, kept.score)))
+    prompts = list(picks[next(iter(rewards))])[:4]
+    comparison_picture([(p, {name: picks[name][p] for name in rewards}) for p in prompts],
+                       os.path.join(out, f"best_of_{n}.png"))
+    return shares
+
+
 def run_demo(out="demo_out", n_train=1200, n_val=300, n_epochs=5, batch_size=32, learning_rate=5e-4, seed=0):
     """Make the data, save a random init, validate it, fine-tune it through `accelerate launch`, validate again."""
     train_file, val_file = os.path.join(out, "train.parquet"), os.path.join(out, "val.parquet")
@@ -95,9 +134,23 @@ def run_demo(out="demo_out", n_train=1200, n_val=300, n_epochs=5, batch_size=32,
                     out=comparison, prompts=4, device="cpu", num_workers=0)
     print(markdown_table(table), end="")
     print(f"what each model picks for four prompts: {os.path.join(comparison, 'comparison.png')}")
+    # the reward applied to generators: keep the best of 8 candidates, and rank two generators
+    rewards = {"before": f"clip:{init},model={TINY_CLIP}", "after": f"clip:{final},model={TINY_CLIP}"}
+    shares = enhancement_demo(out, rewards)
+    generations = pd.concat([make_generations(os.path.join(out, "generators", name), name, 30, 2, rate, seed)
+                             for name, rate, seed in (("follows-30%", 0.3, 11), ("follows-80%", 0.8, 12))])
+    board, rates = evaluate_generators([generations.drop(columns="follows")], {"after": rewards["after"]},
+                                       os.path.join(out, "generators_eval"), device="cpu", num_workers=0,
+                                       overwrite=True)
+    print(leaderboard_markdown(board), end="")
+    win = rates[rates.generator == "follows-80%"].iloc[0]
     print(f"before fine-tuning: Accuracy: {before * 100:.2f}%")
     print(f"after fine-tuning:  Accuracy: {after * 100:.2f}%   ({final})")
-    return before, after
+    print(f"best of 8: {shares['before'] * 100:.0f}% -> {shares['after'] * 100:.0f}% draw their prompt   "
+          f"(each candidate does with probability 25%; picks: {os.path.join(out, 'best_of_8.png')})")
+    print(f"generators under the fine-tuned reward: follows-80% wins {win.win_rate * 100:.1f}% of {win['items']} "
+          f"items over follows-30%")
+    return {"before": before, "after": after, "best_of_8": shares, "win_rate": win.win_rate}
 
 
 def main():

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 # clip_model first: it imports open_clip without transformers (a second), which only --to transformers needs
-from clip_model import DEFAULT_MODEL, InputError, load_model, resolve_model_name, run_cli
+from clip_model import DEFAULT_MODEL, InputError, load_model, resolve_model_name, run_cli, write_clip_tokenizer_files
 
 import open_clip
 import torch
@@ -137,15 +137,8 @@ def write_clip_processor(folder, config, preprocess_cfg):
     """transformers' CLIPProcessor files for the model: CLIP's BPE written from open_clip's vocabulary and merges (the
     vocab.json and merges.txt OpenAI's CLIP folders ship; nothing downloaded) and the image steps of open_clip's
     preprocess (shortest side to the model's size, centre crop, mean/std). `folder` already holds config.json."""
-    from open_clip.tokenizer import SimpleTokenizer
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPProcessor
-    bpe = SimpleTokenizer()
-    openai_names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({openai_names.get(token, token): i for token, i in bpe.encoder.items()}, f, ensure_ascii=False)
-    merges = [" ".join(pair) for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    write_clip_tokenizer_files(folder)
     # read back by transformers' own class for a CLIP (config.json says which), whichever its version
     tokenizer = AutoTokenizer.from_pretrained(folder, model_max_length=config.text_config.max_position_embeddings)
     for where_it_was_read in ("is_local", "local_files_only"):  # not for a published tokenizer_config.json

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, TRAINING_MODES, InputError, add_model_flags,
-                        default_num_workers, load_model, load_weights, make_optimizer, run_cli, train_mode,
-                        trainable_parameters)
+                        check_free_space, default_num_workers, load_model, load_weights, make_optimizer, run_cli,
+                        train_mode, trainable_parameters)
 from data_set import PromptImagePair, drop_unreadable_pairs, load_pairs
 from encoding import pair_accuracy
 from losses import PairwiseLoss, TripletLoss
@@ -43,6 +43,8 @@ def save_checkpoint(accelerator, model, save_folder, names, save_format="pth"):
     Each file appears whole or not at all: written to a temporary name, then renamed.
     """
     state_dict = accelerator.get_state_dict(model)
+    check_free_space(save_folder, sum(v.numel() * (4 if v.is_floating_point() else v.element_size())
+                                      for v in state_dict.values()), f"{names[0]}.{save_format}")
     if accelerator.is_main_process:
         state_dict = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in state_dict.items()}
         paths = [os.path.join(save_folder, f"{name}.{save_format}") for name in names]
@@ -61,10 +63,12 @@ def save_checkpoint(accelerator, model, save_folder, names, save_format="pth"):
     accelerator.wait_for_everyone()
 
 
-def save_training_state(accelerator, save_folder, progress):
+def save_training_state(accelerator, save_folder, progress, optimizer):
     """accelerate's save_state (optimizer, RNG; the weights are in progress["checkpoint"]) plus our position, into a
     folder renamed into place when whole; only the newest such folder is kept."""
     final = os.path.join(save_folder, f"{STATE_PREFIX}{progress['step']}")
+    check_free_space(save_folder, sum(v.numel() * v.element_size() for state in optimizer.state.values()
+                                      for v in state.values() if isinstance(v, torch.Tensor)), os.path.basename(final))
     tmp = final + ".tmp"
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -309,7 +313,8 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
                 save_checkpoint(accelerator, step_model, save_folder, names, save_format)
                 save_training_state(accelerator, save_folder, {**progress, "epoch": epoch + epoch_end,
                                                                "batches_done": 0 if epoch_end else batch_index + 1,
-                                                               "checkpoint": f"{names[0]}.{save_format}"})
+                                                               "checkpoint": f"{names[0]}.{save_format}"},
+                                    optimizer)
     if progress["skipped_steps"]:
         accelerator.print(f"skipped {progress['skipped_steps']} steps with a non-finite loss")
     accelerator.end_training()

@@ -175,10 +175,17 @@ def test_bad_scorers_end_in_one_line_naming_the_spec(make, scorer, expected, sha
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
 
 
-def test_the_demos_comparison_shows_the_fine_tuned_model_ahead(tmp_path):
+def test_the_demo_shows_the_fine_tuned_model_ahead_and_enhancing_generators(tmp_path, capsys):
     from demo import run_demo
-    before, after = run_demo(str(tmp_path / "demo"), n_train=400, n_val=60, n_epochs=3)
+    result = run_demo(str(tmp_path / "demo"), n_train=400, n_val=60, n_epochs=3)
     table = pd.read_csv(tmp_path / "demo" / "comparison" / "table.csv").set_index("scorer")
     assert table.accuracy["after"] > table.accuracy["before"]
-    assert table.accuracy["after"] == pytest.approx(100 * after) and table.accuracy["before"] == pytest.approx(100 * before)
+    assert table.accuracy["after"] == pytest.approx(100 * result["after"])
+    assert table.accuracy["before"] == pytest.approx(100 * result["before"])
     assert (tmp_path / "demo" / "comparison" / "comparison.png").exists()
+    # best of 8 under the fine-tuned reward keeps far more images that draw their prompt than under the random one
+    shares = result["best_of_8"]
+    assert shares["after"] > shares["before"] + 0.2, shares
+    assert f"best of 8: {shares['before'] * 100:.0f}% -> {shares['after'] * 100:.0f}% draw their prompt" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "best_of_8.png").exists()
+    assert result["win_rate"] > 0.5  # the generator that follows its prompts more often ranks first
