@@ -12,7 +12,10 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import sys
+import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 
@@ -216,6 +219,30 @@ def _open_clip_quiet():
         logging.disable(logging.NOTSET)
 
 
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(timeout=3.0):
+    """Hugging Face hub downloads in offline mode (the hub library's own HF_HUB_OFFLINE switch) when one TCP connect
+    to the hub (or to the HTTPS proxy, if one is set) fails within `timeout` seconds: files already in the hub cache
+    are still used, and a machine without network gets its error in seconds, not after a minute of retried requests."""
+    from huggingface_hub import constants
+    before = constants.HF_HUB_OFFLINE
+    if not before:
+        hub = urllib.parse.urlparse(constants.ENDPOINT)
+        proxy = urllib.request.getproxies().get("https")
+        address = (hub.hostname, hub.port or 443)
+        if proxy and not urllib.request.proxy_bypass(hub.hostname):
+            proxy = urllib.parse.urlparse(proxy if "://" in proxy else "http://" + proxy)
+            address = (proxy.hostname, proxy.port or 80)
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+        except OSError:
+            constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def empty_model(name):
     """The model's structure on the meta device, no memory and no init: for weights that fill every tensor."""
     with torch.device("meta"), _open_clip_quiet():
@@ -248,7 +275,7 @@ def load_model(model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, checkout_path
             raise InputError(f"--pretrained {pretrained}: not a weights tag of {name} "
                              f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}), nor a file")
         try:
-            with _open_clip_quiet():
+            with _open_clip_quiet(), _hub_offline_unless_reachable():
                 clip = open_clip.create_model(name, pretrained=pretrained, **tower_settings(name))
         except RuntimeError:
             raise InputError(f"could not download the '{pretrained}' weights of {name} (no network, or not in the hub cache); "

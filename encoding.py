@@ -1,6 +1,7 @@
 """Images and prompts in, scores out: the one piece of code every script encodes with (validation, scoring, comparison,
 generator evaluation, best-of-N, the trunk cache's fill). It works on what a scorers.Scorer holds: a model with
-`encode_image(images, normalize=True)` and `encode_text(tokens, normalize=True)`, its preprocess and tokenizer.
+`encode_image(images, normalize=True)` and `encode_text(tokens, normalize=True)`, its preprocess and tokenizer; or, for
+a model whose text encoder attends to the image (ImageReward), `encode_image` and `pair_scores` (see attended_scores).
 
     features = encode_images(model, preprocess, ["a.png", "b.png"], "cpu")
     scores = prompt_image_scores(model, preprocess, tokenizer, ["a cat", "a dog"], ["a.png", "b.png"], "cpu")
@@ -154,11 +155,42 @@ def prompt_image_scores(model, preprocess, tokenizer, prompts, images, device, b
     distinct_prompts = pd.Index(pd.unique(requests.prompt))
     # no encode call holds more images than the original's did (a batch of pairs' images): larger calls are slower
     # on a CPU, and the set of distinct images can be twice the number of pairs
-    image_features = encode_images(model, preprocess, distinct, device, min(batch_size, max(len(requests) // 2, 1)),
-                                   num_workers, progress, first_seen["where"].values[order].tolist(), fast_decode)
+    image_batch = min(batch_size, max(len(requests) // 2, 1))
+    if hasattr(model, "pair_scores"):
+        return attended_scores(model, preprocess, tokenizer, requests, distinct, device, image_batch, num_workers,
+                               progress, first_seen["where"].values[order].tolist(), fast_decode)
+    image_features = encode_images(model, preprocess, distinct, device, image_batch, num_workers, progress,
+                                   first_seen["where"].values[order].tolist(), fast_decode)
     text_features = encode_prompts(model, tokenizer, distinct_prompts, device, batch_size)
     return (text_features[distinct_prompts.get_indexer(requests.prompt)]
             * image_features[distinct.get_indexer(requests.image)]).sum(1)
+
+
+@torch.no_grad()
+def attended_scores(model, preprocess, tokenizer, requests, distinct, device, batch_size, num_workers=0, progress=True,
+                    wheres=None, fast_decode=False):
+    """prompt_image_scores for a model whose text encoder attends to the image (ImageReward: `encode_image` gives the
+    image's tokens, `pair_scores(image_features, tokens)` a score per row). Each distinct image is encoded once, and
+    the requests on a batch of images are scored, batch_size rows at a time, while that batch's tokens are held: one
+    image's tokens are 197 x 1024 floats at ViT-L/16, so every image's at once would not fit for a large source.
+    `requests`: a DataFrame with a prompt and an image column; `distinct`: a pd.Index of its images, in encoding order."""
+    image_of = distinct.get_indexer(requests.image)
+    by_image = np.argsort(image_of, kind="stable")  # the requests in the order their images are encoded
+    starts = np.searchsorted(image_of[by_image], np.arange(len(distinct) + 1))  # image i's: starts[i]:starts[i + 1]
+    prompts = requests.prompt.values
+    scores = torch.empty(len(requests))
+    loader = DataLoader(ImageFiles(list(distinct), preprocess, wheres, fast_decode), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
+    first = 0
+    for images in tqdm(loader, desc="images", disable=not progress):
+        image_features = model.encode_image(images.to(device), normalize=True)
+        rows = by_image[starts[first]:starts[first + len(images)]]
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            tokens = tokenizer(prompts[chunk].tolist()).to(device)
+            scores[chunk] = model.pair_scores(image_features[image_of[chunk] - first], tokens).float().cpu()
+        first += len(images)
+    return scores
 
 
 def pair_scores(model, preprocess, tokenizer, pairs, device, batch_size=1024, num_workers=0, progress=True,

@@ -1,15 +1,20 @@
-"""Reward models side by side: our CLIP checkpoints, HPS v2, PickScore and the LAION aesthetic predictor, from local files.
+"""Reward models side by side: our CLIP checkpoints, HPS v2, PickScore, the LAION aesthetic predictor and ImageReward,
+from local files.
 
     scorer = load_scorer("clip:clip_epoch_4_global_step_final.pth")                  # ours (OpenAI format)
     scorer = load_scorer("clip:openai")                                              # OpenAI's ViT-L/14
     scorer = load_scorer("hpsv2:HPS_v2.1_compressed.pt")                             # {"state_dict": open_clip ViT-H-14}
     scorer = load_scorer("pickscore:PickScore_v1/")                                  # transformers CLIPModel folder
     scorer = load_scorer("aesthetic:sac+logos+ava1-l14-linearMSE.pth,clip=ViT-L-14.pt")
+    scorer = load_scorer("imagereward:ImageReward.pt,tokenizer=bert-base-uncased/")
 
 A Scorer is what encoding.py (and so every script) uses of a model: `model.encode_image(images, normalize=True)`
 and `model.encode_text(tokens, normalize=True)`, whose row-wise dot product orders the images as the model does;
 `preprocess` and `tokenizer`; `score_scale`, which turns that dot product into the model's own score (PickScore's
-logit_scale.exp()); `softmax_scale`, the logit scale of Pick-a-Pic's tie-aware metric.
+logit_scale.exp()); `softmax_scale`, the logit scale of Pick-a-Pic's tie-aware metric; `tensor_preprocess`, the
+preprocessing of a float tensor B x 3 x H x W in [0, 1], differentiable (for a reward's gradient).
+A model whose text encoder attends to the image (ImageReward) has no encode_text: `encode_image` gives its image tokens
+and `pair_scores(image_features, tokens)` the score of each row; encoding.py scores it pair by pair.
 """
 import os
 from dataclasses import dataclass
@@ -21,10 +26,13 @@ from torch import nn
 import torchvision.transforms.functional as TF
 from torchvision.transforms import Compose, InterpolationMode, Normalize, ToTensor
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.transform import MaybeConvertMode
 
 from clip_model import DEFAULT_MODEL, InputError, load_model, read_state_dict
+from imagereward import REWARD_STD, load_imagereward
 
-KINDS = {"clip": ("model",), "hpsv2": ("model",), "pickscore": (), "aesthetic": ("clip", "model")}
+KINDS = {"clip": ("model",), "hpsv2": ("model",), "pickscore": (), "aesthetic": ("clip", "model"),
+         "imagereward": ("tokenizer", "med_config")}
 
 
 @dataclass
@@ -70,6 +78,8 @@ def check_spec(spec):
     if not os.path.isfile(path):
         raise InputError(f"--scorer {spec}: {path}: no such weights file" +
                          (" (a folder: a PickScore model? use pickscore:)" if os.path.isdir(path) else ""))
+    if kind == "imagereward":
+        check_imagereward_files(spec, options)
     if kind == "aesthetic" and "clip" not in options:
         raise InputError(f"--scorer {spec}: the aesthetic predictor needs the CLIP it reads: clip=PATH (OpenAI ViT-L/14 "
                          f"weights) or clip=openai")
@@ -95,6 +105,21 @@ def parse_named_scorers(named_specs):
     return scorers
 
 
+def check_imagereward_files(spec, options):
+    """ImageReward's tokenizer folder (BERT's vocabulary) and its optional med_config.json exist."""
+    folder = options.get("tokenizer")
+    if not folder:
+        raise InputError(f"--scorer {spec}: ImageReward needs BERT's tokenizer: tokenizer=DIR (bert-base-uncased as "
+                         f"save_pretrained writes it)")
+    if not os.path.isdir(folder):
+        raise InputError(f"--scorer {spec}: tokenizer={folder}: no such folder")
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in ("vocab.txt", "tokenizer.json")):
+        raise InputError(f"--scorer {spec}: tokenizer={folder} has no vocab.txt nor tokenizer.json: not a BERT "
+                         f"tokenizer folder")
+    if "med_config" in options and not os.path.isfile(options["med_config"]):
+        raise InputError(f"--scorer {spec}: med_config={options['med_config']}: no such file")
+
+
 def clip_scorer(model=DEFAULT_MODEL, pretrained="openai", checkout_path=None, device="cpu"):
     """Our CLIP (the scripts' --model, --pretrained, --checkout_path): its score is the cosine similarity."""
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path, device)
@@ -115,6 +140,13 @@ def load_scorer(spec, device="cpu"):
         model = PickScoreModel(path).to(device).eval()
         return Scorer(model, model.preprocess, open_clip.get_tokenizer(DEFAULT_MODEL), model.scale, model.scale,
                       ResizeShortestAndCrop(model.size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
+    if kind == "imagereward":
+        model, preprocess, tokenizer = load_imagereward(path, options["tokenizer"], options.get("med_config"), device)
+        # ImageReward was trained with a softmax over the MLP's outputs of the two images; its reward is that output
+        # divided by REWARD_STD, so REWARD_STD * reward gives back the model's own preference probabilities.
+        # On tensors, as ImageReward's ReFL feeds its score_gard: Resize(224), CenterCrop(224), Normalize
+        return Scorer(model, preprocess, tokenizer, 1.0, REWARD_STD,
+                      ResizeShortestAndCrop(model.image_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
     clip, preprocess, tokenizer = load_model(options.get("model", DEFAULT_MODEL), options["clip"], None, device)
     return Scorer(AestheticPredictor(clip, path).to(device).eval(), preprocess, tokenizer, 1.0, 1.0,
                   open_clip_tensor_preprocess(clip))
@@ -170,7 +202,7 @@ def hps_preprocess(size=224):
 
 class PickScoreModel(nn.Module):
     """A transformers CLIPModel folder (PickScore_v1) scored as PickScore does: logit_scale.exp() * cos(text, image).
-    Its processor is CLIP's: shortest side to the model's size (bicubic), centre crop, OpenAI mean/std; CLIP's BPE."""
+    Its processor is CLIP's: RGB, shortest side to the model's size (bicubic), centre crop, OpenAI mean/std; CLIP's BPE."""
 
     def __init__(self, folder):
         super().__init__()
@@ -181,8 +213,10 @@ class PickScoreModel(nn.Module):
             raise InputError(f"pickscore:{folder}: not a transformers CLIPModel folder ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:160]})") from None
         self.size = size = self.clip.config.vision_config.image_size
-        self.preprocess = open_clip.image_transform(size, is_train=False, mean=OPENAI_DATASET_MEAN,
-                                                    std=OPENAI_DATASET_STD)
+        # RGB first, as PickScore's evaluation and CLIP's processor do: PIL resizes a palette or 1-bit image with
+        # nearest neighbour whatever the filter asked for
+        self.preprocess = Compose([MaybeConvertMode("RGB"), *open_clip.image_transform(
+            size, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD).transforms])
         self.scale = self.clip.logit_scale.exp().item()
 
     @staticmethod
