@@ -107,7 +107,7 @@ def main():
     parser.add_argument("--image_root", default=None,
                         help="the image folder of an HPD v2 or ImageReward json (default: beside the json)")
     parser.add_argument("--scorer", default=None, help="another reward model, KIND:PATH[,key=value]: clip:, hpsv2:, "
-                        "pickscore:, aesthetic: (see scorers.py); default: --model, --pretrained, --checkout_path")
+                        "pickscore:, aesthetic:, imagereward: (see scorers.py); default: --model, --pretrained, --checkout_path")
     parser.add_argument("--tie_threshold", type=float, default=0.0,
                         help="Pick-a-Pic: predict a tie when the two images' probabilities differ by at most this")
     args = parser.parse_args()
