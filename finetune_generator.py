@@ -14,14 +14,12 @@ The result is diffusers LoRA weights: `pipeline.load_lora_weights(save_folder)`.
 --mixed_precision come from `accelerate launch` (or the flag here); --batch_size is per process.
 """
 import argparse
-import csv
 import glob
 import json
 import os
 import random
 import shutil
 
-import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -33,6 +31,7 @@ from clip_model import InputError, check_free_space, run_cli
 from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, decode, generate_images, load_pipeline,
                         lora_state_dict, noise_seed, read_prompts, sample_latents, set_lora_state_dict, start_noise,
                         text_embeddings, to_pil)
+from metrics_log import MetricsLog
 
 METHODS = ("draft", "refl")
 METRICS = ("step", "loss", "reward", "val_reward")
@@ -206,29 +205,6 @@ def find_checkpoint(resume_from_checkpoint, save_folder, run):
 
 # ---- metrics and validation ----------------------------------------------------------------------------------------
 
-class MetricsLog:
-    """save_folder/metrics.csv, a row per optimizer step (step 0: the validation before training), and the same to
-    accelerate's trackers."""
-
-    def __init__(self, accelerator, save_folder, resumed_step, tracker_config=None):
-        self.accelerator, self.path = accelerator, os.path.join(save_folder, "metrics.csv")
-        if tracker_config:
-            accelerator.init_trackers("social_reward_generator", config=tracker_config)
-        if accelerator.is_main_process:
-            if resumed_step is not None and os.path.exists(self.path):  # drop the steps a killed run did not save
-                rows = pd.read_csv(self.path)
-                rows[rows.step <= resumed_step].to_csv(self.path, index=False)
-            else:
-                with open(self.path, "w", newline="") as f:
-                    csv.writer(f).writerow(METRICS)
-
-    def log(self, **row):
-        self.accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
-        if self.accelerator.is_main_process:
-            with open(self.path, "a", newline="") as f:
-                csv.writer(f).writerow(["" if row.get(k) is None else row[k] for k in METRICS])
-
-
 def validation(accelerator, pipeline, rewards, validation_prompts, save_folder, resolution, sampling_steps,
                guidance_scale, seed):
     """validate(step): the mean reward of the validation prompts' images (each from the noise generate.py gives
@@ -309,8 +285,8 @@ def finetune_generator(pretrained_model, prompts, scorer, reward_weights=None, m
     if checkpoint:
         accelerator.load_state(checkpoint)
         accelerator.print(f"resuming from {checkpoint}: step {progress['step']}")
-    metrics = MetricsLog(accelerator, save_folder, progress["step"] if checkpoint else None,
-                         report_to and {k: v for k, v in run.items() if not isinstance(v, list)})
+    metrics = MetricsLog(accelerator, save_folder, METRICS, progress["step"] if checkpoint else None,
+                         "social_reward_generator", report_to and {k: v for k, v in run.items() if not isinstance(v, list)})
     validate = validation(accelerator, pipeline, rewards, val_prompts, save_folder, resolution, sampling_steps,
                           guidance_scale, seed)
     if not checkpoint:

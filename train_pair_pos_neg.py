@@ -8,7 +8,6 @@ Devices, processes and --mixed_precision come from `accelerate launch` (or its c
 --gradient_accumulation_steps here, or from accelerate (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, a DeepSpeed config).
 """
 import argparse
-import csv
 import glob
 import json
 import os
@@ -28,6 +27,7 @@ from data_set import (DEFAULT_SHUFFLE_WINDOW, SHUFFLES, PromptImagePair, drop_un
                       pair_order)
 from encoding import pair_accuracy
 from losses import PairwiseLoss, TripletLoss
+from metrics_log import MetricsLog
 from pair_sources import read_source
 from trunk_cache import STORAGE_DTYPES, CachedTriplets, TowerHeads, TrunkCache, tower_splits
 
@@ -122,29 +122,6 @@ def restore_state(accelerator, state_dir, progress, sharded):
     if state_dir:
         accelerator.load_state(state_dir)
         accelerator.print(f"resuming from {state_dir}: epoch {progress['epoch']}, step {progress['step']}")
-
-
-class MetricsLog:
-    """save_folder/metrics.csv, a row per optimizer step, and the same to accelerate's trackers (--report_to), which
-    start with `tracker_config` when given."""
-
-    def __init__(self, accelerator, save_folder, resumed_step, tracker_config=None):
-        self.accelerator, self.path = accelerator, os.path.join(save_folder, "metrics.csv")
-        if tracker_config:
-            accelerator.init_trackers("social_reward", config=tracker_config)
-        if accelerator.is_main_process:
-            if resumed_step is not None and os.path.exists(self.path):  # drop the steps a killed run did not save
-                rows = pd.read_csv(self.path)
-                rows[rows.step <= resumed_step].to_csv(self.path, index=False)
-            else:
-                with open(self.path, "w", newline="") as f:
-                    csv.writer(f).writerow(METRICS)
-
-    def log(self, **row):
-        self.accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
-        if self.accelerator.is_main_process:
-            with open(self.path, "a", newline="") as f:
-                csv.writer(f).writerow(["" if row.get(k) is None else row[k] for k in METRICS])
 
 
 def without_unreadable_pairs(accelerator, source, skip_bad_images):
@@ -285,7 +262,7 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
     if accelerator.is_main_process:
         os.makedirs(save_folder, exist_ok=True)
     restore_state(accelerator, state_dir, progress, sharded)
-    metrics = MetricsLog(accelerator, save_folder, progress["step"] if state_dir else None, report_to and {
+    metrics = MetricsLog(accelerator, save_folder, METRICS, progress["step"] if state_dir else None, "social_reward", report_to and {
         "training_mode": training_mode, "batch_size": batch_size, "n_epochs": n_epochs, "loss_name": loss_name,
         "learning_rate": learning_rate, "model": model, "num_processes": accelerator.num_processes})
     validate = validation(accelerator, step_model, preprocess, tokenizer, validation_pairs, num_workers, fast_decode)

@@ -51,3 +51,20 @@ def assert_same_steps(ours, expected, start, learning_rate):
         clear_elements += clear.sum().item()
         moved_elements += (expected_step != 0).sum().item()  # e.g. embeddings of tokens never seen do not move
     assert clear_elements > 0.75 * moved_elements, (clear_elements, moved_elements)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread for a module of tiny diffusion models: their kernels are too small to share, and idle threads spin
+    on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """A tiny Stable Diffusion pipeline (random weights, SD's layout) saved with save_pretrained, loaded by path."""
+    from generators import make_tiny_pipeline
+    return make_tiny_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))

@@ -16,26 +16,15 @@ from safetensors.torch import load_file
 import finetune_generator
 from clip_model import InputError, load_model
 from finetune_generator import Rewards, finetune_generator as finetune, method_loss, refl_stop
-from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, generate_images, load_pipeline,
-                        make_tiny_pipeline, read_prompts, start_noise)
+from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, generate_images, load_pipeline, read_prompts,
+                        start_noise)
 
 PROMPTS = ["a red circle", "two blue squares", "three green triangles", "one yellow square"]
 # tiny sizes: 32 px images (16 x 16 latents), 4 DDIM steps, no classifier-free guidance unless a test needs it
 TINY_RUN = dict(sampling_steps=4, resolution=32, guidance_scale=1.0, learning_rate=1e-2, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: the tiny models' kernels are too small to share, and idle threads spin on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    return make_tiny_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

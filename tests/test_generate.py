@@ -8,23 +8,13 @@ from PIL import Image
 
 from clip_model import InputError
 from generate import generate
-from generators import add_lora, load_pipeline, make_tiny_pipeline, start_noise
+from generators import add_lora, load_pipeline, start_noise
 
 PROMPTS = ["a red circle", "two blue squares", "three green triangles"]
 TINY = dict(resolution=32, sampling_steps=4, guidance_scale=7.5, seed=3, device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    return make_tiny_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
