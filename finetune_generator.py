@@ -31,7 +31,7 @@ from clip_model import InputError, check_free_space, run_cli
 from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, decode, generate_images, load_pipeline,
                         lora_state_dict, noise_seed, read_prompts, sample_latents, set_lora_state_dict, start_noise,
                         text_embeddings, to_pil)
-from metrics_log import MetricsLog
+from run_state import MetricsLog, save_state_whole
 
 METHODS = ("draft", "refl")
 METRICS = ("step", "loss", "reward", "val_reward")
@@ -154,17 +154,7 @@ def save_checkpoint(accelerator, save_folder, progress, nbytes):
     written under a temporary name and renamed when whole; a disk without room for it is refused before writing."""
     final = os.path.join(save_folder, f"checkpoint-{progress['step']}")
     check_free_space(save_folder, nbytes, f"checkpoint-{progress['step']}")
-    tmp = final + ".tmp"
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, "progress.json"), "w") as f:
-            json.dump(progress, f)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    save_state_whole(accelerator, final, progress)
     accelerator.wait_for_everyone()
 
 

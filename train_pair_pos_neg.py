@@ -27,8 +27,8 @@ from data_set import (DEFAULT_SHUFFLE_WINDOW, SHUFFLES, PromptImagePair, drop_un
                       pair_order)
 from encoding import pair_accuracy
 from losses import PairwiseLoss, TripletLoss
-from metrics_log import MetricsLog
 from pair_sources import read_source
+from run_state import MetricsLog, save_state_whole
 from trunk_cache import STORAGE_DTYPES, CachedTriplets, TowerHeads, TrunkCache, tower_splits
 
 LOSSES = {"triplet": TripletLoss, "pairwise": PairwiseLoss}
@@ -70,17 +70,8 @@ def save_training_state(accelerator, save_folder, progress, optimizer):
     final = os.path.join(save_folder, f"{STATE_PREFIX}{progress['step']}")
     check_free_space(save_folder, sum(v.numel() * v.element_size() for state in optimizer.state.values()
                                       for v in state.values() if isinstance(v, torch.Tensor)), os.path.basename(final))
-    tmp = final + ".tmp"
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
+    save_state_whole(accelerator, final, progress)
     if accelerator.is_main_process:
-        with open(os.path.join(tmp, "progress.json"), "w") as f:
-            json.dump(progress, f)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         for older in glob.glob(os.path.join(save_folder, f"{STATE_PREFIX}*")):
             if older != final and not older.endswith(".tmp"):
                 shutil.rmtree(older)
