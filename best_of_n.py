@@ -14,6 +14,7 @@ import os
 import shutil
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from clip_model import (PRECISIONS, InputError, default_device, default_num_workers, inference_precision,
@@ -85,8 +86,15 @@ def best_of_n(candidates, scorer, top_k=1, out="best_of_n", device=None, batch_s
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     inference_precision(device, precision)
     check_spec(scorer)
-    check_new_folder(out, overwrite)
-    candidates = read_generations(candidates, need_generator=False).reset_index(drop=True)
+    tables = [candidates] if isinstance(candidates, (str, pd.DataFrame)) else list(candidates)
+    candidates = read_generations(tables, need_generator=False).reset_index(drop=True)
+    # --overwrite must never replace the folder the candidates are read from
+    inputs = {t for t in tables if isinstance(t, str)} | {os.path.dirname(i) for i in candidates.image if isinstance(i, str)}
+    check_new_folder(out, overwrite, keep=sorted(inputs))
+    repeated = candidates.duplicated(["prompt", "image"])
+    if repeated.any():  # the same image twice for a prompt would be kept twice
+        print(f"{repeated.sum()} candidates repeat an image already given for their prompt: each is scored and kept once")
+        candidates = candidates[~repeated].reset_index(drop=True)
     candidates["score"] = score_candidates(candidates, scorer, device, batch_size, num_workers, fast_decode,
                                            precision)
     kept, short = keep_best(candidates, top_k)

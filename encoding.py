@@ -177,19 +177,27 @@ def attended_scores(model, preprocess, tokenizer, requests, distinct, device, ba
     image_of = distinct.get_indexer(requests.image)
     by_image = np.argsort(image_of, kind="stable")  # the requests in the order their images are encoded
     starts = np.searchsorted(image_of[by_image], np.arange(len(distinct) + 1))  # image i's: starts[i]:starts[i + 1]
-    prompts = requests.prompt.values
+    prompts, wheres = requests.prompt.values, wheres or [None] * len(distinct)
+
+    def score_share(share):
+        """The scores of the requests on the distinct images `share` (a range), in by_image's order."""
+        scores = torch.empty(starts[share.stop] - starts[share.start])
+        loader = DataLoader(ImageFiles(list(distinct[share.start:share.stop]), preprocess,
+                                       wheres[share.start:share.stop], fast_decode), batch_size=batch_size,
+                            num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
+        first = share.start
+        for images in tqdm(loader, desc="images", disable=not (progress and is_main_process())):
+            image_features = model.encode_image(images.to(device), normalize=True)
+            for i in range(starts[first], starts[first + len(images)], batch_size):
+                chunk = by_image[i:min(i + batch_size, starts[first + len(images)])]
+                tokens = tokenizer(prompts[chunk].tolist()).to(device)
+                scores[i - starts[share.start]:i - starts[share.start] + len(chunk)] = model.pair_scores(
+                    image_features[image_of[chunk] - first], tokens).float().cpu()
+            first += len(images)
+        return scores
+
     scores = torch.empty(len(requests))
-    loader = DataLoader(ImageFiles(list(distinct), preprocess, wheres, fast_decode), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
-    first = 0
-    for images in tqdm(loader, desc="images", disable=not progress):
-        image_features = model.encode_image(images.to(device), normalize=True)
-        rows = by_image[starts[first]:starts[first + len(images)]]
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
-            tokens = tokenizer(prompts[chunk].tolist()).to(device)
-            scores[chunk] = model.pair_scores(image_features[image_of[chunk] - first], tokens).float().cpu()
-        first += len(images)
+    scores[torch.from_numpy(by_image)] = across_processes(score_share, range(len(distinct)))  # several: a share each
     return scores
 
 

@@ -15,6 +15,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -172,14 +173,18 @@ def evaluate_generators(generations, scorers, out="generators", prompts=None, pr
     board, rates = leaderboard(scores), win_rates(scores)
     if not is_main_process():
         return board, rates
-    board.to_csv(os.path.join(out, "leaderboard.csv"), index=False)
-    with open(os.path.join(out, "leaderboard.md"), "w") as f:
-        f.write(leaderboard_markdown(board))
-    rates.to_csv(os.path.join(out, "winrates.csv"), index=False)
-    scores.assign(image=scores.image.map(describe)).to_parquet(os.path.join(out, "scores.parquet"))
+    written = {"leaderboard.csv": lambda path: board.to_csv(path, index=False),
+               "leaderboard.md": lambda path: Path(path).write_text(leaderboard_markdown(board)),
+               "winrates.csv": lambda path: rates.to_csv(path, index=False),
+               "scores.parquet": lambda path: scores.assign(image=scores.image.map(describe)).to_parquet(path)}
     picked = shown_items(scores, prompts_shown)
     if picked:
-        comparison_picture(picked, os.path.join(out, "generators.png"))
+        written["generators.png"] = lambda path: comparison_picture(picked, path, image_format="png")
+    elif os.path.exists(os.path.join(out, "generators.png")):
+        os.remove(os.path.join(out, "generators.png"))  # an earlier run's picture would show other generations
+    for name, write in written.items():  # each file whole: a temporary name, then renamed
+        write(os.path.join(out, name + ".tmp"))
+        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
     return board, rates
 
 
@@ -207,7 +212,7 @@ def main():
     for row in rates.itertuples():
         print(f"{row.scorer}: {row.generator} over {row.other}: {100 * row.win_rate:.1f}% "
               f"[{100 * row.ci_low:.1f}, {100 * row.ci_high:.1f}] of {row.items} items")
-    print(f"written: {', '.join(os.path.join(args.out, f) for f in OUTPUTS[:5])}")
+    print(f"written: {', '.join(os.path.join(args.out, f) for f in OUTPUTS[:5] if os.path.exists(os.path.join(args.out, f)))}")
 
 
 if __name__ == "__main__":

@@ -72,12 +72,21 @@ def _table(frame, where, folder, need_generator):
         if empty.any():
             raise InputError(f"{where}: row {frame.index[empty.values.argmax()]}: empty {column!r}")
     if "sample" in frame:
-        table["sample"] = frame["sample"].astype(int).values
+        sample = pd.to_numeric(frame["sample"], errors="coerce")
+        bad = sample.isna() | (sample != sample.round()) | (sample < 0)
+        if bad.any():
+            raise InputError(f"{where}: row {frame.index[bad.values.argmax()]}: 'sample' is "
+                             f"{str(frame['sample'][bad].iloc[0])!r}, not a whole number >= 0")
+        table["sample"] = sample.astype(int).values
     else:  # the order of appearance within a generator and prompt
         table["sample"] = table.groupby(["generator", "style", "prompt"], sort=False).cumcount()
     if folder is not None:
         table["image"] = [os.path.join(folder, image) if isinstance(image, str) and not os.path.isabs(image) else image
                           for image in table.image]
+    missing = [i for i, image in enumerate(table.image) if isinstance(image, str) and not os.path.isfile(image)]
+    if missing:
+        raise InputError(f"{where}: row {frame.index[missing[0]]}: no such image file {table.image[missing[0]]}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return table[COLUMNS]
 
 
@@ -97,7 +106,7 @@ def _hps_layout(root, prompts):
         if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
             raise InputError(f"{path}: not a JSON list of prompts")
         styles[os.path.splitext(os.path.basename(path))[0]] = listed
-    subfolders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    subfolders = _folders(root)
     # ROOT is one generator when its folders are styles, else a folder of generators
     if subfolders and all(d in styles for d in subfolders):
         generators = {os.path.basename(os.path.normpath(root)): root}
@@ -105,9 +114,11 @@ def _hps_layout(root, prompts):
         generators = {d: os.path.join(root, d) for d in subfolders}
     if not generators:
         raise InputError(f"{root}: no generator folders (ROOT/<generator>/<style>/<index:05d>.jpg)")
+    # a prompt listed twice in a style is two samples of it: sample k is its k-th place in the list
+    occurrence = {style: pd.Series(listed).groupby(listed).cumcount().tolist() for style, listed in styles.items()}
     rows, notes = [], []
     for generator, folder in generators.items():
-        style_folders = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+        style_folders = _folders(folder)
         if not style_folders:
             raise InputError(f"{folder}: generator {generator!r} has no style folders")
         for style in style_folders:
@@ -124,15 +135,19 @@ def _hps_layout(root, prompts):
                 if int(stem) >= len(styles[style]):
                     raise InputError(f"{os.path.join(folder, style, name)}: index {int(stem)} has no prompt "
                                      f"({style}.json lists {len(styles[style])})")
-                rows.append((generator, style, styles[style][int(stem)], int(stem), os.path.join(folder, style, name)))
+                rows.append((generator, style, styles[style][int(stem)], occurrence[style][int(stem)],
+                             os.path.join(folder, style, name)))
             if len(images) < len(styles[style]):  # HPS v2 skips a missing image too, and says so
                 notes.append(f"{generator}/{style}: {len(styles[style]) - len(images)} of {len(styles[style])} "
                              f"prompts have no image")
     table = pd.DataFrame(rows, columns=COLUMNS)
-    # a prompt listed twice in a style is two samples of it (the sample column held the index until here)
-    table["sample"] = table.sort_values("sample").groupby(["generator", "style", "prompt"]).cumcount()
     table.attrs["notes"] = notes
     return table
+
+
+def _folders(path):
+    """The folders in `path`, by name, leaving out hidden ones (.ipynb_checkpoints and the like)."""
+    return sorted(d for d in os.listdir(path) if not d.startswith(".") and os.path.isdir(os.path.join(path, d)))
 
 
 def shared_items(generations):

@@ -37,10 +37,12 @@ def image_identity(ref):
 
 
 def setting_key(spec, fast_decode=False, precision="fp32"):
-    """A name for everything that changes a scorer's scores: its spec, its weights file's modification time, the
-    decoding and the precision."""
-    weights = spec.split(":", 1)[1].split(",")[0]
-    changed = os.path.getmtime(weights) if os.path.exists(weights) else None
+    """A name for everything that changes a scorer's scores: its spec, the modification times of every file it names
+    (the weights; a folder's files; model=, tokenizer=, med_config= files), the decoding and the precision."""
+    path, *options = spec.split(":", 1)[1].split(",")
+    named = [path] + [option.partition("=")[2] for option in options]
+    changed = [max([os.path.getmtime(os.path.join(p, f)) for f in os.listdir(p)] or [0]) if os.path.isdir(p)
+               else os.path.getmtime(p) if os.path.exists(p) else None for p in named]
     settings = [spec, changed, fast_decode] + ([precision] if precision != "fp32" else [])
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
 
@@ -48,28 +50,31 @@ def setting_key(spec, fast_decode=False, precision="fp32"):
 class KeptScores:
     """One scorer's kept scores in `folder` (see the module's docstring)."""
 
-    def __init__(self, folder, name, spec, fast_decode=False, precision="fp32"):
+    def __init__(self, folder, name, spec, fast_decode=False, precision="fp32", chunk=4096):
+        self.chunk = chunk
         self.path = os.path.join(folder, f"{name}-{setting_key(spec, fast_decode, precision)}.parquet")
         self.table = pd.read_parquet(self.path) if os.path.isfile(self.path) else pd.DataFrame(
             {"prompt": pd.Series(dtype=str), "image": pd.Series(dtype=str), "score": pd.Series(dtype="float32")})
         self.scales = json.loads(self.table.attrs.get("scales", "null")) if "scales" in self.table.attrs else None
 
     def scores(self, prompts, images, score_missing):
-        """The score of each (prompts[k], images[k]) as a float32 tensor. score_missing(indices) -> (scores, scales)
-        is called once, if any request is not kept yet, with the indices of the distinct missing ones; `scales` are
-        the scorer's {"score_scale", "softmax_scale"}, kept with the scores."""
+        """The score of each (prompts[k], images[k]) as a float32 tensor. score_missing(indices, total) -> (scores,
+        scales) is called with the indices of the distinct requests not kept yet, `chunk` at a time, and the file rewritten
+        after each; `scales` are the scorer's {"score_scale", "softmax_scale"}, kept with the scores."""
         keys = pd.MultiIndex.from_arrays([list(prompts), [image_identity(ref) for ref in images]])
         kept = pd.MultiIndex.from_frame(self.table[["prompt", "image"]])
         missing = ~keys.isin(kept)
-        if missing.any():
-            first = np.flatnonzero(missing & ~keys.duplicated())
-            new_scores, self.scales = score_missing(first)
-            new = pd.DataFrame({"prompt": keys.get_level_values(0)[first], "image": keys.get_level_values(1)[first],
+        first = np.flatnonzero(missing & ~keys.duplicated())
+        for start in range(0, len(first), self.chunk):  # kept after each chunk: an interrupted run loses one at most
+            chunk = first[start:start + self.chunk]
+            new_scores, self.scales = score_missing(chunk, len(first))
+            new = pd.DataFrame({"prompt": keys.get_level_values(0)[chunk], "image": keys.get_level_values(1)[chunk],
                                 "score": np.asarray(new_scores, dtype=np.float32)})
             self.table = pd.concat([self.table, new], ignore_index=True)
             if is_main_process():  # every process holds the same table; one writes it
                 self._write()
             wait_for_everyone()
+        if len(first):
             kept = pd.MultiIndex.from_frame(self.table[["prompt", "image"]])
         return torch.from_numpy(self.table.score.values[kept.get_indexer(keys)].astype(np.float32))
 
@@ -85,11 +90,14 @@ def kept_prompt_image_scores(folder, name, spec, prompts, images, wheres, device
     """encoding.prompt_image_scores under the scorer `spec`, through the scores kept in `folder`: the scorer loads and
     encodes only when some request is not kept yet. Returns (scores, {"score_scale", "softmax_scale"})."""
     kept = KeptScores(folder, name, spec, fast_decode, precision)
+    scorer = None
 
-    def score_missing(indices):
-        if is_main_process():
-            print(f"{name}: scoring {len(indices)} (prompt, image) pairs not kept in {folder} yet")
-        scorer = load_scorer(spec, device)
+    def score_missing(indices, total):
+        nonlocal scorer
+        if scorer is None:  # loaded only when something is missing, and once
+            if is_main_process():
+                print(f"{name}: scoring {total} (prompt, image) pairs not kept in {folder} yet")
+            scorer = load_scorer(spec, device)
         with inference_precision(device, precision):
             scores = prompt_image_scores(scorer.model, scorer.preprocess, scorer.tokenizer,
                                          [prompts[i] for i in indices], [images[i] for i in indices], device,

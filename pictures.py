@@ -4,7 +4,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pair_sources import image_file
 
 
-def comparison_picture(picked, path, thumb=192):
+def comparison_picture(picked, path, thumb=192, image_format=None):
     """One row per prompt, one column per name (a scorer, a generator): picked is [(prompt, {name: (image, score)})],
     each image captioned with its name and score."""
     names = list(picked[0][1])
@@ -19,4 +19,4 @@ def comparison_picture(picked, path, thumb=192):
             with Image.open(image_file(image_ref)) as image:
                 sheet.paste(ImageOps.pad(image.convert("RGB"), (thumb, thumb), color="white"), (c * thumb, y + header))
             draw.text((c * thumb + 6, y + header + thumb + 4), f"{name}: {score:.4f}", fill="black", font=font)
-    sheet.save(path)
+    sheet.save(path, format=image_format)

@@ -45,6 +45,8 @@ def as_image_tensor(images):
     if not images.is_floating_point() or images.dim() != 4 or images.shape[1] != 3:
         raise InputError(f"images: expected a float tensor B x 3 x H x W in [0, 1], got {images.dtype} of shape "
                          f"{tuple(images.shape)}")
+    if images.dtype in (torch.float16, torch.bfloat16):  # an fp16 VAE's output: the reward computes in float32
+        images = images.float()
     low, high = images.detach().aminmax()
     if low < 0 or high > 1:
         raise InputError(f"images: values must lie in [0, 1], found [{low.item():.3g}, {high.item():.3g}] "

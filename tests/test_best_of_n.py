@@ -111,3 +111,21 @@ def test_bad_input_ends_in_one_line_and_writes_nothing(candidates, tiny_init, tm
     assert result.returncode == 0, result.stderr[-1500:]
     assert "mean score:" in result.stdout and "over the 2 kept" in result.stdout
     assert "mine.txt" not in os.listdir(taken) and len(read_metadata(taken)) == 2
+
+
+def test_overwrite_never_replaces_the_folder_the_candidates_come_from(candidates, tiny_init, tmp_path):
+    table = tmp_path / "candidates" / "candidates.parquet"
+    candidates.to_parquet(table)
+    before = sorted(os.listdir(tmp_path / "candidates"))
+    result = run_script(str(table), "--out", str(tmp_path / "candidates"), "--overwrite", "--scorer",
+                        f"clip:{tiny_init},model={TINY_CLIP}")
+    assert result.returncode == 2 and "which writing it would replace" in result.stderr, result.stderr[-1500:]
+    assert sorted(os.listdir(tmp_path / "candidates")) == before
+
+
+def test_an_image_given_twice_for_a_prompt_is_kept_once(candidates, tiny_init, tmp_path, capsys):
+    twice = pd.concat([candidates, candidates.iloc[[0]].assign(sample=4)], ignore_index=True)
+    best_of_n(twice, f"clip:{tiny_init},model={TINY_CLIP}", top_k=4, out=str(tmp_path / "best"), device="cpu")
+    assert "1 candidates repeat an image" in capsys.readouterr().out
+    kept = read_metadata(tmp_path / "best")
+    assert len(kept) == 8 and len({(m["text"], m["score"]) for m in kept}) == 8

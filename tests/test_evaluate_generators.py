@@ -166,3 +166,29 @@ def test_unreadable_images_are_named_or_skipped_and_counted(world, tiny_init, tm
                                    skip_bad_images=True)
     assert "skipping 1 unreadable images" in capsys.readouterr().err
     assert board[(board.generator == "sloppy") & (board["style"] == "all")].images.item() == 5
+
+
+def test_table_mistakes_in_sample_and_image_name_the_row(world, tiny_init, tmp_path):
+    images, prompts, table = world
+    with pytest.raises(InputError, match=r"the DataFrame: row 3: 'sample' is 'nan', not a whole number >= 0"):
+        evaluate_generators([table.assign(sample=[0, 1, 2, np.nan] + [0] * (len(table) - 4))],
+                            {"ours": scorer_spec(tiny_init)}, str(tmp_path / "a"))
+    with pytest.raises(InputError, match=r"the DataFrame: row 0: no such image file .*gone.png"):
+        evaluate_generators([table.assign(image=[str(tmp_path / "gone.png")] + list(table.image[1:]))],
+                            {"ours": scorer_spec(tiny_init)}, str(tmp_path / "b"))
+
+
+def test_a_prompt_listed_twice_pairs_its_samples_by_place_and_hidden_folders_are_ignored(tmp_path, tiny_init):
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "anime.json").write_text(json.dumps(["two red circles", "one blue square", "two red circles"]))
+    for generator, indices in (("a", [0, 1, 2]), ("b", [1, 2])):
+        os.makedirs(tmp_path / "images" / generator / "anime")
+        for index in indices:
+            draw("two", "red", "circle", random.Random(index)).save(tmp_path / "images" / generator / "anime" / f"{index:05d}.jpg")
+    os.makedirs(tmp_path / "images" / ".ipynb_checkpoints")
+    from generations import read_generations
+    generations = read_generations([str(tmp_path / "images")], str(prompts))
+    b_third = generations[(generations.generator == "b") & generations.image.str.endswith("00002.jpg")].iloc[0]
+    assert b_third["sample"] == 1  # the prompt's second place in the list, whatever images exist
+    assert set(generations.generator) == {"a", "b"}

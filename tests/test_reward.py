@@ -107,3 +107,11 @@ def test_one_prompt_per_image(tiny_init):
     reward = Reward.load(f"clip:{tiny_init},model={TINY_CLIP}")
     with pytest.raises(InputError, match="prompts: 1 for 2 images"):
         reward(torch.rand(2, 3, 8, 8), ["a prompt"])
+
+
+def test_half_precision_images_as_an_fp16_vae_decodes_them(tiny_init):
+    reward = Reward.load(f"clip:{tiny_init},model={TINY_CLIP}")
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    for dtype in (torch.float16, torch.bfloat16):
+        half = images.to(dtype)
+        assert torch.allclose(reward(half, PROMPTS[:2]), reward(half.float(), PROMPTS[:2]))
