@@ -21,6 +21,15 @@ def run(launcher, script, *args):
     return result.stdout
 
 
+def one_and_two(script, flags, tmp_path):
+    """The script's printed lines on one process and on two, each writing into its own --out (one/, two/); the two
+    must print the same, their --out folders aside."""
+    one = run([], script, *flags, "--out", tmp_path / "one")
+    two = run(TWO_PROCESSES, script, *flags, "--out", tmp_path / "two")
+    assert two.replace(str(tmp_path / "two"), "OUT") == one.replace(str(tmp_path / "one"), "OUT")
+    return one
+
+
 def assert_same_table(path_one, path_two):
     one, two = pd.read_csv(path_one), pd.read_csv(path_two)
     assert list(one.columns) == list(two.columns) and len(one) == len(two)
@@ -53,9 +62,7 @@ def test_score_on_two_processes_prints_and_writes_the_ranking_one_does(shapes_pa
 def test_compare_on_two_processes_keeps_and_writes_what_one_does(shapes_pairs, tiny_init, tmp_path):
     shapes_pairs.to_parquet(tmp_path / "pairs.parquet")
     flags = [tmp_path / "pairs.parquet", "--scorer", f"a=clip:{tiny_init},model={TINY_CLIP}", "--device", "cpu"]
-    one = run([], "compare.py", *flags, "--out", tmp_path / "one")
-    two = run(TWO_PROCESSES, "compare.py", *flags, "--out", tmp_path / "two")
-    assert "a: scoring" in one and two.replace(str(tmp_path / "two"), "OUT") == one.replace(str(tmp_path / "one"), "OUT")
+    assert "a: scoring" in one_and_two("compare.py", flags, tmp_path)
     for name in ("table.csv", "agreement.csv"):
         assert_same_table(tmp_path / "one" / name, tmp_path / "two" / name)
     assert (tmp_path / "one" / "table.md").read_text() == (tmp_path / "two" / "table.md").read_text()
@@ -73,9 +80,7 @@ def test_evaluate_generators_on_two_processes_writes_what_one_does(shapes_pairs,
                                 "image": list(shapes_pairs.pos_path[:12]) + list(shapes_pairs.neg_path[:12])})
     generations.to_parquet(tmp_path / "generations.parquet")
     flags = [tmp_path / "generations.parquet", "--scorer", f"ours=clip:{tiny_init},model={TINY_CLIP}", "--device", "cpu"]
-    one = run([], "evaluate_generators.py", *flags, "--out", tmp_path / "one")
-    two = run(TWO_PROCESSES, "evaluate_generators.py", *flags, "--out", tmp_path / "two")
-    assert "ours: scoring 24" in one and two.replace(str(tmp_path / "two"), "OUT") == one.replace(str(tmp_path / "one"), "OUT")
+    assert "ours: scoring 24" in one_and_two("evaluate_generators.py", flags, tmp_path)
     for name in ("leaderboard.csv", "winrates.csv"):
         assert_same_table(tmp_path / "one" / name, tmp_path / "two" / name)
     one_scores, two_scores = (pd.read_parquet(tmp_path / out / "scores.parquet") for out in ("one", "two"))
@@ -87,9 +92,7 @@ def test_best_of_n_on_two_processes_keeps_what_one_does(shapes_pairs, tiny_init,
                                "image": list(shapes_pairs.pos_path[:6]) + list(shapes_pairs.neg_path[:6])})
     candidates.to_parquet(tmp_path / "candidates.parquet")
     flags = [tmp_path / "candidates.parquet", "--scorer", f"clip:{tiny_init},model={TINY_CLIP}", "--device", "cpu"]
-    one = run([], "best_of_n.py", *flags, "--out", tmp_path / "one")
-    two = run(TWO_PROCESSES, "best_of_n.py", *flags, "--out", tmp_path / "two")
-    assert "mean score" in one and two.replace(str(tmp_path / "two"), "OUT") == one.replace(str(tmp_path / "one"), "OUT")
+    assert "mean score" in one_and_two("best_of_n.py", flags, tmp_path)
     metadata = [[json.loads(line) for line in open(tmp_path / out / "metadata.jsonl")] for out in ("one", "two")]
     assert [m["file_name"] for m in metadata[0]] == [m["file_name"] for m in metadata[1]]
     np.testing.assert_allclose([m["score"] for m in metadata[1]], [m["score"] for m in metadata[0]], rtol=0, atol=1e-6)
