@@ -12,19 +12,16 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, add_model_flags, default_device,
                         default_num_workers, inference_precision, run_cli)
-from encoding import encode_images, encode_prompts, is_main_process, process_device, prompt_image_scores
+from encoding import is_main_process, process_device, prompt_image_scores
 from scorers import check_spec, clip_scorer, load_scorer
 
 
 def score_images(prompt, image_paths, model, preprocess, tokenizer, device="cpu", batch_size=1024, num_workers=0,
                  fast_decode=False):
-    """Cosine similarity of `prompt` with each image, in the order given (a float tensor)."""
-    if hasattr(model, "pair_scores"):  # a text encoder that attends to the image (ImageReward): scored pair by pair
-        return prompt_image_scores(model, preprocess, tokenizer, [prompt] * len(image_paths), image_paths, device,
-                                   batch_size, num_workers, fast_decode=fast_decode)
-    image_features = encode_images(model, preprocess, image_paths, device, batch_size, num_workers,
-                                   fast_decode=fast_decode)
-    return image_features @ encode_prompts(model, tokenizer, [prompt], device)[0]
+    """The model's score of `prompt` with each image (ours: the cosine similarity), in the order given (a float
+    tensor); each distinct image encoded once."""
+    return prompt_image_scores(model, preprocess, tokenizer, [prompt] * len(image_paths), list(image_paths), device,
+                               batch_size, num_workers, fast_decode=fast_decode)
 
 
 def rank_images(prompt, image_paths, checkout_path=None, device=None, batch_size=1024, num_workers=None,
