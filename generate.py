@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from clip_model import InputError, check_free_space, default_device, inference_precision, run_cli, PRECISIONS
 from generators import (check_pipeline_folder, check_size, default_size, generate_images, load_lora, load_pipeline,
-                        read_prompts, to_pil)
+                        read_prompts, take_aliases, to_pil)
 
 TABLE = "generations.parquet"
 COLUMNS = ("generator", "prompt", "sample", "image", "prompt_index")
@@ -91,19 +91,15 @@ def generate(pretrained_model_name_or_path=None, prompts=None, generator=None, o
     Example:
         generate("tiny-sd", "prompts.txt", "base", "generations", samples=2, resolution=32, num_inference_steps=4)
     """
-    from finetune_generator import GUIDANCE
-    unknown = [name for name in aliases if name not in ALIASES]
-    if unknown:
-        raise TypeError(f"generate() got an unexpected keyword argument {unknown[0]!r}")
-    pretrained_model_name_or_path = aliases.get("pretrained_model", pretrained_model_name_or_path)
-    output_dir = aliases.get("out", output_dir)
-    num_inference_steps = aliases.get("sampling_steps", num_inference_steps)
+    pretrained_model_name_or_path, output_dir, num_inference_steps = take_aliases("generate", aliases, ALIASES, dict(
+        pretrained_model_name_or_path=pretrained_model_name_or_path, output_dir=output_dir,
+        num_inference_steps=num_inference_steps))
     if samples < 1 or batch_size < 1:
         raise InputError(f"--{'samples' if samples < 1 else 'batch_size'} must be at least 1 (got {min(samples, batch_size)})")
     if not generator or "/" in generator or generator.startswith("."):
         raise InputError(f"--generator {generator!r}: give a name (it names a folder in --output_dir)")
     family = check_pipeline_folder(pretrained_model_name_or_path)
-    guidance_scale = GUIDANCE[family.name] if guidance_scale is None else guidance_scale
+    guidance_scale = family.default_guidance if guidance_scale is None else guidance_scale
     prompt_list = read_prompts(prompts)
     os.makedirs(output_dir, exist_ok=True)
     previous = existing_rows(output_dir, generator, overwrite)
@@ -137,7 +133,8 @@ def generate(pretrained_model_name_or_path=None, prompts=None, generator=None, o
                                          guidance_scale, batch_size)
             check_free_space(folder, images[0].numel() * len(chunk) * 2, "images")
             for (p, prompt, k), image in zip(chunk, to_pil(images)):
-                name = os.path.join(generator, f"{p:05d}_{k}.png")  # relative to the table's folder: --output_dir can move
+                # relative to the table's folder: --output_dir can move
+                name = os.path.join(generator, f"{p:05d}_{k}.png")
                 path = os.path.join(output_dir, name)
                 image.save(path + ".tmp.png")
                 os.replace(path + ".tmp.png", path)
