@@ -155,3 +155,46 @@ def trained_steps(sampling_steps, timestep_fraction, seed):
     drawn from `seed`, in sampling order (DDPO trains a random subset of each trajectory's steps)."""
     count = max(1, round(sampling_steps * timestep_fraction))
     return sorted(random.Random(seed).sample(range(sampling_steps), count))
+
+
+# ---- the loop's two halves, for any family: `predict(latents, i)` is its denoiser at step i (guidance included) ----
+
+def sample_with_log_probs(predict, scheduler, latents, noise, noise_level=None):
+    """Sample from `latents` along the scheduler's timesteps (after set_timesteps) with noise injected at each step:
+    noise(i) gives step i's standard normal noise. Call without grad. Returns (trajectory: the latents before each
+    step and the last, a list of T + 1; log_probs: T x B).
+
+        trajectory, log_probs = sample_with_log_probs(lambda x, i: unet_output(x, i), scheduler, start, noise)
+    """
+    trajectory, log_probs = [latents.float()], []
+    for i in range(len(scheduler.timesteps)):
+        step = noisy_step(scheduler, predict(trajectory[-1], i), i, trajectory[-1], noise_level, noise=noise(i))
+        trajectory.append(step.prev_sample)
+        log_probs.append(step.log_prob)
+    return trajectory, torch.stack(log_probs)
+
+
+def train_on_trajectory(predict, scheduler, trajectory, old_log_probs, advantages, steps, clip_range, kl_beta,
+                        backward, reference=None, noise_level=None):
+    """The GRPO loss of a sampled batch over the trained `steps`, each step's share (1 / len(steps)) back-propagated
+    at once through `backward` (accelerator.backward) so that one step's graph is alive at a time. reference (a
+    context manager switching the LoRA off) gives the KL's reference model when kl_beta > 0. Returns the mean loss,
+    KL and the fraction of clipped ratios (floats)."""
+    totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
+    for i in steps:
+        step = noisy_step(scheduler, predict(trajectory[i], i), i, trajectory[i], noise_level,
+                          prev_sample=trajectory[i + 1])
+        loss = clipped_policy_loss(step.log_prob, old_log_probs[i], advantages, clip_range)
+        kl = torch.zeros(())
+        if kl_beta > 0:
+            with torch.no_grad(), reference():
+                reference_mean = noisy_step(scheduler, predict(trajectory[i], i), i, trajectory[i], noise_level,
+                                            prev_sample=trajectory[i + 1]).mean
+            kl = kl_to_reference(step.mean, reference_mean, step.std).mean()
+            loss = loss + kl_beta * kl
+        backward(loss / len(steps))
+        ratio = torch.exp(step.log_prob.detach() - old_log_probs[i])
+        totals["loss"] += loss.item() / len(steps)
+        totals["kl"] += kl.item() / len(steps)
+        totals["clipped"] += ((ratio - 1).abs() > clip_range).float().mean().item() / len(steps)
+    return totals

@@ -1,5 +1,7 @@
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
@@ -155,3 +157,64 @@ def test_trained_steps_are_a_seeded_fraction_in_order():
     steps = trained_steps(10, 0.5, seed=3)
     assert len(steps) == 5 and steps == sorted(set(steps)) and steps == trained_steps(10, 0.5, seed=3)
     assert trained_steps(10, 0.01, seed=3) and trained_steps(4, 1.0, seed=0) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("make_scheduler", [sd_ddim, lambda: FlowMatchEulerDiscreteScheduler(shift=3.0)],
+                         ids=["ddim", "flow"])
+def test_grpo_raises_a_reward_of_a_toy_denoiser(make_scheduler):
+    # a denoiser with one trainable offset; the reward is the final latents' first coordinate, far from 0 (+ 65):
+    # group-standardised advantages make the offset's scale irrelevant
+    from contextlib import nullcontext
+    from grpo import sample_with_log_probs, train_on_trajectory
+    torch.manual_seed(0)
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(6)
+    offset = torch.zeros(2, requires_grad=True)
+    optimizer = torch.optim.Adam([offset], lr=0.1)
+    predict = lambda x, i: torch.zeros_like(x) + offset
+    rewards_seen = []
+    for update in range(20):
+        start = gaussian((16, 2), update)
+        with torch.no_grad():
+            trajectory, log_probs = sample_with_log_probs(predict, scheduler, start,
+                                                          lambda i: gaussian((16, 2), 1000 * update + i))
+        rewards = trajectory[-1][:, 0] + 65
+        rewards_seen.append(rewards.mean().item())
+        advantages = group_advantages(rewards, 8)
+        optimizer.zero_grad()
+        stats = train_on_trajectory(predict, scheduler, trajectory, log_probs, advantages, range(6), 1e-4, 0.0,
+                                    lambda loss: loss.backward(), nullcontext)
+        assert stats["clipped"] == 0  # one update per sampled batch: the ratio is 1 at every trained step
+        optimizer.step()
+    assert np.mean(rewards_seen[-3:]) > np.mean(rewards_seen[:3]) + 0.5
+
+
+def test_train_on_trajectory_back_propagates_the_mean_clipped_loss_and_the_kl_to_the_reference():
+    from contextlib import contextmanager
+    from grpo import sample_with_log_probs, train_on_trajectory
+    scheduler = sd_ddim()
+    scheduler.set_timesteps(4)
+    weight = torch.tensor(0.3, requires_grad=True)
+    switched_off = [False]
+    predict = lambda x, i: x * (0.0 if switched_off[0] else weight)
+
+    @contextmanager
+    def reference():
+        switched_off[0] = True
+        yield
+        switched_off[0] = False
+    with torch.no_grad():
+        trajectory, log_probs = sample_with_log_probs(predict, scheduler, gaussian((4, 3), 0),
+                                                      lambda i: gaussian((4, 3), i + 1))
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    train_on_trajectory(predict, scheduler, trajectory, log_probs, advantages, [1, 3], 0.2, 0.1,
+                        lambda loss: loss.backward(), reference)
+    ours, weight.grad = weight.grad.clone(), None
+    expected = 0
+    for i in (1, 3):
+        step = noisy_step(scheduler, predict(trajectory[i], i), i, trajectory[i], prev_sample=trajectory[i + 1])
+        ref = noisy_step(scheduler, trajectory[i] * 0.0, i, trajectory[i], prev_sample=trajectory[i + 1])
+        expected = expected + (clipped_policy_loss(step.log_prob, log_probs[i], advantages, 0.2)
+                               + 0.1 * kl_to_reference(step.mean, ref.mean, step.std).mean()) / 2
+    expected.backward()
+    assert torch.allclose(ours, weight.grad, atol=1e-6) and ours != 0
