@@ -131,6 +131,9 @@ def group_advantages(rewards, group_size):
         group_advantages(torch.tensor([1., 2., 3., 10., 10., 10.]), 3)  # -> [-1.22, 0, 1.22, 0, 0, 0]
     """
     from reward import standardize
+    if group_size < 2 or len(rewards) % group_size:
+        raise InputError(f"--group_size {group_size}: {len(rewards)} rewards do not divide into groups of "
+                         f"{group_size} (a group needs at least 2 images of one prompt)")
     return standardize(rewards, torch.arange(len(rewards)) // group_size)
 
 

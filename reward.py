@@ -259,8 +259,8 @@ class RewardMix(nn.Module):
         """Each scorer's kind (imagereward, clip, ...; None for a Reward made without a spec), by name."""
         return {name: r.spec and parse_spec(r.spec)[0] for name, r in zip(self.names, self.rewards)}
 
-    def scores(self, images, prompts):
-        """{name: the scorer's own scores [B]} (float32), each checked finite."""
+    def scores(self, images, prompts, check_finite=True):
+        """{name: the scorer's own scores [B]} (float32), each checked finite (nonfinite_message) unless told not."""
         raw = {}
         for name, reward in zip(self.names, self.rewards):
             try:
@@ -271,12 +271,20 @@ class RewardMix(nn.Module):
                 shape = tuple(images.shape) if isinstance(images, torch.Tensor) else f"{len(images)} images"
                 raise InputError(f"--scorer {name}: fails on the generator's images ({shape}): "
                                  f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}") from None
-            bad = (~torch.isfinite(raw[name].detach())).nonzero()
+        message = check_finite and self.nonfinite_message(raw, prompts)
+        if message:
+            raise NonFiniteReward(message)
+        return raw
+
+    @staticmethod
+    def nonfinite_message(raw, prompts):
+        """The line naming the first scorer and prompt with a non-finite reward, or None."""
+        for name, values in raw.items():
+            bad = (~torch.isfinite(values.detach())).nonzero()
             if len(bad):
                 k = int(bad[0])
-                raise NonFiniteReward(f"--scorer {name}: a non-finite reward ({raw[name][k].item()}) on the prompt "
-                                      f"{list(prompts)[k]!r}")
-        return raw
+                return f"--scorer {name}: a non-finite reward ({values[k].item()}) on the prompt {list(prompts)[k]!r}"
+        return None
 
     def normalize(self, raw, prompts, gather=None):
         """{name: normalised rewards [B]}. gather(values, prompts) -> (every process's values, prompts): what the

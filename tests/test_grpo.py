@@ -109,6 +109,9 @@ def test_group_advantages_equal_a_hand_computation():
     # any reward scale and offset gives the same advantages
     assert torch.allclose(group_advantages(rewards * 0.01 + 65, 4), expected, atol=1e-3)
     assert torch.equal(group_advantages(torch.full((4,), 7.0), 2), torch.zeros(4))
+    for size, count in ((1, 4), (3, 8)):
+        with pytest.raises(InputError, match=f"--group_size {size}: {count} rewards do not divide into groups"):
+            group_advantages(torch.zeros(count), size)
 
 
 def test_clipped_loss_equals_a_hand_computation():
