@@ -115,3 +115,21 @@ def test_bad_normalisation_inputs_end_in_one_line(two_scales):
     nan_reward = Reward(dataclasses.replace(small.scorer, score_scale=float("nan")))
     with pytest.raises(NonFiniteReward, match="--scorer ours: a non-finite reward \\(nan\\) on the prompt 'a red cube'"):
         RewardMix([nan_reward], [1.0], "none", ["ours"])(black, ["a red cube", "a blue ball"])
+
+
+def test_reward_load_with_a_calibration_file_scores_in_log_odds_and_refuses_another_scorers(two_scales, tmp_path):
+    import json
+    from calibration import calibration_entries
+    specs, small, _, images = two_scales
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(calibration_entries({"small": {"temperature": 40.0, "nll": 0.6, "ece": 0.01,
+                                                              "pairs": 100}}, {"small": specs[0]})))
+    calibrated = Reward.load(specs[0], calibration=str(path))
+    with torch.no_grad():
+        assert torch.allclose(calibrated(images, PROMPTS), 40.0 * small(images, PROMPTS))
+        total, _ = reward_fn(specs[0], calibration=str(path))(images, PROMPTS, None)  # calibrated by default then
+    assert torch.allclose(total, 40.0 * small(images, PROMPTS).detach())
+    with pytest.raises(InputError, match="fitted for another scorer"):
+        Reward.load(specs[1], calibration=str(path))
+    with pytest.raises(InputError, match="--calibration goes with --reward_norm calibrated"):
+        reward_fn(specs[0], reward_norm="group", calibration=str(path))
