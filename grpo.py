@@ -12,6 +12,8 @@ group-standardised advantages, the clipped importance-ratio loss and the KL pena
     new = noisy_step(scheduler, denoiser(trajectory[i], t), i, trajectory[i], prev_sample=trajectory[i + 1])
     loss = clipped_policy_loss(new.log_prob, log_probs[i], advantages, clip_range)
     loss = loss + kl_beta * kl_to_reference(new.mean, reference.mean, new.std).mean()
+    stats = train_on_trajectory(predict, scheduler, trajectory, log_probs, advantages, steps, clip_range, kl_beta,
+                                accelerator.backward, reference=lora_off)   # all of the above, for the trained steps
 
 A step's log-probability is the mean over the latent's elements of the Gaussian log-density of prev_sample (as both
 DDPO and Flow-GRPO take it), so ratios and clip ranges are per element (both use a clip range of 1e-4).
@@ -160,22 +162,7 @@ def trained_steps(sampling_steps, timestep_fraction, seed):
     return sorted(random.Random(seed).sample(range(sampling_steps), count))
 
 
-# ---- the loop's two halves, for any family: `predict(latents, i)` is its denoiser at step i (guidance included) ----
-
-def sample_with_log_probs(predict, scheduler, latents, noise, noise_level=None):
-    """Sample from `latents` along the scheduler's timesteps (after set_timesteps) with noise injected at each step:
-    noise(i) gives step i's standard normal noise. Call without grad. Returns (trajectory: the latents before each
-    step and the last, a list of T + 1; log_probs: T x B).
-
-        trajectory, log_probs = sample_with_log_probs(lambda x, i: unet_output(x, i), scheduler, start, noise)
-    """
-    trajectory, log_probs = [latents.float()], []
-    for i in range(len(scheduler.timesteps)):
-        step = noisy_step(scheduler, predict(trajectory[-1], i), i, trajectory[-1], noise_level, noise=noise(i))
-        trajectory.append(step.prev_sample)
-        log_probs.append(step.log_prob)
-    return trajectory, torch.stack(log_probs)
-
+# ---- the training half, for any family: `predict(latents, i)` is its denoiser at step i (guidance included) ------
 
 def train_on_trajectory(predict, scheduler, trajectory, old_log_probs, advantages, steps, clip_range, kl_beta,
                         backward, reference=None, noise_level=None):

@@ -310,6 +310,15 @@ class RewardMix(nn.Module):
     def combine(self, normalised):
         return sum(weight * normalised[name] for name, weight in zip(self.names, self.weights))
 
+    def validation_reward(self, images, prompts):
+        """The weighted sum of the raw scores (times each temperature when calibrated): a number without state, the
+        same for an image whenever it is scored, so validations compare across steps ("group" and "prompt" would
+        not)."""
+        raw = self.scores(images, prompts)
+        if self.reward_norm == "calibrated":
+            raw = {name: raw[name] * reward.temperature for name, reward in zip(self.names, self.rewards)}
+        return self.combine(raw)
+
     def forward(self, images, prompts, gather=None):
         raw = self.scores(images, prompts)
         return self.combine(self.normalize(raw, prompts, gather)), raw

@@ -162,13 +162,24 @@ def test_trained_steps_are_a_seeded_fraction_in_order():
     assert trained_steps(10, 0.01, seed=3) and trained_steps(4, 1.0, seed=0) == [0, 1, 2, 3]
 
 
+def sample(predict, scheduler, latents, noise):
+    """A noise-injecting sampling loop (as generators.sample_latents runs with grpo's step): the latents before each
+    step and the last, and each step's log-probability."""
+    trajectory, log_probs = [latents], []
+    for i in range(len(scheduler.timesteps)):
+        step = noisy_step(scheduler, predict(trajectory[-1], i), i, trajectory[-1], noise=noise(i))
+        trajectory.append(step.prev_sample)
+        log_probs.append(step.log_prob)
+    return trajectory, torch.stack(log_probs)
+
+
 @pytest.mark.parametrize("make_scheduler", [sd_ddim, lambda: FlowMatchEulerDiscreteScheduler(shift=3.0)],
                          ids=["ddim", "flow"])
 def test_grpo_raises_a_reward_of_a_toy_denoiser(make_scheduler):
     # a denoiser with one trainable offset; the reward is the final latents' first coordinate, far from 0 (+ 65):
     # group-standardised advantages make the offset's scale irrelevant
     from contextlib import nullcontext
-    from grpo import sample_with_log_probs, train_on_trajectory
+    from grpo import train_on_trajectory
     torch.manual_seed(0)
     scheduler = make_scheduler()
     scheduler.set_timesteps(6)
@@ -179,8 +190,7 @@ def test_grpo_raises_a_reward_of_a_toy_denoiser(make_scheduler):
     for update in range(20):
         start = gaussian((16, 2), update)
         with torch.no_grad():
-            trajectory, log_probs = sample_with_log_probs(predict, scheduler, start,
-                                                          lambda i: gaussian((16, 2), 1000 * update + i))
+            trajectory, log_probs = sample(predict, scheduler, start, lambda i: gaussian((16, 2), 1000 * update + i))
         rewards = trajectory[-1][:, 0] + 65
         rewards_seen.append(rewards.mean().item())
         advantages = group_advantages(rewards, 8)
@@ -194,7 +204,7 @@ def test_grpo_raises_a_reward_of_a_toy_denoiser(make_scheduler):
 
 def test_train_on_trajectory_back_propagates_the_mean_clipped_loss_and_the_kl_to_the_reference():
     from contextlib import contextmanager
-    from grpo import sample_with_log_probs, train_on_trajectory
+    from grpo import train_on_trajectory
     scheduler = sd_ddim()
     scheduler.set_timesteps(4)
     weight = torch.tensor(0.3, requires_grad=True)
@@ -207,8 +217,7 @@ def test_train_on_trajectory_back_propagates_the_mean_clipped_loss_and_the_kl_to
         yield
         switched_off[0] = False
     with torch.no_grad():
-        trajectory, log_probs = sample_with_log_probs(predict, scheduler, gaussian((4, 3), 0),
-                                                      lambda i: gaussian((4, 3), i + 1))
+        trajectory, log_probs = sample(predict, scheduler, gaussian((4, 3), 0), lambda i: gaussian((4, 3), i + 1))
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     train_on_trajectory(predict, scheduler, trajectory, log_probs, advantages, [1, 3], 0.2, 0.1,
                         lambda loss: loss.backward(), reference)
