@@ -28,9 +28,10 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from clip_model import InputError, check_free_space, run_cli
-from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, decode, generate_images, load_pipeline,
-                        lora_state_dict, noise_seed, read_prompts, sample_latents, set_lora_state_dict, start_noise,
-                        text_embeddings, to_pil)
+from diffusers.optimization import get_scheduler
+from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, check_size, conditioning, decode,
+                        default_size, denoiser, generate_images, load_pipeline, noise_seed, read_prompts,
+                        sample_latents, save_lora, set_lora_state_dict, start_noise, to_pil)
 from run_state import MetricsLog, save_state_whole
 
 METHODS = ("draft", "refl")
@@ -51,20 +52,26 @@ def parse_scorers(named_specs, reward_weights=None):
     return [(name, spec, float(w)) for (name, spec), w in zip(scorers.items(), weights)]
 
 
-def check_flags(method, sampling_steps, grad_steps, rank, resolution, batch_size, max_train_steps, save_every,
-                gradient_accumulation_steps):
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def check_flags(method, sampling_steps, grad_steps, rank, train_batch_size, max_train_steps, checkpointing_steps,
+                gradient_accumulation_steps, checkpoints_total_limit=None, lr_scheduler="constant", lr_warmup_steps=0):
     if method not in METHODS:
         raise InputError(f"--method {method}: unknown; choose from {', '.join(METHODS)}")
     for flag, value in (("sampling_steps", sampling_steps), ("grad_steps", grad_steps), ("rank", rank),
-                        ("batch_size", batch_size), ("max_train_steps", max_train_steps), ("save_every", save_every),
-                        ("gradient_accumulation_steps", gradient_accumulation_steps or 1)):
+                        ("train_batch_size", train_batch_size), ("max_train_steps", max_train_steps),
+                        ("checkpointing_steps", checkpointing_steps),
+                        ("gradient_accumulation_steps", gradient_accumulation_steps or 1),
+                        ("checkpoints_total_limit", checkpoints_total_limit or 1), ("lr_warmup_steps", lr_warmup_steps + 1)):
         if value < 1:
-            raise InputError(f"--{flag} must be at least 1 (got {value})")
+            raise InputError(f"--{flag} must be at least {0 if flag == 'lr_warmup_steps' else 1} (got "
+                             f"{value - 1 if flag == 'lr_warmup_steps' else value})")
     if method == "draft" and grad_steps > sampling_steps:
         raise InputError(f"--grad_steps {grad_steps} is more than --sampling_steps {sampling_steps}: DRaFT-K takes "
                          f"gradient through the last K of the sampling steps")
-    if resolution < 8 or resolution % 8:
-        raise InputError(f"--resolution {resolution}: must be a multiple of 8")
+    if lr_scheduler not in LR_SCHEDULERS:
+        raise InputError(f"--lr_scheduler {lr_scheduler}: unknown; choose from {', '.join(LR_SCHEDULERS)}")
 
 
 class Rewards(torch.nn.Module):
@@ -92,10 +99,12 @@ class Rewards(torch.nn.Module):
         return total
 
 
-def method_loss(method, unet, pipeline, rewards, prompts, noise, sampling_steps, grad_steps, guidance_scale, stop_at):
-    """(loss, rewards) of one batch: sample from `noise` with the method's gradient path, decode, score."""
-    embeddings = text_embeddings(pipeline, prompts, guidance_scale)
-    latents = sample_latents(unet, pipeline.scheduler, noise, embeddings, sampling_steps, guidance_scale,
+def method_loss(method, model, pipeline, rewards, prompts, noise, sampling_steps, grad_steps, guidance_scale, stop_at,
+                size):
+    """(loss, rewards) of one batch: sample from `noise` with the method's gradient path, decode, score. `model`: the
+    pipeline's denoiser (or accelerate's wrapper of it); `size`: (height, width)."""
+    cond = conditioning(pipeline, prompts, guidance_scale, size)
+    latents = sample_latents(pipeline, model, noise, cond, sampling_steps, guidance_scale,
                              grad_steps if method == "draft" else 0, stop_at if method == "refl" else None)
     reward = rewards(decode(pipeline.vae, latents), prompts)
     if method == "draft":
@@ -125,18 +134,16 @@ def refl_stop(sampling_steps, seed, step):
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------------
 
-def lora_hooks(accelerator, unet):
-    """accelerate's save_state/load_state hooks: the UNet's LoRA, as diffusers LoRA weights, instead of the whole UNet."""
-    from diffusers import StableDiffusionPipeline
-
+def lora_hooks(accelerator, pipeline, model):
+    """accelerate's save_state/load_state hooks: the denoiser's LoRA, as the family's LoRA weights with their adapter
+    metadata, instead of the whole denoiser."""
     def save(models, weights, output_dir):
         if accelerator.is_main_process:
-            StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict(
-                accelerator.unwrap_model(unet)), safe_serialization=True)
+            save_lora(pipeline, output_dir, accelerator.unwrap_model(model))
         weights.clear()
 
     def load(models, input_dir):
-        set_lora_state_dict(accelerator.unwrap_model(unet), input_dir)
+        set_lora_state_dict(pipeline, input_dir, accelerator.unwrap_model(model))
         models.clear()
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
@@ -149,37 +156,56 @@ def state_bytes(lora_params, optimizer):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def save_checkpoint(accelerator, save_folder, progress, nbytes):
-    """save_folder/checkpoint-STEP: the LoRA weights (diffusers format), optimizer and RNG states and progress.json,
-    written under a temporary name and renamed when whole; a disk without room for it is refused before writing."""
-    final = os.path.join(save_folder, f"checkpoint-{progress['step']}")
-    check_free_space(save_folder, nbytes, f"checkpoint-{progress['step']}")
+def save_checkpoint(accelerator, output_dir, progress, nbytes, checkpoints_total_limit=None):
+    """output_dir/checkpoint-STEP: the LoRA weights (diffusers format), optimizer, scheduler and RNG states and
+    progress.json, written under a temporary name and renamed when whole; a disk without room for it is refused
+    before writing. With checkpoints_total_limit, the oldest beyond it are deleted once the new one is whole."""
+    final = os.path.join(output_dir, f"checkpoint-{progress['step']}")
+    check_free_space(output_dir, nbytes, f"checkpoint-{progress['step']}")
     save_state_whole(accelerator, final, progress)
+    if accelerator.is_main_process and checkpoints_total_limit:
+        for old in checkpoints(output_dir)[:-checkpoints_total_limit]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
-def save_final_lora(accelerator, unet, save_folder):
-    """save_folder/pytorch_lora_weights.safetensors, the file pipeline.load_lora_weights(save_folder) reads."""
-    from diffusers import StableDiffusionPipeline
-    state = lora_state_dict(accelerator.unwrap_model(unet))
-    check_free_space(save_folder, sum(t.numel() * t.element_size() for t in state.values()), LORA_WEIGHTS)
+def checkpoints(output_dir):
+    """The whole checkpoint-STEP folders of a run, oldest first."""
+    found = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*")) if not p.endswith(".tmp")]
+    return sorted(found, key=lambda p: int(p.rsplit("-", 1)[1]))
+
+
+def save_final_lora(accelerator, pipeline, model, output_dir):
+    """output_dir/pytorch_lora_weights.safetensors, the file pipeline.load_lora_weights(output_dir) reads."""
+    lora_params = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
+    check_free_space(output_dir, sum(p.numel() * p.element_size() for p in lora_params), LORA_WEIGHTS)
     if accelerator.is_main_process:
-        tmp = os.path.join(save_folder, "final.tmp")
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True)
-        os.replace(os.path.join(tmp, LORA_WEIGHTS), os.path.join(save_folder, LORA_WEIGHTS))
+        tmp = os.path.join(output_dir, "final.tmp")
+        save_lora(pipeline, tmp, accelerator.unwrap_model(model))
+        os.replace(os.path.join(tmp, LORA_WEIGHTS), os.path.join(output_dir, LORA_WEIGHTS))
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    return os.path.join(save_folder, LORA_WEIGHTS)
+    return os.path.join(output_dir, LORA_WEIGHTS)
+
+
+def check_data_order(checkpoint, progress, order):
+    """A resume with another process count, accumulation or precision would take other prompts next (or other
+    arithmetic): refused in one line naming what differs."""
+    saved = progress.get("order", {})
+    for key, value in order.items():
+        if key in saved and saved[key] != value:
+            raise InputError(f"--resume_from_checkpoint {checkpoint}: saved with {key} {saved[key]}, resumed with "
+                             f"{value}: the prompts that come next would differ; resume with {key} {saved[key]}")
 
 
 def find_checkpoint(resume_from_checkpoint, save_folder, run):
     """The checkpoint to resume from (the path given, or for "latest" the newest whole one in save_folder) and its
     progress; a checkpoint of a run with other flags is refused, naming the first that differs."""
     if resume_from_checkpoint == "latest":
-        found = [p for p in glob.glob(os.path.join(save_folder, "checkpoint-*")) if not p.endswith(".tmp")]
+        found = checkpoints(save_folder)
         if not found:
             raise InputError(f"--resume_from_checkpoint latest: no checkpoint-STEP folder in {save_folder}")
-        resume_from_checkpoint = max(found, key=lambda p: int(p.rsplit("-", 1)[1]))
+        resume_from_checkpoint = found[-1]
     path = os.path.join(resume_from_checkpoint, "progress.json")
     if not os.path.isfile(path):
         raise InputError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint of this script "
@@ -195,94 +221,132 @@ def find_checkpoint(resume_from_checkpoint, save_folder, run):
 
 # ---- metrics and validation ----------------------------------------------------------------------------------------
 
-def validation(accelerator, pipeline, rewards, validation_prompts, save_folder, resolution, sampling_steps,
-               guidance_scale, seed):
+def validation(accelerator, pipeline, rewards, validation_prompts, output_dir, size, sampling_steps, guidance_scale,
+               seed, batch_size=8):
     """validate(step): the mean reward of the validation prompts' images (each from the noise generate.py gives
-    sample 0 of its prompt at this seed), measured on the main process, the images saved as validation-STEP.png."""
+    sample 0 of its prompt at this seed), each process making and scoring its share in batches of `batch_size`; the
+    main process gathers the rewards (the mean is one process's) and saves the images as validation-STEP.png."""
+    from accelerate.utils import gather_object
+
     def validate(step):
         if not validation_prompts:
             return None
-        value = None
+        with accelerator.split_between_processes(list(range(len(validation_prompts)))) as share:
+            prompts = [validation_prompts[i] for i in share]
+            mine = []
+            if prompts:
+                with accelerator.autocast(), torch.no_grad():
+                    images = generate_images(pipeline, prompts, [(seed, p, 0) for p in prompts], size, sampling_steps,
+                                             guidance_scale, batch_size)
+                    values = torch.cat([rewards(images[i:i + batch_size].to(accelerator.device),
+                                                prompts[i:i + batch_size]).float().cpu()
+                                        for i in range(0, len(prompts), batch_size)])
+                mine = [(i, v, image) for i, v, image in zip(share, values.tolist(), images)]
+        rows = sorted(gather_object(mine), key=lambda row: row[0])
+        value = sum(v for _, v, _ in rows) / len(rows)
         if accelerator.is_main_process:
-            keys = [(seed, prompt, 0) for prompt in validation_prompts]
-            with accelerator.autocast():
-                images = generate_images(pipeline, validation_prompts, keys, resolution, sampling_steps,
-                                         guidance_scale)
-                with torch.no_grad():
-                    value = rewards(images.to(accelerator.device), validation_prompts).mean().item()
-            grid = make_grid(images, nrow=min(len(images), 8), padding=2, pad_value=1.0)
-            to_pil(grid[None])[0].save(os.path.join(save_folder, f"validation-{step}.png"))
+            grid = make_grid(torch.stack([image for _, _, image in rows]), nrow=min(len(rows), 8), padding=2,
+                             pad_value=1.0)
+            to_pil(grid[None])[0].save(os.path.join(output_dir, f"validation-{step}.png"))
             tqdm.write(f"step {step}: validation reward {value:.5f}")
         accelerator.wait_for_everyone()
         return value
     return validate
 
 
-def finetune_generator(pretrained_model, prompts, scorer, reward_weights=None, method="draft", sampling_steps=50,
-                       grad_steps=1, guidance_scale=7.5, resolution=512, batch_size=1, learning_rate=1e-4,
-                       max_train_steps=1000, rank=4, lora_alpha=None, save_folder="./generator_lora", save_every=100,
-                       validation_prompts=None, seed=42, gradient_accumulation_steps=None,
+ALIASES = {"pretrained_model": "pretrained_model_name_or_path", "save_folder": "output_dir",
+           "batch_size": "train_batch_size", "save_every": "checkpointing_steps"}  # today's names, kept working
+GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}  # each pipeline's own default guidance_scale
+
+
+def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=None, reward_weights=None,
+                       method="draft", sampling_steps=50, grad_steps=1, guidance_scale=None, resolution=None,
+                       height=None, width=None, train_batch_size=1, learning_rate=1e-4, lr_scheduler="constant",
+                       lr_warmup_steps=0, max_grad_norm=1.0, max_train_steps=1000, rank=4, lora_alpha=None,
+                       output_dir="./generator_lora", checkpointing_steps=100, checkpoints_total_limit=None,
+                       validation_prompts=None, validation_batch_size=8, seed=42, gradient_accumulation_steps=None,
                        gradient_checkpointing=False, mixed_precision=None, resume_from_checkpoint=None,
-                       skip_nonfinite_loss=False, report_to=None):
-    """Fine-tune LoRA adapters of a Stable Diffusion pipeline folder to raise the reward of its images; writes
-    checkpoint-STEP folders, metrics.csv, validation grids and save_folder/pytorch_lora_weights.safetensors (returned).
+                       skip_nonfinite_loss=False, report_to=None, **aliases):
+    """Fine-tune LoRA adapters of a pipeline folder of any supported family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) to
+    raise the reward of its images; writes checkpoint-STEP folders, metrics.csv, validation grids and
+    output_dir/pytorch_lora_weights.safetensors (returned). Today's names (pretrained_model, save_folder,
+    batch_size, save_every) are accepted for diffusers' ones. guidance_scale and resolution default to the
+    pipeline's own (SDXL 5.0 at 1024 px, FLUX.1 3.5, ...).
 
     Example (a notebook, one process, the tiny pipeline of the tests):
         finetune_generator("tiny-sd", "prompts.txt", ["clip:init.pth,model=assets/tiny-clip.json"],
-                           sampling_steps=4, resolution=32, max_train_steps=10, save_folder="tiny_lora")
+                           sampling_steps=4, resolution=32, max_train_steps=10, output_dir="tiny_lora")
     """
-    check_flags(method, sampling_steps, grad_steps, rank, resolution, batch_size, max_train_steps, save_every,
-                gradient_accumulation_steps)
-    check_pipeline_folder(pretrained_model)
+    unknown = [name for name in aliases if name not in ALIASES]
+    if unknown:
+        raise TypeError(f"finetune_generator() got an unexpected keyword argument {unknown[0]!r}")
+    pretrained_model_name_or_path = aliases.get("pretrained_model", pretrained_model_name_or_path)
+    output_dir = aliases.get("save_folder", output_dir)
+    train_batch_size = aliases.get("batch_size", train_batch_size)
+    checkpointing_steps = aliases.get("save_every", checkpointing_steps)
+    check_flags(method, sampling_steps, grad_steps, rank, train_batch_size, max_train_steps, checkpointing_steps,
+                gradient_accumulation_steps, checkpoints_total_limit, lr_scheduler, lr_warmup_steps)
+    family = check_pipeline_folder(pretrained_model_name_or_path)
+    guidance_scale = GUIDANCE[family.name] if guidance_scale is None else guidance_scale
     scorers = parse_scorers(scorer if isinstance(scorer, (list, tuple)) else [scorer], reward_weights)
     train_prompts = read_prompts(prompts, "--prompts")
     val_prompts = read_prompts(validation_prompts, "--validation_prompts") if validation_prompts else []
     lora_alpha = rank if lora_alpha is None else lora_alpha
-    # the flags that make a run what it is: a checkpoint resumes only a run with the same ones
-    run = {"pretrained_model": os.path.abspath(pretrained_model), "prompts": prompts,
-           "scorer": [s for _, s, _ in scorers], "reward_weights": [w for _, _, w in scorers], "method": method,
-           "sampling_steps": sampling_steps, "grad_steps": grad_steps, "guidance_scale": guidance_scale,
-           "resolution": resolution, "rank": rank, "lora_alpha": lora_alpha, "batch_size": batch_size,
-           "learning_rate": learning_rate, "seed": seed}
-    run = json.loads(json.dumps(run))  # as progress.json holds it (lists, not tuples)
-    checkpoint, progress = (find_checkpoint(resume_from_checkpoint, save_folder, run) if resume_from_checkpoint
-                            else (None, {"step": 0, "epoch": 0, "batches_done": 0, "skipped_steps": 0}))
 
     accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps or 1,
-                              mixed_precision=mixed_precision, log_with=report_to, project_dir=save_folder,
+                              mixed_precision=mixed_precision, log_with=report_to, project_dir=output_dir,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
     set_seed(seed)
     # frozen weights in the autocast precision, as diffusers' LoRA script keeps them; the LoRA tensors in fp32
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
-    pipeline = load_pipeline(pretrained_model, accelerator.device, weight_dtype)
-    if resolution % pipeline.vae_scale_factor:
-        raise InputError(f"--resolution {resolution}: must be a multiple of the VAE's {pipeline.vae_scale_factor}")
-    unet = pipeline.unet
-    lora_params = add_lora(unet, rank, lora_alpha)
+    pipeline = load_pipeline(pretrained_model_name_or_path, accelerator.device, weight_dtype)
+    if resolution is not None and (height or width):
+        raise InputError("--resolution with --height/--width: give one or the other")
+    size = check_size(pipeline, resolution) if resolution is not None else check_size(
+        pipeline, (height or default_size(pipeline)[0], width or default_size(pipeline)[1]))
+    # the flags that make a run what it is: a checkpoint resumes only a run with the same ones
+    run = {"pretrained_model": os.path.abspath(pretrained_model_name_or_path), "prompts": prompts,
+           "scorer": [s for _, s, _ in scorers], "reward_weights": [w for _, _, w in scorers], "method": method,
+           "sampling_steps": sampling_steps, "grad_steps": grad_steps, "guidance_scale": guidance_scale,
+           "resolution": size[0] if size[0] == size[1] else list(size), "rank": rank, "lora_alpha": lora_alpha,
+           "batch_size": train_batch_size, "learning_rate": learning_rate, "seed": seed}
+    run = json.loads(json.dumps(run))  # as progress.json holds it (lists, not tuples)
+    # what decides which prompts come next, and the arithmetic: a resume must keep them
+    order = {"num_processes": accelerator.num_processes, "gradient_accumulation_steps": gradient_accumulation_steps or 1,
+             "mixed_precision": accelerator.mixed_precision}
+    checkpoint, progress = (find_checkpoint(resume_from_checkpoint, output_dir, run) if resume_from_checkpoint
+                            else (None, {"step": 0, "epoch": 0, "batches_done": 0, "skipped_steps": 0}))
+    if checkpoint:
+        check_data_order(checkpoint, progress, order)
+    model = denoiser(pipeline)
+    lora_params = add_lora(pipeline, rank, lora_alpha)
     for param in lora_params:
         param.data = param.data.float()
     if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
         pipeline.vae.enable_gradient_checkpointing()
     rewards = Rewards(scorers, accelerator.device, gradient_checkpointing)
     optimizer = torch.optim.AdamW(lora_params, lr=learning_rate)
-    loader = DataLoader(list(enumerate(train_prompts)), batch_size=batch_size, shuffle=True,
+    # as diffusers' scripts: the prepared scheduler steps once per process each optimizer step
+    scheduler = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=lr_warmup_steps * accelerator.num_processes,
+                              num_training_steps=max_train_steps * accelerator.num_processes)
+    loader = DataLoader(list(enumerate(train_prompts)), batch_size=train_batch_size, shuffle=True,
                         collate_fn=lambda rows: ([i for i, _ in rows], [p for _, p in rows]))
-    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
-    lora_hooks(accelerator, unet)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    lora_hooks(accelerator, pipeline, model)
     if accelerator.is_main_process:
-        os.makedirs(save_folder, exist_ok=True)
+        os.makedirs(output_dir, exist_ok=True)
     if checkpoint:
         accelerator.load_state(checkpoint)
         accelerator.print(f"resuming from {checkpoint}: step {progress['step']}")
-    metrics = MetricsLog(accelerator, save_folder, METRICS, progress["step"] if checkpoint else None,
+    metrics = MetricsLog(accelerator, output_dir, METRICS, progress["step"] if checkpoint else None,
                          "social_reward_generator", report_to and {k: v for k, v in run.items() if not isinstance(v, list)})
-    validate = validation(accelerator, pipeline, rewards, val_prompts, save_folder, resolution, sampling_steps,
-                          guidance_scale, seed)
+    validate = validation(accelerator, pipeline, rewards, val_prompts, output_dir, size, sampling_steps,
+                          guidance_scale, seed, validation_batch_size)
     if not checkpoint:
         metrics.log(step=0, val_reward=validate(0))
 
-    loss_is_finite = nonfinite_guard(accelerator, save_folder, skip_nonfinite_loss)
+    loss_is_finite = nonfinite_guard(accelerator, output_dir, skip_nonfinite_loss)
     bar = tqdm(total=max_train_steps, initial=progress["step"], disable=not accelerator.is_local_main_process)
     losses, batch_rewards, window_ok = [], [], True
     while progress["step"] < max_train_steps:
@@ -291,12 +355,12 @@ def finetune_generator(pretrained_model, prompts, scorer, reward_weights=None, m
         for batch_index, (indices, prompts_batch) in enumerate(
                 accelerator.skip_first_batches(loader, skip) if skip else loader, start=skip):
             step = progress["step"] + 1
-            with accelerator.accumulate(unet), accelerator.autocast():
+            with accelerator.accumulate(model), accelerator.autocast():
                 # each prompt's noise is keyed by the run's seed, the epoch and the prompt: the same in any batching
-                noise = start_noise(pipeline, [("train", seed, progress["epoch"], i) for i in indices], resolution,
+                noise = start_noise(pipeline, [("train", seed, progress["epoch"], i) for i in indices], size,
                                     accelerator.device)
-                loss, reward = method_loss(method, unet, pipeline, rewards, prompts_batch, noise, sampling_steps,
-                                           grad_steps, guidance_scale, refl_stop(sampling_steps, seed, step))
+                loss, reward = method_loss(method, model, pipeline, rewards, prompts_batch, noise, sampling_steps,
+                                           grad_steps, guidance_scale, refl_stop(sampling_steps, seed, step), size)
                 all_losses = accelerator.gather(loss.detach()[None])
                 if loss_is_finite(all_losses, step, prompts_batch):
                     accelerator.backward(loss)
@@ -307,59 +371,76 @@ def finetune_generator(pretrained_model, prompts, scorer, reward_weights=None, m
             if not accelerator.sync_gradients:
                 continue
             if window_ok:
+                if max_grad_norm and max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(lora_params, max_grad_norm)
                 optimizer.step()
+                scheduler.step()
             else:
                 progress["skipped_steps"] += 1
             optimizer.zero_grad()
             progress.update(step=step, batches_done=batch_index + 1)
             done = step == max_train_steps
-            val_reward = validate(step) if step % save_every == 0 or done else None
+            val_reward = validate(step) if step % checkpointing_steps == 0 or done else None
             metrics.log(step=step, loss=torch.stack(losses).mean().item() if window_ok else None,
                         reward=torch.stack(batch_rewards).mean().item() if window_ok else None, val_reward=val_reward)
             bar.update(1)
             if window_ok:
                 bar.set_postfix(loss=f"{losses[-1].item():.4f}")
             losses, batch_rewards, window_ok = [], [], True
-            if step % save_every == 0 or done:
-                save_checkpoint(accelerator, save_folder, {**progress, "run": run}, state_bytes(lora_params, optimizer))
+            if step % checkpointing_steps == 0 or done:
+                save_checkpoint(accelerator, output_dir, {**progress, "run": run, "order": order},
+                                state_bytes(lora_params, optimizer), checkpoints_total_limit)
             if done:
                 break
         else:
             progress.update(epoch=progress["epoch"] + 1, batches_done=0)
     if progress["skipped_steps"]:
         accelerator.print(f"skipped {progress['skipped_steps']} steps with a non-finite loss")
-    final = save_final_lora(accelerator, unet, save_folder)
+    final = save_final_lora(accelerator, pipeline, model, output_dir)
     accelerator.end_training()
     return final
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained_model", required=True, help="a Stable Diffusion pipeline folder (save_pretrained)")
+    # diffusers' flag names (train_text_to_image_lora.py and its family scripts); today's names stay as aliases
+    parser.add_argument("--pretrained_model_name_or_path", "--pretrained_model", required=True,
+                        help="a pipeline folder (save_pretrained) of SD 1.x/2.x, SDXL, SD3/3.5 or FLUX.1")
     parser.add_argument("--prompts", required=True, nargs="+",
                         help="prompts to train on: a text file (one a line), a json list, or a pair source (its prompts)")
     parser.add_argument("--scorer", action="append", required=True, help="[NAME=]KIND:PATH[,key=value], repeatable")
     parser.add_argument("--reward_weights", type=float, nargs="+", default=None, help="one per --scorer (default 1 each)")
     parser.add_argument("--method", default="draft", choices=METHODS)
-    parser.add_argument("--sampling_steps", type=int, default=50)
+    parser.add_argument("--sampling_steps", "--num_inference_steps", type=int, default=50)
     parser.add_argument("--grad_steps", type=int, default=1, help="DRaFT-K: the last K sampling steps with gradient")
-    parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance (1: none)")
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=1, help="prompts per process and batch")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="classifier-free guidance (1: none; FLUX: the guidance embedding); default: the pipeline's")
+    parser.add_argument("--resolution", type=int, default=None, help="square images of this side (default: the "
+                        "pipeline's own size)")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--train_batch_size", "--batch_size", type=int, default=1, help="prompts per process and batch")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=None)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0: none)")
     parser.add_argument("--max_train_steps", type=int, default=1000)
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
     parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    parser.add_argument("--save_folder", default="./generator_lora")
-    parser.add_argument("--save_every", type=int, default=100, help="optimizer steps between checkpoints and validation")
+    parser.add_argument("--output_dir", "--save_folder", default="./generator_lora")
+    parser.add_argument("--checkpointing_steps", "--save_every", type=int, default=100,
+                        help="optimizer steps between checkpoints and validation")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     parser.add_argument("--validation_prompts", default=None, nargs="+",
                         help="prompts whose images are scored (a fixed noise each) and saved at every checkpoint")
+    parser.add_argument("--validation_batch_size", type=int, default=8, help="validation images per process and batch")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="of the UNet, the VAE decoder and the reward")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="of the denoiser, the VAE decoder and the reward")
     parser.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"],
                         help="default: accelerate launch's")
-    parser.add_argument("--resume_from_checkpoint", default=None, help="'latest' (in --save_folder) or a checkpoint-STEP folder")
+    parser.add_argument("--resume_from_checkpoint", default=None, help="'latest' (in --output_dir) or a checkpoint-STEP folder")
     parser.add_argument("--skip_nonfinite_loss", action="store_true", help="skip steps whose loss is nan/inf")
     parser.add_argument("--report_to", default=None, help="an accelerate tracker: tensorboard, wandb, ...")
     args = parser.parse_args()

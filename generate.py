@@ -18,7 +18,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from clip_model import InputError, check_free_space, default_device, inference_precision, run_cli, PRECISIONS
-from generators import check_pipeline_folder, generate_images, load_lora, load_pipeline, read_prompts, to_pil
+from generators import (check_pipeline_folder, check_size, default_size, generate_images, load_lora, load_pipeline,
+                        read_prompts, to_pil)
 
 TABLE = "generations.parquet"
 COLUMNS = ("generator", "prompt", "sample", "image")
@@ -64,8 +65,7 @@ def generate(pretrained_model, prompts, generator, out, samples=1, lora=None, re
     pipeline = load_pipeline(pretrained_model, device)
     if lora:
         load_lora(pipeline, lora)
-    if resolution < 8 or resolution % 8 or resolution % pipeline.vae_scale_factor:
-        raise InputError(f"--resolution {resolution}: must be a multiple of 8")
+    size = check_size(pipeline, resolution) if resolution else default_size(pipeline)
     folder = os.path.join(out, generator)
     os.makedirs(folder, exist_ok=True)
     items = [(p, prompt, k) for p, prompt in enumerate(prompt_list) for k in range(samples)]
@@ -74,7 +74,7 @@ def generate(pretrained_model, prompts, generator, out, samples=1, lora=None, re
         chunk = items[start:start + batch_size]
         with inference_precision(device, precision):
             images = generate_images(pipeline, [prompt for _, prompt, _ in chunk],
-                                     [(seed, prompt, k) for _, prompt, k in chunk], resolution, sampling_steps,
+                                     [(seed, prompt, k) for _, prompt, k in chunk], size, sampling_steps,
                                      guidance_scale, batch_size)
         check_free_space(folder, images[0].numel() * len(chunk) * 2, "images")
         for (p, prompt, k), image in zip(chunk, to_pil(images)):

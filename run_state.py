@@ -21,6 +21,7 @@ def save_state_whole(accelerator, folder, progress):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # every process's RNG state is in tmp before it is renamed
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "progress.json"), "w") as f:
             json.dump(progress, f)

@@ -68,3 +68,17 @@ def tiny_sd(tmp_path_factory):
     """A tiny Stable Diffusion pipeline (random weights, SD's layout) saved with save_pretrained, loaded by path."""
     from generators import make_tiny_pipeline
     return make_tiny_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.fixture(scope="module")
+def tiny_pipelines(tmp_path_factory):
+    """tiny_pipelines(family, t5=True): a tiny pipeline of the family (sd, sdxl, sd3, flux; random weights, tokenizers
+    written here) saved with save_pretrained, made once per module."""
+    from generators import make_tiny_pipeline
+    made = {}
+
+    def make(family, t5=True):
+        if (family, t5) not in made:
+            made[family, t5] = make_tiny_pipeline(str(tmp_path_factory.mktemp(f"tiny-{family}")), family, t5=t5)
+        return made[family, t5]
+    return make

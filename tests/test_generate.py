@@ -20,16 +20,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def lora(tiny_sd, tmp_path_factory):
     """LoRA weights with random (nonzero) B matrices, saved as the fine-tuning saves them."""
-    from diffusers import StableDiffusionPipeline
-    from generators import lora_state_dict
+    from generators import save_lora
     pipeline = load_pipeline(tiny_sd)
-    add_lora(pipeline.unet, 4, 4)
+    add_lora(pipeline, 4, 4)
     torch.manual_seed(1)
     for name, param in pipeline.unet.named_parameters():
         if ".lora_B." in name:
             param.data.normal_(0, 0.5)
     folder = str(tmp_path_factory.mktemp("lora"))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_state_dict(pipeline.unet))
+    save_lora(pipeline, folder)
     return folder
 
 
