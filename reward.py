@@ -268,7 +268,8 @@ class RewardMix(nn.Module):
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 if isinstance(e, torch.OutOfMemoryError):
                     raise
-                shape = tuple(images.shape) if isinstance(images, torch.Tensor) else f"{len(images)} images"
+                shape = (f"{tuple(images.shape)}, {images.dtype}" if isinstance(images, torch.Tensor)
+                         else f"{len(images)} images")
                 raise InputError(f"--scorer {name}: fails on the generator's images ({shape}): "
                                  f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}") from None
         message = check_finite and self.nonfinite_message(raw, prompts)
@@ -314,7 +315,7 @@ class RewardMix(nn.Module):
         """The weighted sum of the raw scores (times each temperature when calibrated): a number without state, the
         same for an image whenever it is scored, so validations compare across steps ("group" and "prompt" would
         not)."""
-        raw = self.scores(images, prompts)
+        raw = self.scores(images, prompts, check_finite=False)  # a broken scorer's nan is shown, not raised
         if self.reward_norm == "calibrated":
             raw = {name: raw[name] * reward.temperature for name, reward in zip(self.names, self.rewards)}
         return self.combine(raw)
