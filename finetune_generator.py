@@ -9,7 +9,7 @@ Methods (--method):
          in --sampling_steps steps, the last --grad_steps K of them with gradient, decode, loss = -reward.
   refl   ReFL (Xu et al. 2023, ImageReward's ReFL.py): sample without gradient up to a step drawn from the last quarter
          (ReFL's 30-39 of 40), predict the clean image from it in one step with gradient, decode,
-         loss = relu(2 - reward) * 1e-3 for imagereward: scorers, -reward * 1e-3 for any other (grpo.py's docs).
+         loss = relu(2 - reward) * 1e-3 for imagereward: scorers, -reward * 1e-3 for any other (docs/generators.md).
   grpo   GRPO (DDPO, Black et al. 2023; Flow-GRPO, Liu et al. 2025): --group_size images a prompt sampled with noise
          injected (DDIM eta > 0, or the flow sampler's SDE), scored without gradient; advantages standardised within
          each group; a clipped importance-ratio loss over a --timestep_fraction of the steps, plus --kl_beta times
@@ -37,10 +37,9 @@ from tqdm import tqdm
 from clip_model import InputError, check_free_space, run_cli
 from diffusers.optimization import get_scheduler
 from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, check_size, conditioning, decode,
-                        default_size, denoiser, generate_images, load_pipeline, noise_seed, read_prompts,
-                        sample_latents, save_lora, set_lora_state_dict, start_noise, to_pil)
-from generators import denoise, schedule
-from grpo import check_noisy_sampler, noisy_step, train_on_trajectory, trained_steps, group_advantages
+                        default_size, denoise, denoiser, generate_images, load_pipeline, noise_seed, read_prompts,
+                        sample_latents, save_lora, schedule, set_lora_state_dict, start_noise, to_pil)
+from grpo import check_noisy_sampler, group_advantages, noisy_step, train_on_trajectory, trained_steps
 from reward import REWARD_NORMS, RewardMix
 from run_state import MetricsLog, save_state_whole
 

@@ -3,17 +3,16 @@ so any family's sampling loop can call them: a sampling step with noise injected
 eta > 0 as DDPO, Black et al. 2023; the SDE form of the flow-matching Euler sampler as Flow-GRPO, Liu et al. 2025),
 group-standardised advantages, the clipped importance-ratio loss and the KL penalty to the reference model.
 
-    scheduler.set_timesteps(steps)
-    check_noisy_sampler(scheduler)
-    for i, t in enumerate(scheduler.timesteps):                   # sampling, without gradient
-        step = noisy_step(scheduler, denoiser(latents, t), i, latents, noise=torch.randn_like(latents))
-        trajectory.append(latents); log_probs.append(step.log_prob); latents = step.prev_sample
+    plan = generators.schedule(pipeline, steps, latents)          # the family's timesteps (and sigmas)
+    check_noisy_sampler(plan.scheduler)
+    step_fn = lambda plan, i, output, x: noisy_step(plan.scheduler, output, i, x, noise=noise(i))._asdict()
+    final = generators.sample_latents(pipeline, model, latents, cond, steps, 1.0, step_fn=step_fn, trajectory=taken)
     advantages = group_advantages(rewards, group_size)            # rewards: [prompts * group_size], prompt-major
-    new = noisy_step(scheduler, denoiser(trajectory[i], t), i, trajectory[i], prev_sample=trajectory[i + 1])
-    loss = clipped_policy_loss(new.log_prob, log_probs[i], advantages, clip_range)
-    loss = loss + kl_beta * kl_to_reference(new.mean, reference.mean, new.std).mean()
-    stats = train_on_trajectory(predict, scheduler, trajectory, log_probs, advantages, steps, clip_range, kl_beta,
-                                accelerator.backward, reference=lora_off)   # all of the above, for the trained steps
+    step = noisy_step(plan.scheduler, output_now, i, x_i, prev_sample=x_next)   # the same step under the LoRA now
+    loss = clipped_policy_loss(step.log_prob, old_log_prob_i, advantages, clip_range)
+    loss = loss + kl_beta * kl_to_reference(step.mean, reference_mean, step.std).mean()
+    stats = train_on_trajectory(predict, plan.scheduler, trajectory, log_probs, advantages, trained, clip_range,
+                                kl_beta, accelerator.backward, reference=lora_off)  # that, for every trained step
 
 A step's log-probability is the mean over the latent's elements of the Gaussian log-density of prev_sample (as both
 DDPO and Flow-GRPO take it), so ratios and clip ranges are per element (both use a clip range of 1e-4).
