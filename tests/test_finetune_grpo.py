@@ -11,7 +11,6 @@ import torch
 from conftest import ROOT, TINY_CLIP
 from safetensors.torch import load_file
 
-import finetune_generator
 from clip_model import InputError, load_model
 from finetune_generator import finetune_generator as finetune, grpo_sample, grpo_train
 from generators import LORA_WEIGHTS, add_lora, denoiser, load_pipeline
