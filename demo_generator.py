@@ -59,12 +59,12 @@ def run_demo(out="demo_generator_out", scorer=None, steps=200, sampling_steps=4,
     save_folder = os.path.join(out, "lora")
     subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    "finetune_generator.py", "--pretrained_model", pipeline, "--prompts", prompts,
+                    "finetune_generator.py", "--pretrained_model_name_or_path", pipeline, "--prompts", prompts,
                     "--validation_prompts", prompts, "--scorer", scorer, "--method", "draft",
                     "--sampling_steps", str(sampling_steps), "--grad_steps", "1", "--guidance_scale", "1",
-                    "--resolution", str(resolution), "--batch_size", str(batch_size), "--learning_rate",
-                    str(learning_rate), "--max_train_steps", str(steps), "--save_every", str(steps // 4),
-                    "--save_folder", save_folder, "--seed", str(seed)],
+                    "--resolution", str(resolution), "--train_batch_size", str(batch_size), "--learning_rate",
+                    str(learning_rate), "--max_train_steps", str(steps), "--checkpointing_steps", str(steps // 4),
+                    "--output_dir", save_folder, "--seed", str(seed)],
                    check=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     val = pd.read_csv(os.path.join(save_folder, "metrics.csv")).dropna(subset=["val_reward"])
     for step, value in zip(val.step, val.val_reward):
@@ -77,7 +77,7 @@ def run_demo(out="demo_generator_out", scorer=None, steps=200, sampling_steps=4,
     generations = os.path.join(out, "generations")
     for name, lora in (("base", None), ("tuned", save_folder)):
         generate(pipeline, prompts, name, generations, samples=4, lora=lora, resolution=resolution,
-                 sampling_steps=sampling_steps, guidance_scale=1.0, seed=seed + 1, device="cpu", overwrite=True)
+                 num_inference_steps=sampling_steps, guidance_scale=1.0, seed=seed + 1, device="cpu", overwrite=True)
     _, rates = evaluate_generators([os.path.join(generations, "generations.parquet")], {"reward": scorer},
                                    out=os.path.join(out, "evaluation"), device="cpu", num_workers=0, overwrite=True)
     rate = rates[(rates.generator == "tuned") & (rates.other == "base")].iloc[0]

@@ -1,12 +1,14 @@
-"""Fine-tune a Stable Diffusion pipeline through a reward: LoRA on the UNet, gradient from the reward of its own images.
+"""Fine-tune a text-to-image pipeline through a reward: LoRA on its denoiser, gradient from the reward of its own
+images. Families: SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1 (generators.FAMILIES); flags named as diffusers' LoRA scripts'.
 
-    accelerate launch finetune_generator.py --pretrained_model stable-diffusion-2-1-base/ \\
+    accelerate launch finetune_generator.py --pretrained_model_name_or_path stable-diffusion-xl-base-1.0/ \\
         --prompts prompts.txt --validation_prompts val_prompts.txt \\
-        --scorer ours=clip:clip_epoch_4_global_step_final.pth --save_folder ./sd_lora
+        --scorer ours=clip:clip_epoch_4_global_step_final.pth --output_dir ./sdxl_lora
 
 Methods (--method):
-  draft  DRaFT-K (Clark et al. 2023, "Directly Fine-Tuning Diffusion Models on Differentiable Rewards"): sample with DDIM
-         in --sampling_steps steps, the last --grad_steps K of them with gradient, decode, loss = -reward.
+  draft  DRaFT-K (Clark et al. 2023, "Directly Fine-Tuning Diffusion Models on Differentiable Rewards"): sample
+         (DDIM, or the flow-matching Euler step for SD3/FLUX) in --sampling_steps steps, the last --grad_steps K of
+         them with gradient, decode, loss = -reward.
   refl   ReFL (Xu et al. 2023, ImageReward's ReFL.py): sample without gradient up to a step drawn from the last quarter
          (ReFL's 30-39 of 40), predict the clean image from it in one step with gradient, decode,
          loss = relu(2 - reward) * 1e-3 for imagereward: scorers, -reward * 1e-3 for any other (docs/generators.md).
@@ -16,8 +18,8 @@ Methods (--method):
          the KL to the base (the LoRA switched off).
 Each scorer is normalised by --reward_norm (none, group, prompt, calibrated: reward.py) before --reward_weights
 combine them.
-The result is diffusers LoRA weights: `pipeline.load_lora_weights(save_folder)`. Devices, processes and
---mixed_precision come from `accelerate launch` (or the flag here); --batch_size is per process.
+The result is diffusers LoRA weights, alpha in their metadata: `pipeline.load_lora_weights(output_dir)`. Devices,
+processes and --mixed_precision come from `accelerate launch` (or the flag here); --train_batch_size is per process.
 """
 import argparse
 import contextlib
@@ -38,7 +40,7 @@ from clip_model import InputError, check_free_space, run_cli
 from diffusers.optimization import get_scheduler
 from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, check_size, conditioning, decode,
                         default_size, denoise, denoiser, generate_images, load_pipeline, noise_seed, read_prompts,
-                        sample_latents, save_lora, schedule, set_lora_state_dict, start_noise, to_pil)
+                        sample_latents, save_lora, schedule, set_lora_state_dict, start_noise, take_aliases, to_pil)
 from grpo import check_noisy_sampler, group_advantages, noisy_step, train_on_trajectory, trained_steps
 from reward import REWARD_NORMS, RewardMix
 from run_state import MetricsLog, save_state_whole
@@ -73,10 +75,11 @@ def check_flags(method, sampling_steps, grad_steps, rank, train_batch_size, max_
                         ("train_batch_size", train_batch_size), ("max_train_steps", max_train_steps),
                         ("checkpointing_steps", checkpointing_steps),
                         ("gradient_accumulation_steps", gradient_accumulation_steps or 1),
-                        ("checkpoints_total_limit", checkpoints_total_limit or 1), ("lr_warmup_steps", lr_warmup_steps + 1)):
+                        ("checkpoints_total_limit", checkpoints_total_limit or 1)):
         if value < 1:
-            raise InputError(f"--{flag} must be at least {0 if flag == 'lr_warmup_steps' else 1} (got "
-                             f"{value - 1 if flag == 'lr_warmup_steps' else value})")
+            raise InputError(f"--{flag} must be at least 1 (got {value})")
+    if lr_warmup_steps < 0:
+        raise InputError(f"--lr_warmup_steps must be at least 0 (got {lr_warmup_steps})")
     if method == "draft" and grad_steps > sampling_steps:
         raise InputError(f"--grad_steps {grad_steps} is more than --sampling_steps {sampling_steps}: DRaFT-K takes "
                          f"gradient through the last K of the sampling steps")
@@ -338,7 +341,6 @@ def validation(accelerator, pipeline, rewards, validation_prompts, output_dir, s
 
 ALIASES = {"pretrained_model": "pretrained_model_name_or_path", "save_folder": "output_dir",
            "batch_size": "train_batch_size", "save_every": "checkpointing_steps"}  # today's names, kept working
-GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}  # each pipeline's own default guidance_scale
 
 
 def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=None, reward_weights=None,
@@ -361,18 +363,15 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
         finetune_generator("tiny-sd", "prompts.txt", ["clip:init.pth,model=assets/tiny-clip.json"],
                            sampling_steps=4, resolution=32, max_train_steps=10, output_dir="tiny_lora")
     """
-    unknown = [name for name in aliases if name not in ALIASES]
-    if unknown:
-        raise TypeError(f"finetune_generator() got an unexpected keyword argument {unknown[0]!r}")
-    pretrained_model_name_or_path = aliases.get("pretrained_model", pretrained_model_name_or_path)
-    output_dir = aliases.get("save_folder", output_dir)
-    train_batch_size = aliases.get("batch_size", train_batch_size)
-    checkpointing_steps = aliases.get("save_every", checkpointing_steps)
+    pretrained_model_name_or_path, output_dir, train_batch_size, checkpointing_steps = take_aliases(
+        "finetune_generator", aliases, ALIASES, dict(pretrained_model_name_or_path=pretrained_model_name_or_path,
+                                                     output_dir=output_dir, train_batch_size=train_batch_size,
+                                                     checkpointing_steps=checkpointing_steps))
     check_flags(method, sampling_steps, grad_steps, rank, train_batch_size, max_train_steps, checkpointing_steps,
                 gradient_accumulation_steps, checkpoints_total_limit, lr_scheduler, lr_warmup_steps)
     check_grpo_flags(method, group_size, clip_range, timestep_fraction, kl_beta, reward_norm, calibration)
     family = check_pipeline_folder(pretrained_model_name_or_path)
-    guidance_scale = GUIDANCE[family.name] if guidance_scale is None else guidance_scale
+    guidance_scale = family.default_guidance if guidance_scale is None else guidance_scale
     scorers = parse_scorers(scorer if isinstance(scorer, (list, tuple)) else [scorer], reward_weights)
     train_prompts = read_prompts(prompts, "--prompts")
     val_prompts = read_prompts(validation_prompts, "--validation_prompts") if validation_prompts else []
@@ -401,7 +400,8 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
                    kl_beta=kl_beta, noise_level=noise_level)
     run = json.loads(json.dumps(run))  # as progress.json holds it (lists, not tuples)
     # what decides which prompts come next, and the arithmetic: a resume must keep them
-    order = {"num_processes": accelerator.num_processes, "gradient_accumulation_steps": gradient_accumulation_steps or 1,
+    order = {"num_processes": accelerator.num_processes,
+             "gradient_accumulation_steps": gradient_accumulation_steps or 1,
              "mixed_precision": accelerator.mixed_precision}
     checkpoint, progress = (find_checkpoint(resume_from_checkpoint, output_dir, run) if resume_from_checkpoint
                             else (None, {"step": 0, "epoch": 0, "batches_done": 0, "skipped_steps": 0}))

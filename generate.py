@@ -1,17 +1,23 @@
-"""Generate images for evaluation: N samples per prompt from a Stable Diffusion pipeline folder, with or without a
-fine-tuning's LoRA, appended to a generations table that evaluate_generators.py reads.
+"""Generate images for evaluation: N samples per prompt from a pipeline folder of any supported family (SD 1.x/2.x,
+SDXL, SD3/3.5, FLUX.1), with or without a fine-tuning's LoRA, appended to a generations table that
+evaluate_generators.py reads.
 
-    python generate.py --pretrained_model stable-diffusion-2-1-base/ --prompts prompts.txt --samples 4 \\
-        --generator base --out generations/
-    python generate.py --pretrained_model stable-diffusion-2-1-base/ --lora sd_lora/ --prompts prompts.txt \\
-        --samples 4 --generator tuned --out generations/
+    python generate.py --pretrained_model_name_or_path stable-diffusion-2-1-base/ --prompts prompts.txt --samples 4 \\
+        --generator base --output_dir generations/
+    python generate.py --pretrained_model_name_or_path stable-diffusion-2-1-base/ --lora sd_lora/ \\
+        --prompts prompts.txt --samples 4 --generator tuned --output_dir generations/
     python evaluate_generators.py generations/generations.parquet --scorer ours=clip:clip_final.pth --out table/
 
-Images go to OUT/GENERATOR/PPPPP_K.png (prompt P, sample K) and rows (generator, prompt, sample, image: the path
-relative to OUT, as generations.read_generations reads it) to OUT/generations.parquet. For a given --seed, sample K of a prompt starts from the same noise for every generator (and
-in finetune_generator.py's validation, sample 0), so generators are compared image for image.
+Images go to OUT/GENERATOR/PPPPP_K.png (prompt line P, sample K) and rows (generator, prompt, sample, image: the
+path relative to OUT, as generations.read_generations reads it; prompt_index: the prompt's line) to
+OUT/generations.parquet. A prompt listed twice (HPS v2's lists repeat some) keeps its lines apart: its second line's
+samples are numbered after its first's (N..2N-1), as read_generations numbers a repeated prompt of a folder. For a
+given --seed, sample K of a prompt starts from the same noise for every generator (and in finetune_generator.py's
+validation, sample 0), so generators are compared image for image. Rows are journaled in OUT/GENERATOR/rows.jsonl
+as images are written: a killed run, started again with the same flags, goes on where it stopped.
 """
 import argparse
+import json
 import os
 
 import pandas as pd
@@ -19,10 +25,13 @@ from tqdm import tqdm
 
 from clip_model import InputError, check_free_space, default_device, inference_precision, run_cli, PRECISIONS
 from generators import (check_pipeline_folder, check_size, default_size, generate_images, load_lora, load_pipeline,
-                        read_prompts, to_pil)
+                        read_prompts, take_aliases, to_pil)
 
 TABLE = "generations.parquet"
-COLUMNS = ("generator", "prompt", "sample", "image")
+COLUMNS = ("generator", "prompt", "sample", "image", "prompt_index")
+JOURNAL = "rows.jsonl"
+ALIASES = {"pretrained_model": "pretrained_model_name_or_path", "out": "output_dir",
+           "sampling_steps": "num_inference_steps"}  # today's names, kept working
 
 
 def existing_rows(out, generator, overwrite):
@@ -35,7 +44,7 @@ def existing_rows(out, generator, overwrite):
         rows = pd.read_parquet(path)
     except Exception as e:
         raise InputError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
-    missing = [c for c in COLUMNS if c not in rows.columns]
+    missing = [c for c in COLUMNS[:4] if c not in rows.columns]
     if missing:
         raise InputError(f"{path}: not a generations table (no column {missing[0]!r}; it has {', '.join(rows.columns)})")
     if (rows.generator == generator).any():
@@ -46,69 +55,124 @@ def existing_rows(out, generator, overwrite):
     return rows
 
 
-def generate(pretrained_model, prompts, generator, out, samples=1, lora=None, resolution=512, sampling_steps=50,
-             guidance_scale=7.5, seed=42, batch_size=8, device=None, precision="fp32", overwrite=False):
-    """Write `samples` images of each prompt and append their rows to out/generations.parquet; returns the new rows.
+def journal(folder, settings, overwrite):
+    """The rows already written by a killed run of this generator with the same settings (folder/rows.jsonl, its
+    first line the settings); another run's journal is refused naming what differs, or cleared with `overwrite`."""
+    path = os.path.join(folder, JOURNAL)
+    if overwrite or not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write(json.dumps(settings) + "\n")
+        return {}
+    with open(path) as f:
+        lines = f.read().splitlines()
+    saved = json.loads(lines[0]) if lines else {}
+    for key, value in settings.items():
+        if saved.get(key) != value:
+            raise InputError(f"{path}: a run of generator {settings['generator']!r} with --{key} {saved.get(key)} was "
+                             f"stopped here; resume it with the same flags, or --overwrite to start again")
+    rows = {}
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except ValueError:  # the line a kill cut short
+            continue
+        if os.path.isfile(os.path.join(os.path.dirname(folder), row["image"])):
+            rows[row["prompt_index"], row["sample"]] = row
+    return rows
+
+
+def generate(pretrained_model_name_or_path=None, prompts=None, generator=None, output_dir=None, samples=1, lora=None,
+             resolution=None, height=None, width=None, num_inference_steps=50, guidance_scale=None, seed=42,
+             batch_size=8, device=None, precision="fp32", overwrite=False, **aliases):
+    """Write `samples` images of each prompt and append their rows to output_dir/generations.parquet; returns the new
+    rows. Today's names (pretrained_model, out, sampling_steps) are accepted for diffusers' ones; resolution and
+    guidance_scale default to the pipeline's own.
 
     Example:
-        generate("tiny-sd", "prompts.txt", "base", "generations", samples=2, resolution=32, sampling_steps=4)
+        generate("tiny-sd", "prompts.txt", "base", "generations", samples=2, resolution=32, num_inference_steps=4)
     """
+    pretrained_model_name_or_path, output_dir, num_inference_steps = take_aliases("generate", aliases, ALIASES, dict(
+        pretrained_model_name_or_path=pretrained_model_name_or_path, output_dir=output_dir,
+        num_inference_steps=num_inference_steps))
     if samples < 1 or batch_size < 1:
         raise InputError(f"--{'samples' if samples < 1 else 'batch_size'} must be at least 1 (got {min(samples, batch_size)})")
     if not generator or "/" in generator or generator.startswith("."):
-        raise InputError(f"--generator {generator!r}: give a name (it names a folder in --out)")
-    check_pipeline_folder(pretrained_model)
+        raise InputError(f"--generator {generator!r}: give a name (it names a folder in --output_dir)")
+    family = check_pipeline_folder(pretrained_model_name_or_path)
+    guidance_scale = family.default_guidance if guidance_scale is None else guidance_scale
     prompt_list = read_prompts(prompts)
-    os.makedirs(out, exist_ok=True)
-    previous = existing_rows(out, generator, overwrite)
+    os.makedirs(output_dir, exist_ok=True)
+    previous = existing_rows(output_dir, generator, overwrite)
     device = device or default_device()
-    pipeline = load_pipeline(pretrained_model, device)
+    pipeline = load_pipeline(pretrained_model_name_or_path, device)
     if lora:
         load_lora(pipeline, lora)
-    size = check_size(pipeline, resolution) if resolution else default_size(pipeline)
-    folder = os.path.join(out, generator)
+    if resolution is not None and (height or width):
+        raise InputError("--resolution with --height/--width: give one or the other")
+    size = check_size(pipeline, resolution) if resolution is not None else check_size(
+        pipeline, (height or default_size(pipeline)[0], width or default_size(pipeline)[1]))
+    folder = os.path.join(output_dir, generator)
     os.makedirs(folder, exist_ok=True)
-    items = [(p, prompt, k) for p, prompt in enumerate(prompt_list) for k in range(samples)]
-    rows = []
-    for start in tqdm(range(0, len(items), batch_size), desc=generator):
-        chunk = items[start:start + batch_size]
-        with inference_precision(device, precision):
-            images = generate_images(pipeline, [prompt for _, prompt, _ in chunk],
-                                     [(seed, prompt, k) for _, prompt, k in chunk], size, sampling_steps,
-                                     guidance_scale, batch_size)
-        check_free_space(folder, images[0].numel() * len(chunk) * 2, "images")
-        for (p, prompt, k), image in zip(chunk, to_pil(images)):
-            name = os.path.join(generator, f"{p:05d}_{k}.png")  # relative to the table's folder: --out can move
-            path = os.path.join(out, name)
-            image.save(path + ".tmp.png")
-            os.replace(path + ".tmp.png", path)
-            rows.append({"generator": generator, "prompt": prompt, "sample": k, "image": name})
-    new = pd.DataFrame(rows, columns=list(COLUMNS))
+    settings = {"generator": generator, "pretrained_model_name_or_path": os.path.abspath(pretrained_model_name_or_path),
+                "lora": lora and os.path.abspath(lora), "prompts": prompt_list, "samples": samples,
+                "size": list(size), "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                "seed": seed, "precision": precision}
+    done = journal(folder, settings, overwrite)
+    # line p's samples: a prompt's j-th line takes samples j*N .. j*N+N-1, so no two lines share (prompt, sample)
+    occurrence = pd.Series(prompt_list).groupby(prompt_list).cumcount().tolist()
+    items = [(p, prompt, occurrence[p] * samples + k) for p, prompt in enumerate(prompt_list) for k in range(samples)]
+    todo = [item for item in items if (item[0], item[2]) not in done]
+    if len(todo) < len(items):
+        print(f"resuming {generator}: {len(items) - len(todo)} of {len(items)} images already written")
+    with open(os.path.join(folder, JOURNAL), "a") as log:
+        for start in tqdm(range(0, len(todo), batch_size), desc=generator):
+            chunk = todo[start:start + batch_size]
+            with inference_precision(device, precision):
+                images = generate_images(pipeline, [prompt for _, prompt, _ in chunk],
+                                         [(seed, prompt, k) for _, prompt, k in chunk], size, num_inference_steps,
+                                         guidance_scale, batch_size)
+            check_free_space(folder, images[0].numel() * len(chunk) * 2, "images")
+            for (p, prompt, k), image in zip(chunk, to_pil(images)):
+                # relative to the table's folder: --output_dir can move
+                name = os.path.join(generator, f"{p:05d}_{k}.png")
+                path = os.path.join(output_dir, name)
+                image.save(path + ".tmp.png")
+                os.replace(path + ".tmp.png", path)
+                done[p, k] = {"generator": generator, "prompt": prompt, "sample": k, "image": name, "prompt_index": p}
+                log.write(json.dumps(done[p, k]) + "\n")
+            log.flush()
+    new = pd.DataFrame([done[p, k] for p, _, k in items], columns=list(COLUMNS))
     table = pd.concat([previous, new], ignore_index=True) if len(previous) else new
-    path = os.path.join(out, TABLE)
+    path = os.path.join(output_dir, TABLE)
     table.to_parquet(path + ".tmp", index=False)
     os.replace(path + ".tmp", path)
+    os.remove(os.path.join(folder, JOURNAL))
     print(f"{len(new)} images of {generator} in {folder}; {path} has {len(table)} rows")
     return new
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained_model", required=True, help="a Stable Diffusion pipeline folder (save_pretrained)")
-    parser.add_argument("--lora", default=None, help="LoRA weights: a finetune_generator.py save_folder or checkpoint")
+    # diffusers' names (its pipelines' arguments and LoRA scripts' flags); today's names stay as aliases
+    parser.add_argument("--pretrained_model_name_or_path", "--pretrained_model", required=True,
+                        help="a pipeline folder (save_pretrained) of SD 1.x/2.x, SDXL, SD3/3.5 or FLUX.1")
+    parser.add_argument("--lora", default=None, help="LoRA weights: a finetune_generator.py output_dir or checkpoint")
     parser.add_argument("--prompts", required=True, nargs="+",
                         help="a text file (one a line), a json list, or a pair source (its prompts)")
     parser.add_argument("--samples", type=int, default=1, help="images per prompt")
     parser.add_argument("--generator", required=True, help="the name of these images in the table")
-    parser.add_argument("--out", required=True, help="folder of the images and generations.parquet")
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--sampling_steps", type=int, default=50)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--output_dir", "--out", required=True, help="folder of the images and generations.parquet")
+    parser.add_argument("--resolution", type=int, default=None, help="square images (default: the pipeline's size)")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--num_inference_steps", "--sampling_steps", type=int, default=50)
+    parser.add_argument("--guidance_scale", type=float, default=None, help="default: the pipeline's own")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
-    parser.add_argument("--overwrite", action="store_true", help="replace the rows of a --generator already in the table")
+    parser.add_argument("--overwrite", action="store_true", help="replace the rows of a --generator already in the "
+                        "table (or a stopped run's)")
     args = parser.parse_args()
     generate(**vars(args))
 

@@ -37,19 +37,22 @@ PART_FILES = {"unet": MODEL, "transformer": MODEL, "vae": MODEL, "text_encoder":
               "text_encoder_3": MODEL, "tokenizer": TOKENIZER, "tokenizer_2": TOKENIZER, "tokenizer_3": TOKENIZER,
               "scheduler": (("scheduler_config.json",), ())}
 # one row per family, read by every function below: model_index.json's _class_name -> what the family is
+# (default_guidance: the pipeline's own guidance_scale default)
 FAMILIES = {
     "StableDiffusionPipeline": SimpleNamespace(
-        name="sd", denoiser="unet", sampler="ddim", guidance="cfg", lora_targets=UNET_TARGETS,
+        name="sd", denoiser="unet", sampler="ddim", guidance="cfg", default_guidance=7.5, lora_targets=UNET_TARGETS,
         parts=("unet", "vae", "text_encoder", "tokenizer", "scheduler"), optional=()),
     "StableDiffusionXLPipeline": SimpleNamespace(
-        name="sdxl", denoiser="unet", sampler="ddim", guidance="cfg", lora_targets=UNET_TARGETS,
+        name="sdxl", denoiser="unet", sampler="ddim", guidance="cfg", default_guidance=5.0, lora_targets=UNET_TARGETS,
         parts=("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"), optional=()),
     "StableDiffusion3Pipeline": SimpleNamespace(
-        name="sd3", denoiser="transformer", sampler="flow", guidance="cfg", lora_targets=MMDIT_TARGETS,
+        name="sd3", denoiser="transformer", sampler="flow", guidance="cfg", default_guidance=7.0,
+        lora_targets=MMDIT_TARGETS,
         parts=("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
         optional=("text_encoder_3", "tokenizer_3")),   # T5: SD3 runs without it, as the pipeline allows
     "FluxPipeline": SimpleNamespace(
-        name="flux", denoiser="transformer", sampler="flow", guidance="embedded", lora_targets=FLUX_TARGETS,
+        name="flux", denoiser="transformer", sampler="flow", guidance="embedded", default_guidance=3.5,
+        lora_targets=FLUX_TARGETS,
         parts=("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
         optional=()),
 }
@@ -93,6 +96,15 @@ def check_pipeline_folder(folder, flag="--pretrained_model"):
     return family
 
 
+def take_aliases(function, aliases, table, values):
+    """`values` (diffusers-named arguments, in order) with those a caller gave under today's names (`aliases`,
+    renamed by `table`, old -> new); an unknown keyword raises TypeError as Python would."""
+    unknown = [name for name in aliases if name not in table]
+    if unknown:
+        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")
+    return list({**values, **{table[old]: value for old, value in aliases.items()}}.values())
+
+
 def family_of(pipeline):
     return FAMILIES[type(pipeline).__name__]
 
@@ -113,7 +125,8 @@ def load_pipeline(folder, device="cpu", dtype=torch.float32):
     diffusers.utils.logging.disable_progress_bar()  # a bar per part of a local folder says nothing
     transformers.utils.logging.disable_progress_bar()
     cls = FAMILY_NAMES[family.name]
-    extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) if family.name == "sd" else {}
+    extra = {} if family.name != "sd" else dict(safety_checker=None, feature_extractor=None,
+                                                requires_safety_checker=False)
     with open(os.path.join(folder, "model_index.json")) as f:
         index = json.load(f)
     extra.update({part: None for part in family.optional if (index.get(part) or [None])[0] is None})  # SD3 sans T5
@@ -143,7 +156,7 @@ def latent_factor(pipeline):
 
 def default_size(pipeline):
     """(height, width) the pipeline generates by default (SD 2.1's 768, SDXL's and FLUX's 1024, ...)."""
-    side = pipeline.default_sample_size if hasattr(pipeline, "default_sample_size") else denoiser(pipeline).config.sample_size
+    side = getattr(pipeline, "default_sample_size", None) or denoiser(pipeline).config.sample_size
     return side * pipeline.vae_scale_factor, side * pipeline.vae_scale_factor
 
 

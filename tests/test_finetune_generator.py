@@ -178,10 +178,13 @@ def test_a_sigkilled_run_resumed_from_latest_ends_on_the_uninterrupted_lora(tiny
 
 
 def test_two_processes_end_on_the_lora_of_one_process_with_twice_the_batch(tiny_sd, files, tmp_path):
+    # validation split across the processes (3 prompts: 2 and 1), in batches of 2: the mean of one process
+    (tmp_path / "val.txt").write_text("\n".join(PROMPTS[:3]))
     finetune(tiny_sd, files["prompts"], files["scorer"], batch_size=4, max_train_steps=3, save_every=3,
-             save_folder=str(tmp_path / "one"), **TINY_RUN)
-    two = run_script(script_args(tiny_sd, files, tmp_path / "two", "--batch_size", "2", "--max_train_steps", "3",
-                                 "--save_every", "3"),
+             save_folder=str(tmp_path / "one"), validation_prompts=str(tmp_path / "val.txt"), **TINY_RUN)
+    two = run_script(script_args(tiny_sd, files, tmp_path / "two", "--train_batch_size", "2", "--max_train_steps", "3",
+                                 "--checkpointing_steps", "3", "--validation_prompts", str(tmp_path / "val.txt"),
+                                 "--validation_batch_size", "2"),
                      env={"ACCELERATE_USE_CPU": "1"},  # --standalone: a free port, whatever else runs here
                      launcher=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
     assert two.returncode == 0, two.stderr[-3000:]
@@ -192,6 +195,14 @@ def test_two_processes_end_on_the_lora_of_one_process_with_twice_the_batch(tiny_
         assert torch.allclose(expected[k], ours[k], rtol=0, atol=1e-4), (k, (expected[k] - ours[k]).abs().max())
     one_metrics, two_metrics = pd.read_csv(tmp_path / "one" / "metrics.csv"), pd.read_csv(tmp_path / "two" / "metrics.csv")
     assert torch.allclose(torch.tensor(one_metrics.loss[1:].values), torch.tensor(two_metrics.loss[1:].values), atol=1e-5)
+    one_val, two_val = one_metrics.val_reward.dropna().values, two_metrics.val_reward.dropna().values
+    assert len(one_val) == len(two_val) == 2 and torch.allclose(torch.tensor(one_val), torch.tensor(two_val), atol=1e-6)
+    assert torch.equal(pixels(tmp_path / "one" / "validation-0.png"), pixels(tmp_path / "two" / "validation-0.png"))
+
+
+def pixels(path):
+    from PIL import Image
+    return torch.tensor(list(Image.open(path).getdata()))
 
 
 def test_gradient_accumulation_of_two_batches_of_two_ends_on_the_lora_of_batch_four(tiny_sd, files, tmp_path):
@@ -357,3 +368,34 @@ def test_a_reward_that_fails_on_the_generators_images_ends_in_one_line_naming_it
         finetune(tiny_sd, files["prompts"], "broken=" + files["scorer"], batch_size=2, max_train_steps=1,
                  save_folder=str(tmp_path / "run"), **TINY_RUN)
     assert not glob.glob(str(tmp_path / "run" / "checkpoint-*"))
+
+
+def test_the_checkpoint_limit_keeps_the_newest_and_a_resume_that_changes_the_data_order_is_refused(tiny_sd, files,
+                                                                                                  tmp_path):
+    out = str(tmp_path / "run")
+    finetune(tiny_sd, files["prompts"], files["scorer"], train_batch_size=1, max_train_steps=4, checkpointing_steps=1,
+             checkpoints_total_limit=2, output_dir=out, **TINY_RUN)
+    assert sorted(os.listdir(out)) == ["checkpoint-3", "checkpoint-4", "metrics.csv", LORA_WEIGHTS]
+    with pytest.raises(InputError, match=r"checkpoint-4: saved with gradient_accumulation_steps 1, resumed with 2: "
+                                         r"the prompts that come next would differ"):
+        finetune(tiny_sd, files["prompts"], files["scorer"], train_batch_size=1, max_train_steps=6, output_dir=out,
+                 gradient_accumulation_steps=2, resume_from_checkpoint="latest", **TINY_RUN)
+    assert sorted(os.listdir(out)) == ["checkpoint-3", "checkpoint-4", "metrics.csv", LORA_WEIGHTS]
+
+
+def test_gradient_clipping_and_the_learning_rate_schedule_follow_the_flags(tiny_sd, files, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    norms, rates, real_clip = [], [], Accelerator.clip_grad_norm_
+
+    def clip(self, parameters, max_norm, **kwargs):
+        norms.append(max_norm)
+        return real_clip(self, parameters, max_norm, **kwargs)
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"])
+                        or real_step(self, *a, **k))
+    finetune(tiny_sd, files["prompts"], files["scorer"], train_batch_size=1, max_train_steps=4, checkpointing_steps=4,
+             output_dir=str(tmp_path / "run"), lr_scheduler="linear", lr_warmup_steps=2, max_grad_norm=0.5,
+             **TINY_RUN)
+    assert norms == [0.5] * 4
+    assert rates == pytest.approx([0.0, 5e-3, 1e-2, 5e-3])  # warm-up over 2 steps, then linear decay to 0 at step 4

@@ -57,7 +57,7 @@ def test_sample_k_of_a_prompt_starts_from_the_same_noise_for_every_generator(tin
     again = generate(tiny_sd, str(tmp_path / "reversed.txt"), "base-again", out, samples=2, batch_size=1, **TINY)
     tuned = generate(tiny_sd, str(tmp_path / "prompts.txt"), "tuned", out, samples=2, lora=lora, batch_size=4, **TINY)
     table = pd.read_parquet(os.path.join(out, "generations.parquet"))
-    assert list(table.columns) == ["generator", "prompt", "sample", "image"]
+    assert list(table.columns) == ["generator", "prompt", "sample", "image", "prompt_index"]
     assert len(table) == 18 and table.groupby("generator").size().to_dict() == {"base": 6, "base-again": 6, "tuned": 6}
     table["image"] = [os.path.join(out, image) for image in table.image]
     by_item = {name: rows.set_index(["prompt", "sample"]).image for name, rows in table.groupby("generator")}
@@ -94,3 +94,44 @@ def test_a_lora_folder_without_weights_is_named(tiny_sd, tmp_path):
     (tmp_path / "prompts.txt").write_text(PROMPTS[0])
     with pytest.raises(InputError, match=f"--lora {tmp_path}: no pytorch_lora_weights.safetensors"):
         generate(tiny_sd, str(tmp_path / "prompts.txt"), "tuned", str(tmp_path / "gen"), lora=str(tmp_path), **TINY)
+
+
+def test_a_repeated_prompt_keeps_its_lines_apart_and_the_table_reads_in_evaluate_generators(tiny_sd, tmp_path):
+    from generations import read_generations
+    (tmp_path / "prompts.txt").write_text("\n".join([PROMPTS[0], PROMPTS[1], PROMPTS[0]]))
+    out = tmp_path / "gen"
+    generate(tiny_sd, str(tmp_path / "prompts.txt"), "base", str(out), samples=2, **TINY)
+    table = read_generations([str(out / "generations.parquet")])  # refuses two images of one (prompt, sample)
+    assert sorted(table[table.prompt == PROMPTS[0]]["sample"]) == [0, 1, 2, 3]
+    rows = pd.read_parquet(out / "generations.parquet")
+    assert list(rows.prompt_index) == [0, 0, 1, 1, 2, 2]
+    first, second = (pixels(out / image) for image in rows.image[[0, 4]])
+    assert (first - second).abs().max() > 10  # the second line's images start from their own noise
+
+
+def test_a_stopped_run_started_again_goes_on_where_it_stopped(tiny_sd, tmp_path, monkeypatch):
+    import generate as script
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
+    out = str(tmp_path / "gen")
+    whole = generate(tiny_sd, str(tmp_path / "prompts.txt"), "whole", out, samples=2, batch_size=2, **TINY)
+    calls, real = [], script.generate_images
+
+    def dies_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(script, "generate_images", dies_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tiny_sd, str(tmp_path / "prompts.txt"), "base", out, samples=2, batch_size=2, **TINY)
+    monkeypatch.undo()
+    with pytest.raises(InputError, match=r"rows.jsonl: a run of generator 'base' with --seed 3 was stopped here"):
+        generate(tiny_sd, str(tmp_path / "prompts.txt"), "base", out, samples=2, batch_size=2, **{**TINY, "seed": 4})
+    calls.clear()
+    monkeypatch.setattr(script, "generate_images", dies_on_the_third_batch)
+    resumed = generate(tiny_sd, str(tmp_path / "prompts.txt"), "base", out, samples=2, batch_size=2, **TINY)
+    assert len(calls) == 1  # the four images written before the stop were not made again
+    assert list(resumed["sample"]) == list(whole["sample"]) and list(resumed.prompt) == list(whole.prompt)
+    for ours, theirs in zip(resumed.image, whole.image):
+        assert (pixels(os.path.join(out, ours)) - pixels(os.path.join(out, theirs))).abs().max() <= 1
+    assert not os.path.exists(os.path.join(out, "base", "rows.jsonl"))

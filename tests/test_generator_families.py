@@ -13,10 +13,12 @@ import torch
 from conftest import TINY_CLIP
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torchvision.utils import make_grid
 
 from clip_model import InputError, load_model
 from finetune_generator import finetune_generator as finetune
+from evaluate_generators import evaluate_generators
 from generate import generate
 from generators import (FAMILIES, FAMILY_NAMES as FAMILY_CLASSES, LORA_WEIGHTS, check_pipeline_folder, generate_images, load_lora, load_pipeline, pack,
                         start_noise, to_pil)
@@ -87,6 +89,13 @@ def test_draft_raises_the_reward_and_the_lora_reloads_to_the_last_validation_ima
     grid = np.array(to_pil(make_grid(images, nrow=4, padding=2, pad_value=1.0)[None])[0], dtype=int)
     last = np.array(Image.open(os.path.join(out, "validation-8.png")), dtype=int)
     assert np.abs(grid - last).max() <= 1, np.abs(grid - last).mean()
+    # and the tuned generator beats its base on evaluate_generators.py's leaderboard
+    generate(tiny_pipelines(family), files["prompts"], "base", str(tmp_path), resolution=32, sampling_steps=4,
+             guidance_scale=GUIDANCE[family], seed=0, device="cpu")
+    board, _ = evaluate_generators([str(tmp_path / "generations.parquet")], {"reward": files["scorer"]},
+                                   out=str(tmp_path / "evaluation"), device="cpu", num_workers=0)
+    means = board[board["style"] == "all"].set_index("generator")["mean"]
+    assert means["tuned"] > means["base"] and means["tuned"] == pytest.approx(val.val_reward.iloc[-1], abs=1e-3)
 
 
 def test_a_lora_with_alpha_other_than_rank_reloads_at_its_own_scale(runs, tiny_pipelines):
@@ -98,3 +107,53 @@ def test_a_lora_with_alpha_other_than_rank_reloads_at_its_own_scale(runs, tiny_p
              and "default_0" in module.scaling}
     assert scale == {2.0}  # alpha 8 / rank 4, as trained (without the metadata it would be 1)
     assert generate_images(pipeline, PROMPTS, keys, 32, 4, GUIDANCE["sd"]).shape == (4, 3, 32, 32)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_refl_takes_its_one_step_clean_prediction_on_the_flow_families(family, tiny_pipelines, files, tmp_path):
+    out = finetune(tiny_pipelines(family), files["prompts"], files["scorer"], method="refl", sampling_steps=4,
+                   resolution=32, learning_rate=1e-2, seed=0, train_batch_size=2, max_train_steps=1,
+                   checkpointing_steps=1, output_dir=str(tmp_path / "run"))
+    assert any(v.abs().sum() > 0 for k, v in load_file(out).items() if "lora_B" in k)
+
+
+# ---- bad input: one line naming the culprit ------------------------------------------------------------------------
+
+def test_an_unsupported_pipeline_class_is_named_with_the_supported_ones(tiny_pipelines, tmp_path):
+    folder = shutil.copytree(tiny_pipelines("sd"), tmp_path / "other")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
+    with pytest.raises(InputError, match=re.escape(
+            f"--pretrained_model {folder}: a KandinskyPipeline pipeline is not supported; supported: "
+            + ", ".join(FAMILIES))):
+        check_pipeline_folder(str(folder))
+
+
+@pytest.mark.parametrize("family, part", [("sdxl", "text_encoder_2"), ("sd3", "tokenizer_2"), ("flux", "transformer"),
+                                          ("sd3", "text_encoder_3")])
+def test_a_folder_missing_a_part_of_its_family_names_it(family, part, tiny_pipelines, tmp_path):
+    folder = shutil.copytree(tiny_pipelines(family), tmp_path / family)
+    shutil.rmtree(folder / part)
+    with pytest.raises(InputError, match=re.escape(f"--pretrained_model {folder}: the {family} pipeline has no {part}/")):
+        check_pipeline_folder(str(folder))
+
+
+def test_a_fast_tokenizer_alone_is_a_tokenizer(tiny_pipelines):
+    for family in FAMILY_NAMES:  # transformers 5 saves tokenizer.json alone, and the families load it
+        assert not os.path.exists(os.path.join(tiny_pipelines(family), "tokenizer", "vocab.json"))
+        assert check_pipeline_folder(tiny_pipelines(family)).name == family
+
+
+def test_a_size_off_the_latent_grid_and_a_lora_of_another_family_are_refused(tiny_pipelines, runs, files, tmp_path):
+    with pytest.raises(InputError, match=r"--height 34: must be a multiple of 4 for this flux pipeline"):
+        generate(tiny_pipelines("flux"), files["prompts"], "base", str(tmp_path / "gen"), height=34, width=32,
+                 device="cpu")
+    with pytest.raises(InputError, match=r"--width 33: must be a multiple of 2 for this sd3 pipeline"):
+        finetune(tiny_pipelines("sd3"), files["prompts"], files["scorer"], height=32, width=33,
+                 output_dir=str(tmp_path / "run"))
+    with pytest.raises(InputError, match=r"--lora .*: a LoRA of another model than this sdxl pipeline \(unet\..*fits no "
+                                         r"layer of its unet\)"):
+        load_lora(load_pipeline(tiny_pipelines("sdxl")), runs("sd"))
+    with pytest.raises(InputError, match=r"--lora .*: not a LoRA of this flux pipeline's transformer \(unet\."):
+        load_lora(load_pipeline(tiny_pipelines("flux")), runs("sd"))
+    assert not (tmp_path / "run").exists()
