@@ -47,7 +47,7 @@ def run_demo(out="demo_generator_out", scorer=None, steps=200, sampling_steps=4,
              learning_rate=1e-2, seed=0):
     """Make the tiny pipeline and (without `scorer`) the random tiny CLIP reward, fine-tune, report and draw."""
     os.makedirs(out, exist_ok=True)
-    pipeline = make_tiny_pipeline(os.path.join(out, "tiny-sd"), seed)
+    pipeline = make_tiny_pipeline(os.path.join(out, "tiny-sd"), seed=seed)
     prompts = os.path.join(out, "prompts.txt")
     with open(prompts, "w") as f:
         f.write("\n".join(PROMPTS) + "\n")
