@@ -11,11 +11,18 @@ Methods (--method):
          them with gradient, decode, loss = -reward.
   refl   ReFL (Xu et al. 2023, ImageReward's ReFL.py): sample without gradient up to a step drawn from the last quarter
          (ReFL's 30-39 of 40), predict the clean image from it in one step with gradient, decode,
-         loss = relu(2 - reward) * 1e-3.
+         loss = relu(2 - reward) * 1e-3 for imagereward: scorers, -reward * 1e-3 for any other (docs/generators.md).
+  grpo   GRPO (DDPO, Black et al. 2023; Flow-GRPO, Liu et al. 2025): --group_size images a prompt sampled with noise
+         injected (DDIM eta > 0, or the flow sampler's SDE), scored without gradient; advantages standardised within
+         each group; a clipped importance-ratio loss over a --timestep_fraction of the steps, plus --kl_beta times
+         the KL to the base (the LoRA switched off).
+Each scorer is normalised by --reward_norm (none, group, prompt, calibrated: reward.py) before --reward_weights
+combine them.
 The result is diffusers LoRA weights, alpha in their metadata: `pipeline.load_lora_weights(output_dir)`. Devices,
 processes and --mixed_precision come from `accelerate launch` (or the flag here); --train_batch_size is per process.
 """
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -32,12 +39,15 @@ from tqdm import tqdm
 from clip_model import InputError, check_free_space, run_cli
 from diffusers.optimization import get_scheduler
 from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, check_size, conditioning, decode,
-                        default_size, denoiser, generate_images, load_pipeline, noise_seed, read_prompts,
-                        sample_latents, save_lora, set_lora_state_dict, start_noise, take_aliases, to_pil)
+                        default_size, denoise, denoiser, generate_images, load_pipeline, noise_seed, read_prompts,
+                        sample_latents, save_lora, schedule, set_lora_state_dict, start_noise, take_aliases, to_pil)
+from grpo import check_noisy_sampler, group_advantages, noisy_step, train_on_trajectory, trained_steps
+from reward import REWARD_NORMS, RewardMix
 from run_state import MetricsLog, save_state_whole
 
-METHODS = ("draft", "refl")
+METHODS = ("draft", "refl", "grpo")
 METRICS = ("step", "loss", "reward", "val_reward")
+GRPO_METRICS = ("kl", "clipped")  # the KL to the base, the fraction of clipped ratios
 REFL_MARGIN, REFL_GRAD_SCALE = 2.0, 1e-3  # ReFL.py: loss = relu(2 - reward).mean() * grad_scale (1e-3)
 
 
@@ -77,56 +87,128 @@ def check_flags(method, sampling_steps, grad_steps, rank, train_batch_size, max_
         raise InputError(f"--lr_scheduler {lr_scheduler}: unknown; choose from {', '.join(LR_SCHEDULERS)}")
 
 
-class Rewards(torch.nn.Module):
-    """The weighted sum of the scorers' rewards (reward.py) of images in [0, 1]; a reward that fails on the
-    generator's images ends in one line naming it."""
-
-    def __init__(self, scorers, device, gradient_checkpointing=False):
-        super().__init__()
-        from reward import Reward
-        self.names = [name for name, _, _ in scorers]
-        self.weights = [weight for _, _, weight in scorers]
-        self.rewards = torch.nn.ModuleList(Reward.load(spec, device, gradient_checkpointing=gradient_checkpointing)
-                                           for _, spec, _ in scorers)
-
-    def forward(self, images, prompts):
-        total = 0.0
-        for name, weight, reward in zip(self.names, self.weights, self.rewards):
-            try:
-                total = total + weight * reward(images, prompts).float()
-            except (RuntimeError, ValueError, TypeError, IndexError) as e:
-                if isinstance(e, torch.OutOfMemoryError):
-                    raise
-                raise InputError(f"--scorer {name}: fails on the generator's images ({tuple(images.shape)}, "
-                                 f"{images.dtype}): {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}") from None
-        return total
+def check_grpo_flags(method, group_size, clip_range, timestep_fraction, kl_beta, reward_norm, calibration):
+    if reward_norm not in REWARD_NORMS:
+        raise InputError(f"--reward_norm {reward_norm}: unknown; choose from {', '.join(REWARD_NORMS)}")
+    if (calibration is None) == (reward_norm == "calibrated"):
+        raise InputError("--calibration goes with --reward_norm calibrated" if calibration else
+                         "--reward_norm calibrated: give --calibration FILE (compare.py --calibrate writes one)")
+    if method != "grpo":
+        if reward_norm == "group":
+            raise InputError(f"--reward_norm group: --method {method} samples each prompt once, so each group would "
+                             f"be one image; use it with --method grpo, or --reward_norm prompt")
+        return
+    if group_size < 2:
+        raise InputError(f"--group_size {group_size}: must be at least 2 (advantages compare the images of a prompt)")
+    if not 0 < timestep_fraction <= 1:
+        raise InputError(f"--timestep_fraction {timestep_fraction}: must be in (0, 1]")
+    if not clip_range > 0 or kl_beta < 0:
+        raise InputError(f"--clip_range {clip_range} must be above 0 and --kl_beta {kl_beta} at least 0")
 
 
 def method_loss(method, model, pipeline, rewards, prompts, noise, sampling_steps, grad_steps, guidance_scale, stop_at,
-                size):
-    """(loss, rewards) of one batch: sample from `noise` with the method's gradient path, decode, score. `model`: the
-    pipeline's denoiser (or accelerate's wrapper of it); `size`: (height, width)."""
+                size, gather=None):
+    """(loss, total rewards, raw scores by scorer) of one DRaFT or ReFL batch: sample from `noise` with the method's
+    gradient path, decode, score (rewards: reward.RewardMix). `model`: the pipeline's denoiser (or accelerate's
+    wrapper of it); `size`: (height, width); gather: the prompt buffers' gather under several processes."""
     cond = conditioning(pipeline, prompts, guidance_scale, size)
     latents = sample_latents(pipeline, model, noise, cond, sampling_steps, guidance_scale,
                              grad_steps if method == "draft" else 0, stop_at if method == "refl" else None)
-    reward = rewards(decode(pipeline.vae, latents), prompts)
+    raw = rewards.scores(decode(pipeline.vae, latents), prompts, check_finite=False)
+    normalised = rewards.normalize(raw, prompts, gather)
+    reward = rewards.combine(normalised)
     if method == "draft":
-        return -reward.mean(), reward
-    return torch.relu(REFL_MARGIN - reward).mean() * REFL_GRAD_SCALE, reward
+        return -reward.mean(), reward, raw
+    return refl_loss(rewards, normalised), reward, raw
+
+
+def refl_loss(rewards, normalised):
+    """ReFL's loss, per scorer: ImageReward's relu(2 - reward) (its margin of 2 is in ImageReward's standardised
+    units) for imagereward: scorers, -reward for every other, whose gradient does not vanish whatever its range
+    (PickScore near 20, the aesthetic predictor near 5-7: the hinge would be flat there); weighted, times ReFL's 1e-3.
+    """
+    kinds = rewards.kinds()
+    return REFL_GRAD_SCALE * sum(
+        weight * (torch.relu(REFL_MARGIN - normalised[name]) if kinds[name] == "imagereward" else -normalised[name])
+        for name, weight in zip(rewards.names, rewards.weights)).mean()
+
+
+def grpo_sample(model, pipeline, rewards, prompts, keys, group_size, sampling_steps, guidance_scale, size,
+                noise_level, gather=None):
+    """GRPO's sampling half, without gradient: `group_size` images of each prompt, noise injected at every step
+    (each image's start and step noise keyed by its key, the sample number and the step), decoded and scored.
+    Returns (the group's prompts, the latents before each step and the last, log_probs T x B, raw scores by scorer,
+    the normalised total)."""
+    prompts = [p for p in prompts for _ in range(group_size)]
+    keys = [(*key, k) for key in keys for k in range(group_size)]
+    device = pipeline._execution_device
+    start = start_noise(pipeline, keys, size, device)
+    cond = conditioning(pipeline, prompts, guidance_scale, size)
+    steps = []
+
+    def step_fn(plan, i, output, latents):
+        noise = start_noise(pipeline, [key + (i,) for key in keys], size, device)
+        return noisy_step(plan.scheduler, output, i, latents, noise_level, noise=noise)._asdict()
+    with torch.no_grad():
+        final = sample_latents(pipeline, model, start, cond, sampling_steps, guidance_scale, step_fn=step_fn,
+                               trajectory=steps)
+        raw = rewards.scores(decode(pipeline.vae, final), prompts, check_finite=False)
+        total = rewards.combine(rewards.normalize(raw, prompts, gather))
+    latents = [start.float()] + [step["prev_sample"] for step in steps]
+    return prompts, cond, latents, torch.stack([step["log_prob"] for step in steps]), raw, total
+
+
+def grpo_train(accelerator, model, pipeline, cond, latents, log_probs, total, group_size, sampling_steps,
+               guidance_scale, noise_level, steps, clip_range, kl_beta):
+    """GRPO's training half: group advantages of the total reward, the clipped ratio loss (and the KL to the base:
+    the same denoiser, its LoRA switched off) over the trained steps, each back-propagated at once."""
+    plan = schedule(pipeline, sampling_steps, latents[0])
+    advantages = group_advantages(total, group_size)
+    inner = accelerator.unwrap_model(model)
+
+    @contextlib.contextmanager
+    def lora_off():
+        inner.disable_adapters()
+        try:
+            yield
+        finally:
+            inner.enable_adapters()
+
+    def predict(x, i):
+        return denoise(pipeline, model, x, plan.timesteps[i], cond, guidance_scale)
+    return train_on_trajectory(predict, plan.scheduler, latents, log_probs, advantages, steps, clip_range, kl_beta,
+                               accelerator.backward, lora_off, noise_level)
 
 
 def nonfinite_guard(accelerator, save_folder, skip_nonfinite_loss):
     """The check after each forward pass, as the trainer's: a non-finite loss on any process stops the run naming the
     step and the prompts, or with skip_nonfinite_loss is reported and its step skipped."""
-    def loss_is_finite(all_losses, step, prompts):
+    from accelerate.utils import gather_object
+
+    def loss_is_finite(all_losses, step, prompts, reward_message=None):
         if torch.isfinite(all_losses).all():
             return True
+        # a scorer's non-finite reward, named on whichever process met it
+        found = [m for m in gather_object([reward_message]) if m]
+        cause = f"{found[0]}" if found else f"the loss is not finite ({all_losses.tolist()}) on the prompts {prompts}"
         if not skip_nonfinite_loss:
-            raise InputError(f"step {step}: the loss is not finite ({all_losses.tolist()}) on the prompts {prompts}; "
-                             f"the last checkpoint in {save_folder} is intact (--skip_nonfinite_loss skips such steps)")
-        accelerator.print(f"skipped a step with a non-finite loss, prompts {prompts}")
+            raise InputError(f"step {step}: {cause}; the last checkpoint in {save_folder} is intact "
+                             f"(--skip_nonfinite_loss skips such steps)")
+        accelerator.print(f"skipped a step: {cause}")
         return False
     return loss_is_finite
+
+
+def every_process(accelerator):
+    """gather(values, prompts) -> every process's values and prompts, in process order: what the prompt buffers of
+    --reward_norm prompt learn from, the same on every process."""
+    from accelerate.utils import gather_object
+
+    def gather(values, prompts):
+        if accelerator.num_processes == 1:
+            return values, prompts
+        return accelerator.gather(values.detach().contiguous()), gather_object(list(prompts))
+    return gather
 
 
 def refl_stop(sampling_steps, seed, step):
@@ -241,8 +323,8 @@ def validation(accelerator, pipeline, rewards, validation_prompts, output_dir, s
                 with accelerator.autocast(), torch.no_grad():
                     images = generate_images(pipeline, prompts, [(seed, p, 0) for p in prompts], size, sampling_steps,
                                              guidance_scale, batch_size)
-                    values = torch.cat([rewards(images[i:i + batch_size].to(accelerator.device),
-                                                prompts[i:i + batch_size]).float().cpu()
+                    values = torch.cat([rewards.validation_reward(images[i:i + batch_size].to(accelerator.device),
+                                                                  prompts[i:i + batch_size]).float().cpu()
                                         for i in range(0, len(prompts), batch_size)])
                 mine = [(i, v, image) for i, v, image in zip(share, values.tolist(), images)]
         rows = sorted(gather_object(mine), key=lambda row: row[0])
@@ -268,7 +350,9 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
                        output_dir="./generator_lora", checkpointing_steps=100, checkpoints_total_limit=None,
                        validation_prompts=None, validation_batch_size=8, seed=42, gradient_accumulation_steps=None,
                        gradient_checkpointing=False, mixed_precision=None, resume_from_checkpoint=None,
-                       skip_nonfinite_loss=False, report_to=None, **aliases):
+                       skip_nonfinite_loss=False, report_to=None, group_size=8, clip_range=1e-4,
+                       timestep_fraction=1.0, kl_beta=0.04, noise_level=None, reward_norm="none", calibration=None,
+                       **aliases):
     """Fine-tune LoRA adapters of a pipeline folder of any supported family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) to
     raise the reward of its images; writes checkpoint-STEP folders, metrics.csv, validation grids and
     output_dir/pytorch_lora_weights.safetensors (returned). Today's names (pretrained_model, save_folder,
@@ -285,6 +369,7 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
                                                      checkpointing_steps=checkpointing_steps))
     check_flags(method, sampling_steps, grad_steps, rank, train_batch_size, max_train_steps, checkpointing_steps,
                 gradient_accumulation_steps, checkpoints_total_limit, lr_scheduler, lr_warmup_steps)
+    check_grpo_flags(method, group_size, clip_range, timestep_fraction, kl_beta, reward_norm, calibration)
     family = check_pipeline_folder(pretrained_model_name_or_path)
     guidance_scale = family.default_guidance if guidance_scale is None else guidance_scale
     scorers = parse_scorers(scorer if isinstance(scorer, (list, tuple)) else [scorer], reward_weights)
@@ -308,7 +393,11 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
            "scorer": [s for _, s, _ in scorers], "reward_weights": [w for _, _, w in scorers], "method": method,
            "sampling_steps": sampling_steps, "grad_steps": grad_steps, "guidance_scale": guidance_scale,
            "resolution": size[0] if size[0] == size[1] else list(size), "rank": rank, "lora_alpha": lora_alpha,
-           "batch_size": train_batch_size, "learning_rate": learning_rate, "seed": seed}
+           "batch_size": train_batch_size, "learning_rate": learning_rate, "seed": seed, "reward_norm": reward_norm,
+           "calibration": calibration and os.path.abspath(calibration)}
+    if method == "grpo":
+        run.update(group_size=group_size, clip_range=clip_range, timestep_fraction=timestep_fraction,
+                   kl_beta=kl_beta, noise_level=noise_level)
     run = json.loads(json.dumps(run))  # as progress.json holds it (lists, not tuples)
     # what decides which prompts come next, and the arithmetic: a resume must keep them
     order = {"num_processes": accelerator.num_processes,
@@ -325,7 +414,9 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
         pipeline.vae.enable_gradient_checkpointing()
-    rewards = Rewards(scorers, accelerator.device, gradient_checkpointing)
+    rewards = RewardMix.load(scorers, accelerator.device, reward_norm, calibration, gradient_checkpointing)
+    if method == "grpo":
+        check_noisy_sampler(schedule(pipeline, sampling_steps, start_noise(pipeline, [()], size)).scheduler, noise_level)
     optimizer = torch.optim.AdamW(lora_params, lr=learning_rate)
     # as diffusers' scripts: the prepared scheduler steps once per process each optimizer step
     scheduler = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=lr_warmup_steps * accelerator.num_processes,
@@ -338,8 +429,10 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
         os.makedirs(output_dir, exist_ok=True)
     if checkpoint:
         accelerator.load_state(checkpoint)
+        rewards.load_prompt_state(progress.get("prompt_stats"))
         accelerator.print(f"resuming from {checkpoint}: step {progress['step']}")
-    metrics = MetricsLog(accelerator, output_dir, METRICS, progress["step"] if checkpoint else None,
+    columns = METRICS + (GRPO_METRICS if method == "grpo" else ()) + tuple(f"reward_{name}" for name in rewards.names)
+    metrics = MetricsLog(accelerator, output_dir, columns, progress["step"] if checkpoint else None,
                          "social_reward_generator", report_to and {k: v for k, v in run.items() if not isinstance(v, list)})
     validate = validation(accelerator, pipeline, rewards, val_prompts, output_dir, size, sampling_steps,
                           guidance_scale, seed, validation_batch_size)
@@ -348,7 +441,8 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
 
     loss_is_finite = nonfinite_guard(accelerator, output_dir, skip_nonfinite_loss)
     bar = tqdm(total=max_train_steps, initial=progress["step"], disable=not accelerator.is_local_main_process)
-    losses, batch_rewards, window_ok = [], [], True
+    losses, batch_rewards, window_ok, extra = [], [], True, []
+    gather = every_process(accelerator)
     while progress["step"] < max_train_steps:
         loader.set_epoch(progress["epoch"])  # the epoch's shuffle, the same after a resume
         skip = progress["batches_done"]
@@ -357,15 +451,34 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
             step = progress["step"] + 1
             with accelerator.accumulate(model), accelerator.autocast():
                 # each prompt's noise is keyed by the run's seed, the epoch and the prompt: the same in any batching
-                noise = start_noise(pipeline, [("train", seed, progress["epoch"], i) for i in indices], size,
-                                    accelerator.device)
-                loss, reward = method_loss(method, model, pipeline, rewards, prompts_batch, noise, sampling_steps,
-                                           grad_steps, guidance_scale, refl_stop(sampling_steps, seed, step), size)
-                all_losses = accelerator.gather(loss.detach()[None])
-                if loss_is_finite(all_losses, step, prompts_batch):
-                    accelerator.backward(loss)
-                    losses.append(all_losses.mean())
-                    batch_rewards.append(accelerator.gather(reward.detach()).mean())
+                keys = [("train", seed, progress["epoch"], i) for i in indices]
+                if method == "grpo":
+                    group_prompts, cond, latents, log_probs, raw, reward = grpo_sample(
+                        model, pipeline, rewards, prompts_batch, keys, group_size, sampling_steps, guidance_scale,
+                        size, noise_level, gather)
+                    finite = loss_is_finite(accelerator.gather(reward.sum()[None]), step, prompts_batch,
+                                            rewards.nonfinite_message(raw, group_prompts))
+                    if finite:
+                        stats = grpo_train(accelerator, model, pipeline, cond, latents, log_probs, reward, group_size,
+                                           sampling_steps, guidance_scale, noise_level,
+                                           trained_steps(sampling_steps, timestep_fraction, noise_seed("grpo", seed, step)),
+                                           clip_range, kl_beta)
+                        loss = torch.tensor(stats["loss"], device=accelerator.device)
+                        extra.append(accelerator.gather(torch.tensor([stats["kl"], stats["clipped"]],
+                                                                     device=accelerator.device)[None]).mean(0))
+                else:
+                    loss, reward, raw = method_loss(method, model, pipeline, rewards, prompts_batch,
+                                                    start_noise(pipeline, keys, size, accelerator.device),
+                                                    sampling_steps, grad_steps, guidance_scale,
+                                                    refl_stop(sampling_steps, seed, step), size, gather)
+                    finite = loss_is_finite(accelerator.gather(loss.detach()[None]), step, prompts_batch,
+                                            rewards.nonfinite_message(raw, prompts_batch))
+                    if finite:
+                        accelerator.backward(loss)
+                if finite:
+                    losses.append(accelerator.gather(loss.detach()[None]).mean())
+                    batch_rewards.append(torch.cat([accelerator.gather(v.detach()[None].float()).mean()[None]
+                                                    for v in [reward.mean()] + [raw[n].mean() for n in rewards.names]]))
                 else:  # the step is skipped: its whole accumulation window
                     window_ok = False
             if not accelerator.sync_gradients:
@@ -381,14 +494,18 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
             progress.update(step=step, batches_done=batch_index + 1)
             done = step == max_train_steps
             val_reward = validate(step) if step % checkpointing_steps == 0 or done else None
-            metrics.log(step=step, loss=torch.stack(losses).mean().item() if window_ok else None,
-                        reward=torch.stack(batch_rewards).mean().item() if window_ok else None, val_reward=val_reward)
+            means = torch.stack(batch_rewards).mean(0).tolist() if window_ok else [None] * (1 + len(rewards.names))
+            grpo_means = dict(zip(GRPO_METRICS, torch.stack(extra).mean(0).tolist())) if window_ok and extra else {}
+            metrics.log(step=step, loss=torch.stack(losses).mean().item() if window_ok else None, reward=means[0],
+                        val_reward=val_reward, **grpo_means,
+                        **{f"reward_{name}": value for name, value in zip(rewards.names, means[1:])})
             bar.update(1)
             if window_ok:
                 bar.set_postfix(loss=f"{losses[-1].item():.4f}")
-            losses, batch_rewards, window_ok = [], [], True
+            losses, batch_rewards, window_ok, extra = [], [], True, []
             if step % checkpointing_steps == 0 or done:
-                save_checkpoint(accelerator, output_dir, {**progress, "run": run, "order": order},
+                save_checkpoint(accelerator, output_dir, {**progress, "run": run, "order": order,
+                                                          "prompt_stats": rewards.prompt_state()},
                                 state_bytes(lora_params, optimizer), checkpoints_total_limit)
             if done:
                 break
@@ -411,6 +528,15 @@ def main():
     parser.add_argument("--scorer", action="append", required=True, help="[NAME=]KIND:PATH[,key=value], repeatable")
     parser.add_argument("--reward_weights", type=float, nargs="+", default=None, help="one per --scorer (default 1 each)")
     parser.add_argument("--method", default="draft", choices=METHODS)
+    parser.add_argument("--reward_norm", default="none", choices=REWARD_NORMS,
+                        help="each scorer's normalisation before --reward_weights combine them (docs/reward.md)")
+    parser.add_argument("--calibration", default=None, help="a calibration.json for --reward_norm calibrated")
+    parser.add_argument("--group_size", type=int, default=8, help="grpo: images a prompt (--train_batch_size counts prompts)")
+    parser.add_argument("--clip_range", type=float, default=1e-4, help="grpo: PPO's clip of the importance ratio")
+    parser.add_argument("--timestep_fraction", type=float, default=1.0, help="grpo: the share of sampling steps trained")
+    parser.add_argument("--kl_beta", type=float, default=0.04, help="grpo: weight of the KL to the base (LoRA off)")
+    parser.add_argument("--noise_level", type=float, default=None,
+                        help="grpo: DDIM's eta (default 1.0) or the flow SDE's noise level (default 0.7)")
     parser.add_argument("--sampling_steps", "--num_inference_steps", type=int, default=50)
     parser.add_argument("--grad_steps", type=int, default=1, help="DRaFT-K: the last K sampling steps with gradient")
     parser.add_argument("--guidance_scale", type=float, default=None,

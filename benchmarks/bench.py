@@ -61,6 +61,20 @@ def make_pairs(paths, n_pairs, repeat):
     return pd.DataFrame(rows, columns=["prompt", "pos_path", "neg_path"])
 
 
+def generator_run_files(folder, prompts):
+    """What the generator benchmarks train with: a prompts file and the tiny CLIP's random init (seed 0) as the
+    reward, in `folder`; returns (prompts path, reward path)."""
+    import torch
+    from clip_model import load_model
+    path = os.path.join(folder, "prompts.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(prompts) + "\n")
+    torch.manual_seed(0)
+    reward = os.path.join(folder, "reward.pth")
+    torch.save(load_model(MODELS["small"], pretrained="none")[0].state_dict(), reward)
+    return path, reward
+
+
 def peak_rss_gb():
     """This process's peak RSS in GiB. On Linux, VmHWM: getrusage's ru_maxrss starts from the peak of the process
     that spawned this one (the kernel records the old memory's high-water mark at exec), so a worker spawned by a

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from bench import peak_rss_gb  # noqa: E402
+from bench import generator_run_files, peak_rss_gb  # noqa: E402
 
 TINY_CLIP = os.path.join(ROOT, "assets", "tiny-clip.json")
 PROMPTS = ["one red circle", "two blue squares", "three green triangles", "one yellow square"]
@@ -207,17 +207,11 @@ def main():
         return
 
     import torch
-    from clip_model import load_model
     from generators import make_tiny_pipeline
     with tempfile.TemporaryDirectory() as folder:
         pipelines = {family: make_tiny_pipeline(os.path.join(folder, f"tiny-{family}"), family)
                      for family in ("sd", "sdxl", "sd3", "flux")}
-        prompts = os.path.join(folder, "prompts.txt")
-        with open(prompts, "w") as f:
-            f.write("\n".join(PROMPTS) + "\n")
-        torch.manual_seed(0)
-        reward = os.path.join(folder, "reward.pth")
-        torch.save(load_model(TINY_CLIP, pretrained="none")[0].state_dict(), reward)
+        prompts, reward = generator_run_files(folder, PROMPTS)
         rows, load_before = [], os.getloadavg()
         for family, grad_steps, checkpointing in CONFIGS:
             row = measure(pipelines[family], prompts, reward, grad_steps, checkpointing, args.steps)

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 import finetune_generator
 from clip_model import InputError, load_model
-from finetune_generator import Rewards, finetune_generator as finetune, method_loss, refl_stop
+from finetune_generator import finetune_generator as finetune, method_loss, refl_stop
 from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, generate_images, load_pipeline, read_prompts,
                         start_noise)
+from reward import RewardMix
 
 PROMPTS = ["a red circle", "two blue squares", "three green triangles", "one yellow square"]
 # tiny sizes: 32 px images (16 x 16 latents), 4 DDIM steps, no classifier-free guidance unless a test needs it
@@ -128,11 +129,11 @@ def test_each_method_takes_gradient_through_its_steps_only(method, grad_steps, s
     pipeline = load_pipeline(tiny_sd)
     lora_params = add_lora(pipeline, 4, 4)
     unet = CountingUNet(pipeline.unet)
-    rewards = Rewards(finetune_generator.parse_scorers([files["scorer"]]), "cpu")
+    rewards = RewardMix.load(finetune_generator.parse_scorers([files["scorer"]]), "cpu")
     stop = refl_stop(sampling_steps, 0, 1)
     assert sampling_steps - sampling_steps // 4 <= stop < sampling_steps  # ReFL's late range: its 30-39 of 40
-    loss, _ = method_loss(method, unet, pipeline, rewards, PROMPTS[:2], start_noise(pipeline, [(0,), (1,)], 32),
-                          sampling_steps, grad_steps, 1.0, stop, (32, 32))
+    loss, _, _ = method_loss(method, unet, pipeline, rewards, PROMPTS[:2], start_noise(pipeline, [(0,), (1,)], 32),
+                             sampling_steps, grad_steps, 1.0, stop, (32, 32))
     assert unet.with_grad == expected_with_grad
     assert unet.with_grad + unet.without_grad == (sampling_steps if method == "draft" else stop + 1)
     loss.backward()
@@ -230,7 +231,7 @@ def test_a_non_finite_reward_stops_naming_the_step_or_is_skipped(tiny_sd, files,
     weights["visual.proj"][0, 0] = float("nan")
     torch.save(weights, tmp_path / "nan.pth")
     scorer = f"clip:{tmp_path / 'nan.pth'},model={TINY_CLIP}"
-    with pytest.raises(InputError, match=r"step 1: the loss is not finite \(\[nan\]\) on the prompts \["):
+    with pytest.raises(InputError, match=r"step 1: --scorer clip: a non-finite reward \(nan\) on the prompt '"):
         finetune(tiny_sd, files["prompts"], scorer, batch_size=2, max_train_steps=2, save_every=1,
                  save_folder=str(tmp_path / "stop"), **TINY_RUN)
     assert not glob.glob(str(tmp_path / "stop" / "checkpoint-*"))
@@ -357,9 +358,11 @@ def test_a_reward_that_fails_on_the_generators_images_ends_in_one_line_naming_it
     from reward import Reward
 
     class Broken(torch.nn.Module):
-        def forward(self, images, prompts):
+        temperature = spec = None
+
+        def score(self, images, prompts):
             raise RuntimeError("expected input with 4 channels")
-    monkeypatch.setattr(Reward, "load", lambda spec, device, gradient_checkpointing=False: Broken())
+    monkeypatch.setattr(Reward, "load", lambda spec, device, gradient_checkpointing=False, calibration=None: Broken())
     with pytest.raises(InputError, match=r"--scorer broken: fails on the generator's images \(\(2, 3, 32, 32\), "
                                          r"torch.float32\): RuntimeError: expected input with 4 channels"):
         finetune(tiny_sd, files["prompts"], "broken=" + files["scorer"], batch_size=2, max_train_steps=1,
