@@ -168,6 +168,21 @@ def calibrate(pos_scores, neg_scores, prompts, labels=None, name="the pairs"):
     return entry
 
 
+def source_pairs(source, pos_scores, neg_scores, group_scores, score_scale=1.0):
+    """A PairSource's pairs for calibration, as (pos, neg, prompts, labels) arrays in the scorer's own score
+    (score_scale applied): every pair (label 1), and Pick-a-Pic's ties (label 0.5: a row whose labels are equal)."""
+    pos, neg = np.asarray(pos_scores, dtype=np.float64), np.asarray(neg_scores, dtype=np.float64)
+    prompts, labels = source.pairs.prompt.to_numpy(dtype=object), np.ones(len(pos))
+    if source.layout == "pickapic":
+        tie = np.array([row[0] == row[1] for row in source.groups.labels], dtype=bool)
+        if tie.any():
+            tied = np.array([scores for scores, t in zip(group_scores, tie) if t], dtype=np.float64)
+            pos, neg = np.concatenate([pos, tied[:, 0]]), np.concatenate([neg, tied[:, 1]])
+            prompts = np.concatenate([prompts, source.groups.prompt.to_numpy(dtype=object)[tie]])
+            labels = np.concatenate([labels, np.full(tie.sum(), 0.5)])
+    return pos * score_scale, neg * score_scale, prompts, labels
+
+
 def calibration_note(name, entry):
     """One line about a fit, saying so when the temperature is negative or the pairs are separated."""
     line = (f"{name}: temperature {entry['temperature']:.4g} from {entry['pairs']} pairs; held out "
