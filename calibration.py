@@ -255,8 +255,8 @@ def read_calibration(path, spec):
             return entry
     held = "; ".join(f"{name}={e['spec']} (weights {e['weights']})" for name, e in entries.items()) or "nothing"
     if same_spec:
-        raise InputError(f"--calibration {path}: fitted for {canonical} with other weights (weights {same_spec[0]['weights']}, "
-                         f"now {key}: a file it names changed since); fit it again")
+        raise InputError(f"--calibration {path}: fitted for {canonical} with other weights (weights "
+                         f"{same_spec[0]['weights']}, now {key}: a file it names changed since); fit it again")
     raise InputError(f"--calibration {path}: fitted for another scorer: it holds {held}, not {canonical} "
                      f"(weights {key})")
 
@@ -268,7 +268,7 @@ def win_probability(scores, reference, temperature):
 
 def reliability_picture(entries, path, size=300):
     """A reliability diagram per scorer, side by side: the held-out pairs' observed frequency against the predicted
-    probability per bin (a dot whose area is the bin's count), the diagonal a calibrated scorer lies on."""
+    probability per bin (bins of equal count), the diagonal a calibrated scorer lies on."""
     margin, header = 44, 40
     sheet = Image.new("RGB", (len(entries) * (size + 2 * margin), size + header + 2 * margin), "white")
     draw, font = ImageDraw.Draw(sheet), ImageFont.load_default(size=13)
@@ -281,16 +281,13 @@ def reliability_picture(entries, path, size=300):
             draw.text((at(tick, 0)[0] - 8, y0 + size + 4), f"{tick:g}", fill="black", font=font)
             draw.text((x0 - 24, at(0, tick)[1] - 7), f"{tick:g}", fill="black", font=font)
         draw.text((x0 + size / 2 - 50, y0 + size + 20), "predicted P(win)", fill="black", font=font)
-        bins = entry.get("bins", [])
-        largest = max([count for _, _, count in bins] or [1])
-        points = [at(p, f) for p, f, _ in bins]
+        points = [at(p, f) for p, f, _ in entry.get("bins", [])]
         if len(points) > 1:
-            draw.line(points, fill=(40, 90, 200), width=2)
-        for (x, y), (_, _, count) in zip(points, bins):
-            r = 3 + 5 * np.sqrt(count / largest)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=(40, 90, 200))
+            draw.line(points, fill=(120, 150, 220), width=1)
+        for x, y in points:
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(40, 90, 200))
         draw.text((x0, 6), f"{name}: t = {entry['temperature']:.4g}", fill="black", font=font)
         draw.text((x0, 22), f"held out {entry['held_out_pairs']} pairs: ECE {entry['ece']:.3f}, nll {entry['nll']:.3f}",
                   fill="black", font=font)
-        draw.text((x0 + 4, y0 + 4), "observed", fill="black", font=font)
+        draw.text((x0 + 4, y0 + 4), "observed frequency", fill="black", font=font)
     sheet.save(path, format="png")

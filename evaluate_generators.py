@@ -144,8 +144,8 @@ def leaderboard_markdown(board):
             cells.append(f"**{cell}**" if best[scorer] == generator else cell)
         lines.append(f"| {generator} | " + " | ".join(cells) + " |")
     first = overall.iloc[0]
-    count = (f"the {first.shared_items} items every generator has" if shared else
-             f"each generator's own images ({', '.join(f'{g}: {n}' for g, n in zip(overall.generator, overall.images))})")
+    own = ", ".join(f"{g}: {n}" for g, n in zip(overall.generator, overall.images))
+    count = f"the {first.shared_items} items every generator has" if shared else f"each generator's own images ({own})"
     lines.append(f"\nMeans over {count}; 95% intervals with the prompt as the unit.")
     return "\n".join(lines) + "\n"
 

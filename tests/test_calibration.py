@@ -107,7 +107,8 @@ def test_the_leaderboard_and_win_rates_of_repeated_samples_are_prompt_level_over
             score = 0.3 + shift + rng.normal(0, 0.02)
             for sample in range(4):  # the same image 4 times
                 rows.append({"scorer": "ours", "generator": generator, "style": ["anime", "photo"][p % 2],
-                             "prompt": f"prompt {p}", "sample": sample, "image": f"{generator}/{p}.png", "score": score})
+                             "prompt": f"prompt {p}", "sample": sample, "image": f"{generator}/{p}.png",
+                             "score": score})
     scores = pd.DataFrame(rows)
     once = scores[scores["sample"] == 0]
     for table in (leaderboard, win_rates):
