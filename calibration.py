@@ -168,6 +168,21 @@ def calibrate(pos_scores, neg_scores, prompts, labels=None, name="the pairs"):
     return entry
 
 
+def source_pairs(source, pos_scores, neg_scores, group_scores, score_scale=1.0):
+    """A PairSource's pairs for calibration, as (pos, neg, prompts, labels) arrays in the scorer's own score
+    (score_scale applied): every pair (label 1), and Pick-a-Pic's ties (label 0.5: a row whose labels are equal)."""
+    pos, neg = np.asarray(pos_scores, dtype=np.float64), np.asarray(neg_scores, dtype=np.float64)
+    prompts, labels = source.pairs.prompt.to_numpy(dtype=object), np.ones(len(pos))
+    if source.layout == "pickapic":
+        tie = np.array([row[0] == row[1] for row in source.groups.labels], dtype=bool)
+        if tie.any():
+            tied = np.array([scores for scores, t in zip(group_scores, tie) if t], dtype=np.float64)
+            pos, neg = np.concatenate([pos, tied[:, 0]]), np.concatenate([neg, tied[:, 1]])
+            prompts = np.concatenate([prompts, source.groups.prompt.to_numpy(dtype=object)[tie]])
+            labels = np.concatenate([labels, np.full(tie.sum(), 0.5)])
+    return pos * score_scale, neg * score_scale, prompts, labels
+
+
 def calibration_note(name, entry):
     """One line about a fit, saying so when the temperature is negative or the pairs are separated."""
     line = (f"{name}: temperature {entry['temperature']:.4g} from {entry['pairs']} pairs; held out "
@@ -240,8 +255,8 @@ def read_calibration(path, spec):
             return entry
     held = "; ".join(f"{name}={e['spec']} (weights {e['weights']})" for name, e in entries.items()) or "nothing"
     if same_spec:
-        raise InputError(f"--calibration {path}: fitted for {canonical} with other weights (weights {same_spec[0]['weights']}, "
-                         f"now {key}: a file it names changed since); fit it again")
+        raise InputError(f"--calibration {path}: fitted for {canonical} with other weights (weights "
+                         f"{same_spec[0]['weights']}, now {key}: a file it names changed since); fit it again")
     raise InputError(f"--calibration {path}: fitted for another scorer: it holds {held}, not {canonical} "
                      f"(weights {key})")
 
@@ -253,7 +268,7 @@ def win_probability(scores, reference, temperature):
 
 def reliability_picture(entries, path, size=300):
     """A reliability diagram per scorer, side by side: the held-out pairs' observed frequency against the predicted
-    probability per bin (a dot whose area is the bin's count), the diagonal a calibrated scorer lies on."""
+    probability per bin (bins of equal count), the diagonal a calibrated scorer lies on."""
     margin, header = 44, 40
     sheet = Image.new("RGB", (len(entries) * (size + 2 * margin), size + header + 2 * margin), "white")
     draw, font = ImageDraw.Draw(sheet), ImageFont.load_default(size=13)
@@ -266,16 +281,13 @@ def reliability_picture(entries, path, size=300):
             draw.text((at(tick, 0)[0] - 8, y0 + size + 4), f"{tick:g}", fill="black", font=font)
             draw.text((x0 - 24, at(0, tick)[1] - 7), f"{tick:g}", fill="black", font=font)
         draw.text((x0 + size / 2 - 50, y0 + size + 20), "predicted P(win)", fill="black", font=font)
-        bins = entry.get("bins", [])
-        largest = max([count for _, _, count in bins] or [1])
-        points = [at(p, f) for p, f, _ in bins]
+        points = [at(p, f) for p, f, _ in entry.get("bins", [])]
         if len(points) > 1:
-            draw.line(points, fill=(40, 90, 200), width=2)
-        for (x, y), (_, _, count) in zip(points, bins):
-            r = 3 + 5 * np.sqrt(count / largest)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=(40, 90, 200))
+            draw.line(points, fill=(120, 150, 220), width=1)
+        for x, y in points:
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(40, 90, 200))
         draw.text((x0, 6), f"{name}: t = {entry['temperature']:.4g}", fill="black", font=font)
         draw.text((x0, 22), f"held out {entry['held_out_pairs']} pairs: ECE {entry['ece']:.3f}, nll {entry['nll']:.3f}",
                   fill="black", font=font)
-        draw.text((x0 + 4, y0 + 4), "observed", fill="black", font=font)
+        draw.text((x0 + 4, y0 + 4), "observed frequency", fill="black", font=font)
     sheet.save(path, format="png")

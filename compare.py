@@ -7,7 +7,12 @@
 
 Every source (any layout the scripts read) is scored by every scorer, one scorer's model in memory at a time, each
 distinct image and prompt encoded once. Scores are kept in --out as they are made: run again after an interruption,
-and only what is missing is scored. Writes table.csv, table.md, agreement.csv and comparison.png into --out.
+and only what is missing is scored. Writes table.csv, table.md, agreement.csv and comparison.png into --out; with
+--calibrate also calibration.json and calibration.png (calibration.py: each scorer's temperature, fitted on the
+pairs of 80% of the prompts, its ECE reported on the other 20%, every source pooled).
+
+An accuracy's 95% interval treats the prompt as the unit (intervals.py): a benchmark with several pairs a prompt
+(HPD v2, ImageReward) has fewer independent prompts than pairs.
 """
 import argparse
 import os
@@ -15,10 +20,12 @@ import os
 import numpy as np
 import pandas as pd
 
+from calibration import calibrate, calibration_entries, calibration_note, source_pairs, write_calibration
 from clip_model import PRECISIONS, InputError, default_device, default_num_workers, inference_precision, run_cli
 from encoding import is_main_process, process_device, source_requests, split_source_scores
+from intervals import prompt_proportion_interval
 from kept_scores import kept_prompt_image_scores
-from pair_sources import benchmark_metric, counted_correct, read_source, wilson_interval
+from pair_sources import benchmark_metric, counted_correct, read_source
 from pictures import comparison_picture
 from scorers import parse_named_scorers
 
@@ -42,14 +49,15 @@ def score_all(sources, scorers, out, device, batch_size, num_workers, fast_decod
 
 
 def comparison_table(sources, results, tie_threshold=0.0):
-    """A row per (scorer, source): pairs, accuracy and its 95% interval (percent), and the benchmark's own metric."""
+    """A row per (scorer, source): pairs, prompts, accuracy and its 95% interval with the prompt as the unit
+    (percent), and the benchmark's own metric."""
     rows = []
     for name, per_source in results.items():
         for source, scored in zip(sources, per_source):
-            correct = int(counted_correct(np.array(scored["pos"]), np.array(scored["neg"])).sum())
-            n = len(scored["pos"])
-            _, low, high = wilson_interval(correct, n)
-            row = {"scorer": name, "source": source.name, "pairs": n, "accuracy": 100 * correct / n,
+            correct = counted_correct(np.array(scored["pos"]), np.array(scored["neg"])).astype(np.float64)
+            accuracy, low, high = prompt_proportion_interval(correct, source.pairs.prompt.tolist())
+            row = {"scorer": name, "source": source.name, "pairs": len(correct),
+                   "prompts": source.pairs.prompt.nunique(), "accuracy": 100 * accuracy,
                    "ci_low": 100 * low, "ci_high": 100 * high}
             metric = benchmark_metric(source, scored["groups"], scored["softmax_scale"], tie_threshold)
             if metric:
@@ -60,9 +68,12 @@ def comparison_table(sources, results, tie_threshold=0.0):
 
 def markdown_table(table):
     """Scorers as rows, sources as columns: accuracy [95% interval], and the benchmark's own metric beside it."""
-    metrics = [c for c in table.columns if c not in ("scorer", "source", "pairs", "accuracy", "ci_low", "ci_high")]
+    metrics = [c for c in table.columns
+               if c not in ("scorer", "source", "pairs", "prompts", "accuracy", "ci_low", "ci_high")]
     sources = list(dict.fromkeys(table.source))
-    lines = ["| scorer | " + " | ".join(f"{s} ({table[table.source == s].pairs.iloc[0]} pairs)" for s in sources) + " |",
+    counts = {s: table[table.source == s].iloc[0] for s in sources}
+    lines = ["| scorer | " + " | ".join(f"{s} ({counts[s].pairs} pairs, {counts[s].prompts} prompts)" for s in sources)
+             + " |",
              "|---" * (len(sources) + 1) + "|"]
     for scorer, rows in table.groupby("scorer", sort=False):
         cells = []
@@ -107,13 +118,26 @@ def best_images(sources, results, prompts=4):
     return picked
 
 
+def calibrate_scorers(sources, results, scorers):
+    """calibration.json's entries: each scorer's temperature and its held-out nll and ECE (calibration.calibrate)."""
+    fits = {}
+    for name, per_source in results.items():
+        parts = [source_pairs(source, s["pos"], s["neg"], s["groups"], s["score_scale"])
+                 for source, s in zip(sources, per_source)]
+        pos, neg, prompts, labels = (np.concatenate([part[i] for part in parts]) for i in range(4))
+        fits[name] = calibrate(pos, neg, prompts.tolist(), labels, name=f"--calibrate, scorer {name}")
+    return calibration_entries(fits, scorers)
+
+
 def compare(sources, scorers, out="comparison", prompts=4, image_root=None, device=None, batch_size=1024,
-            num_workers=None, tie_threshold=0.0, fast_decode=False, precision="fp32"):
+            num_workers=None, tie_threshold=0.0, fast_decode=False, precision="fp32", calibrate=False):
     """Score every source with every scorer ({name: spec}); write the table, agreement and picture into `out` (the
     main process of several; every process returns the table).
 
     Example:
         table = compare(["val.parquet"], {"before": "clip:init.pth", "after": "clip:final.pth"}, out="cmp")
+
+    calibrate: also fit each scorer's temperature and write calibration.json and calibration.png (calibration.py).
     """
     device = process_device(device or default_device())
     num_workers = default_num_workers(device) if num_workers is None else num_workers
@@ -125,8 +149,13 @@ def compare(sources, scorers, out="comparison", prompts=4, image_root=None, devi
             print(f"{source.name}: {source.left_out}")
     results = score_all(sources, scorers, out, device, batch_size, num_workers, fast_decode, precision)
     table = comparison_table(sources, results, tie_threshold)
+    entries = calibrate_scorers(sources, results, scorers) if calibrate else None  # a bad fit ends before any write
     if not is_main_process():
         return table
+    if entries:
+        write_calibration(entries, os.path.join(out, "calibration.json"))
+        for name, entry in entries.items():
+            print(calibration_note(name, entry))
     table.to_csv(os.path.join(out, "table.csv"), index=False)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(markdown_table(table))
@@ -151,13 +180,17 @@ def main():
     parser.add_argument("--tie_threshold", type=float, default=0.0)
     parser.add_argument("--fast_decode", action="store_true")
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    parser.add_argument("--calibrate", action="store_true", help="fit each scorer's temperature: calibration.json, "
+                        "calibration.png (what a score difference means as a probability; see docs/scorers.md)")
     args = parser.parse_args()
     table = compare(args.sources, args.scorer, args.out, args.prompts, args.image_root, args.device, args.batch_size,
-                    args.num_workers, args.tie_threshold, args.fast_decode, args.precision)
+                    args.num_workers, args.tie_threshold, args.fast_decode, args.precision, args.calibrate)
     if not is_main_process():
         return
     print(markdown_table(table), end="")
-    print(f"written: {', '.join(os.path.join(args.out, f) for f in ('table.csv', 'table.md', 'agreement.csv', 'comparison.png'))}")
+    written = ("table.csv", "table.md", "agreement.csv", "comparison.png") + (
+        ("calibration.json", "calibration.png") if args.calibrate else ())
+    print(f"written: {', '.join(os.path.join(args.out, f) for f in written)}")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ over each other on the prompts both have (the paper's table of a fine-tuned Stab
 
 Generations come as a table (generator, prompt, image[, sample, style]; generate.py writes one) or in HPS v2's
 benchmark layout (ROOT/<generator>/<style>/<index:05d>.jpg with --prompts holding <style>.json). An item is a
-(style, prompt, sample); win rates count only the items both generators have. Writes into --out: leaderboard.csv,
+(style, prompt, sample); win rates count only the items both generators have, and beside each generator's mean over
+its own images the leaderboard holds its mean over the items every generator has (shared_items says how many).
+Intervals treat the prompt as the unit (intervals.py): 4 samples of a prompt are not 4 independent prompts.
+Writes into --out: leaderboard.csv,
 leaderboard.md, winrates.csv, scores.parquet and generators.png; scores are kept in --out/scores as they are made, so
 a rerun (or a run with one more generator) scores only what is missing.
 """
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -24,8 +26,9 @@ from clip_model import PRECISIONS, InputError, default_device, default_num_worke
 from data_set import readable
 from encoding import is_main_process, process_device
 from generations import read_generations, shared_items
+from intervals import prompt_mean_interval, prompt_proportion_interval
 from kept_scores import kept_prompt_image_scores
-from pair_sources import describe, location_order, wilson_interval
+from pair_sources import describe, location_order
 from pictures import comparison_picture
 from scorers import parse_named_scorers
 
@@ -40,13 +43,6 @@ def check_out_folder(out, overwrite):
     if others and not overwrite:
         raise InputError(f"--out {out}: holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}"
                          f"); choose another folder or pass --overwrite")
-
-
-def mean_interval(scores, z=1.96):
-    """The mean and its 95% interval (normal approximation; the interval is the mean itself for one score)."""
-    mean = float(np.mean(scores))
-    half = z * float(np.std(scores, ddof=1)) / math.sqrt(len(scores)) if len(scores) > 1 else 0.0
-    return mean, mean - half, mean + half
 
 
 def score_generations(generations, scorers, out, device, batch_size=1024, num_workers=0, fast_decode=False,
@@ -68,47 +64,74 @@ def score_generations(generations, scorers, out, device, batch_size=1024, num_wo
     return pd.concat(frames, ignore_index=True)[["scorer", "generator", "style", "prompt", "sample", "image", "score"]]
 
 
+def prompt_keys(part):
+    """The prompt of each row as intervals.py groups them: a prompt of one style (styles may share a prompt)."""
+    return (part["style"].astype(str) + "\n" + part.prompt.astype(str)).tolist()
+
+
 def leaderboard(scores):
-    """A row per (scorer, generator, style): images, mean and its 95% interval; style "all" over every image."""
+    """A row per (scorer, generator, style): images, prompts, the mean and its 95% interval (the prompt as the unit);
+    with several generators also the mean over the items every generator has (shared_items of them). Style "all" is
+    over every image."""
     rows = []
     styles = [s for s in pd.unique(scores["style"]) if s != "all"]
+    items = scores.set_index(["style", "prompt", "sample"]).index
+    per_generator = [set(items[(scores.generator == g).values]) for g in pd.unique(scores.generator)]
+    shared = (pd.Series(items.isin(list(set.intersection(*per_generator))), index=scores.index)
+              if len(per_generator) > 1 else None)
     for (scorer, generator), group in scores.groupby(["scorer", "generator"], sort=False):
         for style, part in [("all", group)] + [(s, group[group["style"] == s]) for s in styles]:
-            if len(part):
-                mean, low, high = mean_interval(part.score.values)
-                rows.append({"scorer": scorer, "generator": generator, "style": style, "images": len(part),
-                             "mean": mean, "ci_low": low, "ci_high": high})
+            if not len(part):
+                continue
+            mean, low, high = prompt_mean_interval(part.score.values, prompt_keys(part))
+            row = {"scorer": scorer, "generator": generator, "style": style, "images": len(part),
+                   "prompts": len(set(prompt_keys(part))), "mean": mean, "ci_low": low, "ci_high": high}
+            if shared is not None:
+                common = part[shared[part.index].values]
+                row["shared_items"] = len(common)
+                if len(common):
+                    row["shared_mean"], row["shared_ci_low"], row["shared_ci_high"] = prompt_mean_interval(
+                        common.score.values, prompt_keys(common))
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
 def win_rates(scores):
-    """A row per (scorer, generator, other): over the items both have, the share where generator's image scores above
-    other's (a tie counts one half), with its 95% Wilson interval."""
+    """A row per (scorer, generator, other, style): over the items both have, the share where generator's image
+    scores above other's (a tie counts one half), with its 95% Wilson interval on the prompts' effective count
+    (intervals.py); style "all" is over every item."""
     rows = []
     for scorer, group in scores.groupby("scorer", sort=False):
         by_item = group.pivot_table(index=["style", "prompt", "sample"], columns="generator", values="score",
                                     aggfunc="first")
         generators = list(pd.unique(group.generator))
+        styles = [s for s in pd.unique(group["style"]) if s != "all"]
         for generator in generators:
             for other in generators:
                 if other == generator:
                     continue
-                both = by_item[[generator, other]].dropna()
-                if both.empty:
-                    continue
-                wins = (both[generator] > both[other]).sum() + 0.5 * (both[generator] == both[other]).sum()
-                rate, low, high = wilson_interval(float(wins), len(both))
-                rows.append({"scorer": scorer, "generator": generator, "other": other, "items": len(both),
-                             "win_rate": rate, "ci_low": low, "ci_high": high})
-    return pd.DataFrame(rows, columns=["scorer", "generator", "other", "items", "win_rate", "ci_low", "ci_high"])
+                both = by_item[[generator, other]].dropna().reset_index()
+                for style, part in [("all", both)] + [(s, both[both["style"] == s]) for s in styles]:
+                    if part.empty:
+                        continue
+                    wins = (part[generator] > part[other]) + 0.5 * (part[generator] == part[other])
+                    rate, low, high = prompt_proportion_interval(wins.values.astype(np.float64), prompt_keys(part))
+                    rows.append({"scorer": scorer, "generator": generator, "other": other, "style": style,
+                                 "items": len(part), "prompts": len(set(prompt_keys(part))), "win_rate": rate,
+                                 "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows, columns=["scorer", "generator", "other", "style", "items", "prompts", "win_rate",
+                                       "ci_low", "ci_high"])
 
 
 def leaderboard_markdown(board):
-    """Generators as rows, scorers as columns: the mean over every image [95% interval], the best of each in bold."""
+    """Generators as rows, scorers as columns: the mean [95% interval] over the items every generator has (over each
+    one's images when there is one generator, or none shared), the best of each in bold, and how many items."""
     overall = board[board["style"] == "all"]
+    shared = "shared_items" in overall and (overall.shared_items > 0).all()
+    mean, low, high = ("shared_mean", "shared_ci_low", "shared_ci_high") if shared else ("mean", "ci_low", "ci_high")
     scorers = list(pd.unique(overall.scorer))
     lines = ["| generator | " + " | ".join(scorers) + " |", "|---" * (len(scorers) + 1) + "|"]
-    best = overall.loc[overall.groupby("scorer", sort=False)["mean"].idxmax()].set_index("scorer").generator
+    best = overall.loc[overall.groupby("scorer", sort=False)[mean].idxmax()].set_index("scorer").generator
     for generator in pd.unique(overall.generator):
         cells = []
         for scorer in scorers:
@@ -117,9 +140,13 @@ def leaderboard_markdown(board):
                 cells.append("")
                 continue
             row = row.iloc[0]
-            cell = f"{row['mean']:.4f} [{row.ci_low:.4f}, {row.ci_high:.4f}]"
+            cell = f"{row[mean]:.4f} [{row[low]:.4f}, {row[high]:.4f}]"
             cells.append(f"**{cell}**" if best[scorer] == generator else cell)
         lines.append(f"| {generator} | " + " | ".join(cells) + " |")
+    first = overall.iloc[0]
+    own = ", ".join(f"{g}: {n}" for g, n in zip(overall.generator, overall.images))
+    count = f"the {first.shared_items} items every generator has" if shared else f"each generator's own images ({own})"
+    lines.append(f"\nMeans over {count}; 95% intervals with the prompt as the unit.")
     return "\n".join(lines) + "\n"
 
 
@@ -209,9 +236,9 @@ def main():
     if not is_main_process():
         return
     print(leaderboard_markdown(board), end="")
-    for row in rates.itertuples():
+    for row in rates[rates["style"] == "all"].itertuples():
         print(f"{row.scorer}: {row.generator} over {row.other}: {100 * row.win_rate:.1f}% "
-              f"[{100 * row.ci_low:.1f}, {100 * row.ci_high:.1f}] of {row.items} items")
+              f"[{100 * row.ci_low:.1f}, {100 * row.ci_high:.1f}] of {row.items} shared items, {row.prompts} prompts")
     print(f"written: {', '.join(os.path.join(args.out, f) for f in OUTPUTS[:5] if os.path.exists(os.path.join(args.out, f)))}")
 
 

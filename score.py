@@ -2,14 +2,21 @@
 
     python score.py --prompt "a cat astronaut, digital art" a.png b.png c.png --checkout_path clip_final.pth \\
         --output scores.csv --grid ranking.png
+    python score.py --prompt "a cat astronaut" a.png b.png c.png --checkout_path clip_final.pth \
+        --calibration comparison/calibration.json
+
+--calibration FILE (compare.py --calibrate or validate.py --calibrate writes one, for this very scorer) prints beside
+each score the probability that the image beats the prompt's median image (the median score), or --reference IMAGE.
 """
 import argparse
 import math
 import os
 
+import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from calibration import flags_spec, read_calibration, win_probability
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, add_model_flags, default_device,
                         default_num_workers, inference_precision, run_cli)
 from encoding import is_main_process, process_device, prompt_image_scores
@@ -25,11 +32,15 @@ def score_images(prompt, image_paths, model, preprocess, tokenizer, device="cpu"
 
 
 def rank_images(prompt, image_paths, checkout_path=None, device=None, batch_size=1024, num_workers=None,
-                model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, fast_decode=False, scorer=None, precision="fp32"):
+                model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, fast_decode=False, scorer=None, precision="fp32",
+                calibration=None, reference=None):
     """A DataFrame of path, score, best first. The score is the scorer's own (ours: the cosine similarity; PickScore:
     logit_scale.exp() times it); `scorer` is a scorers.py spec, by default our CLIP from model/pretrained/checkout_path;
     `precision` "fp32" (the original's) or "bf16"/"fp16" (autocast). Under several processes each encodes a share of
     the images and every one returns the whole ranking.
+
+    calibration: a calibration.json fitted for this scorer: adds p_win, the probability that each image beats the
+                 median image (the median score), or the image `reference` (one of image_paths).
 
     Example:
         ranking = rank_images("a red fox in the snow", ["a.png", "b.png"], checkout_path="clip_final.pth")
@@ -39,6 +50,13 @@ def rank_images(prompt, image_paths, checkout_path=None, device=None, batch_size
         raise InputError(f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if scorer is not None:
         check_spec(scorer)
+    if reference is not None and calibration is None:
+        raise InputError(f"--reference {reference}: give --calibration too (a probability needs a temperature)")
+    same = lambda path: os.path.realpath(path) == os.path.realpath(reference)
+    if reference is not None and not any(map(same, image_paths)):
+        raise InputError(f"--reference {reference}: not among the images scored; name one of them")
+    temperature = (read_calibration(calibration, scorer or flags_spec(model, pretrained, checkout_path))["temperature"]
+                   if calibration else None)
     device = process_device(device or default_device())
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     precision_context = inference_precision(device, precision)
@@ -47,6 +65,9 @@ def rank_images(prompt, image_paths, checkout_path=None, device=None, batch_size
         scores = score_images(prompt, image_paths, scorer.model, scorer.preprocess, scorer.tokenizer, device,
                               batch_size, num_workers, fast_decode)
     ranking = pd.DataFrame({"path": list(image_paths), "score": scores.numpy() * scorer.score_scale})
+    if temperature is not None:
+        versus = ranking.score[ranking.path.map(same)].iloc[0] if reference else np.median(ranking.score)
+        ranking["p_win"] = win_probability(ranking.score, versus, temperature)
     return ranking.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 
@@ -72,13 +93,20 @@ def main():
     parser.add_argument("--scorer", default=None, help="another reward model, KIND:PATH[,key=value] (see scorers.py)")
     parser.add_argument("--output", default=None, help="write path,score rows to this .csv")
     parser.add_argument("--grid", default=None, help="draw the ranking into this image file (.png)")
+    parser.add_argument("--calibration", default=None, help="a calibration.json of this scorer: print the probability "
+                        "that each image beats the median one (or --reference)")
+    parser.add_argument("--reference", default=None, help="with --calibration: the image (one of those given) the "
+                        "probabilities are against")
     args = parser.parse_args()
     ranking = rank_images(args.prompt, args.images, args.checkout_path, args.device, args.batch_size,
-                          args.num_workers, args.model, args.pretrained, args.fast_decode, args.scorer, args.precision)
+                          args.num_workers, args.model, args.pretrained, args.fast_decode, args.scorer, args.precision,
+                          args.calibration, args.reference)
     if not is_main_process():
         return
-    for rank, (path, score) in enumerate(zip(ranking.path, ranking.score), start=1):
-        print(f"{rank:>4}  {score:.4f}  {path}")
+    against = f"beats {args.reference}" if args.reference else "beats the median"
+    for rank, row in enumerate(ranking.itertuples(), start=1):
+        beside = f"  P({against}) {row.p_win:.3f}" if args.calibration else ""
+        print(f"{rank:>4}  {row.score:.4f}{beside}  {row.path}")
     if args.output:
         ranking.to_csv(args.output, index=False)
     if args.grid:

@@ -1,12 +1,17 @@
 """Pairwise accuracy: how often the model scores the preferred image above the other one for the prompt.
 
     python validate.py validation_data.parquet --checkout_path clip_epoch_4_global_step_final.pth
+    python validate.py validation_data.parquet --checkout_path clip_final.pth --calibrate calibration.json
+
+--calibrate FILE also fits the model's temperature (calibration.py: P(pos beats neg) = sigmoid(t * score gap), fitted
+on 80% of the prompts, its ECE reported on the other 20%) and writes FILE and its reliability diagram beside it (.png).
 """
 import argparse
 import sys
 
 import torch
 
+from calibration import calibrate, calibration_entries, calibration_note, flags_spec, source_pairs, write_calibration
 from clip_model import (DEFAULT_MODEL, DEFAULT_PRETRAINED, InputError, add_model_flags, default_device,
                         default_num_workers, inference_precision, run_cli)
 from data_set import drop_unreadable_pairs
@@ -39,13 +44,15 @@ def write_table(table, path, index_label):
 
 def evaluate_source(source, checkout_path=None, device=None, batch_size=1024, num_workers=None, model=DEFAULT_MODEL,
                     pretrained=DEFAULT_PRETRAINED, scores_out=None, skip_bad_images=False, image_root=None,
-                    tie_threshold=0.0, fast_decode=False, scorer=None, precision="fp32"):
+                    tie_threshold=0.0, fast_decode=False, scorer=None, precision="fp32", calibrate_to=None):
     """Read a source, score it, and return {"accuracy", "pairs", "metric": (name, value) or None}: the original's
     pairwise accuracy (ties left out) and, for a benchmark layout, that benchmark's own metric. Under several
     processes (accelerate launch, torchrun) each encodes a share, every one returns the result, the main one writes.
 
     scorer:    a scorers.py spec (e.g. "hpsv2:HPS_v2.1_compressed.pt") instead of model/pretrained/checkout_path.
-    precision: "fp32" (the original's), or "bf16"/"fp16" (autocast)."""
+    precision: "fp32" (the original's), or "bf16"/"fp16" (autocast).
+    calibrate_to: a .json path: also fit the scorer's temperature, write it there (and the reliability diagram
+                  beside it, .png) and return it as result["calibration"] (calibration.py)."""
     device = process_device(device or default_device())
     num_workers = default_num_workers(device) if num_workers is None else num_workers
     if batch_size < 1 or num_workers < 0:
@@ -58,6 +65,9 @@ def evaluate_source(source, checkout_path=None, device=None, batch_size=1024, nu
         raise InputError(f"--tie_threshold must be between 0 and 1 (got {tie_threshold})")
     if scorer is not None:
         check_spec(scorer)
+    if calibrate_to is not None and not calibrate_to.endswith(".json"):
+        raise InputError(f"--calibrate {calibrate_to}: name a .json file")
+    spec = scorer or flags_spec(model, pretrained, checkout_path)
     precision_context = inference_precision(device, precision)
     # the data is checked before the model loads: a typo costs seconds, not a ViT-L/14 load
     source = read_source(source, image_root, check_files=not skip_bad_images)
@@ -77,8 +87,16 @@ def evaluate_source(source, checkout_path=None, device=None, batch_size=1024, nu
         else:
             write_group_scores(source, group_scores, scores_out)
     metric = benchmark_metric(source, group_scores, scorer.softmax_scale, tie_threshold)
-    return {"accuracy": counted_correct(pos_score, neg_score).float().mean().item(), "pairs": len(source.pairs),
-            "metric": metric}
+    result = {"accuracy": counted_correct(pos_score, neg_score).float().mean().item(), "pairs": len(source.pairs),
+              "metric": metric}
+    if calibrate_to is not None:
+        pos, neg, prompts, labels = source_pairs(source, pos_score.numpy(), neg_score.numpy(), group_scores,
+                                                 scorer.score_scale)
+        fit = calibrate(pos, neg, prompts.tolist(), labels, name=f"--calibrate {calibrate_to}")
+        result["calibration"] = calibration_entries({"scorer": fit}, {"scorer": spec})["scorer"]
+        if is_main_process():
+            write_calibration({"scorer": result["calibration"]}, calibrate_to)
+    return result
 
 
 def validate_image_pair_classifier(parquet_file_or_pandas_dataframe, checkout_path=None, device=None, batch_size=1024,
@@ -110,13 +128,17 @@ def main():
                         "pickscore:, aesthetic:, imagereward: (see scorers.py); default: --model, --pretrained, --checkout_path")
     parser.add_argument("--tie_threshold", type=float, default=0.0,
                         help="Pick-a-Pic: predict a tie when the two images' probabilities differ by at most this")
+    parser.add_argument("--calibrate", default=None, metavar="FILE", help="also fit the model's temperature and "
+                        "write it to FILE (.json) with its reliability diagram beside it (see docs/scorers.md)")
     args = parser.parse_args()
     result = evaluate_source(args.parquet_file, args.checkout_path, args.device, args.batch_size, args.num_workers,
                              args.model, args.pretrained, args.scores_out, args.skip_bad_images, args.image_root,
-                             args.tie_threshold, args.fast_decode, args.scorer, args.precision)
+                             args.tie_threshold, args.fast_decode, args.scorer, args.precision, args.calibrate)
     if not is_main_process():
         return
     print(f"Accuracy: {result['accuracy'] * 100:.2f}%")
+    if args.calibrate:
+        print(calibration_note("scorer", result["calibration"]) + f"; written: {args.calibrate}")
     if result["metric"]:
         name, value = result["metric"]
         threshold = f" (tie threshold {args.tie_threshold:g})" if name.startswith("Pick-a-Pic") else ""

@@ -106,18 +106,22 @@ def test_a_rerun_reads_the_kept_scores_and_a_new_generator_scores_only_its_image
     again = evaluate_generators([table], scorers, str(tmp_path / "out"), device="cpu")
     pd.testing.assert_frame_equal(both[0], again[0])
     kept_faithful = again[0][again[0].generator == "faithful"].reset_index(drop=True)
-    pd.testing.assert_frame_equal(first[0], kept_faithful)
+    pd.testing.assert_frame_equal(first[0], kept_faithful[first[0].columns])  # less the shared items' columns
 
 
 def test_items_are_compared_only_where_both_generators_have_them(world, tiny_init, tmp_path, capsys):
     images, prompts, table = world
     os.remove(os.path.join(images, "sloppy", "photo", "00001.jpg"))
-    _, rates = evaluate_generators([images], {"ours": scorer_spec(tiny_init)}, str(tmp_path / "out"),
-                                   prompts=prompts, device="cpu")
+    board, rates = evaluate_generators([images], {"ours": scorer_spec(tiny_init)}, str(tmp_path / "out"),
+                                       prompts=prompts, device="cpu")
     out = capsys.readouterr().out
     assert "sloppy/photo: 1 of 3 prompts have no image" in out
     assert "sloppy: lacks 1 items the other generators have" in out
-    assert set(rates["items"]) == {5}
+    assert set(rates[rates["style"] == "all"]["items"]) == {5}
+    assert set(rates[rates["style"] == "photo"]["items"]) == {2}
+    overall = board[board["style"] == "all"].set_index("generator")
+    assert list(overall.images) == [6, 5] and set(overall.shared_items) == {5}
+    assert "Means over the 5 items every generator has" in open(tmp_path / "out" / "leaderboard.md").read()
 
 
 def run_script(*args):
