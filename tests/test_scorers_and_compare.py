@@ -60,8 +60,7 @@ def test_pickscore_scores_are_transformers_own_cosine_times_logit_scale(pickscor
         image_features, text_features = (getattr(f, "pooler_output", f) for f in (image_features, text_features))
         expected = model.logit_scale.exp() * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1)[0]
     theirs = pd.Series(expected.numpy(), index=images)
-    # transformers resizes with its own PIL call, open_clip with torchvision's: pixels differ by a few 1/255
-    assert ours.score.values == pytest.approx(theirs[ours.path].values, abs=0.05)
+    assert ours.score.values == pytest.approx(theirs[ours.path].values, abs=1e-4)
     assert list(ours.path) == list(theirs.sort_values(ascending=False).index)
 
 

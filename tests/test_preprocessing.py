@@ -1,0 +1,74 @@
+"""Preprocessing as each model's own code does it: the pickscore: crop as transformers' CLIPImageProcessor computes
+it, and the tensor path (a reward's) from an open_clip model's own preprocess configuration."""
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_CLIP
+from PIL import Image
+from torchvision.transforms.functional import to_tensor
+
+from clip_model import load_model
+from scorers import load_scorer, open_clip_tensor_preprocess
+
+PROMPT = "two red circles"
+# resized to 32 on the shortest side, each leaves an odd excess on the long side (torchvision and transformers then
+# crop a pixel apart); the last is square
+ODD_SIZES = [(93, 64), (64, 101), (47, 33), (33, 57), (77, 40), (48, 48)]
+
+
+@pytest.fixture(scope="module")
+def odd_images():
+    return [Image.effect_noise(size, 40 + 7 * i).convert("RGB").resize(size) for i, size in enumerate(ODD_SIZES)]
+
+
+@pytest.fixture(scope="module")
+def pickscore_folder(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                         max_position_embeddings=77, vocab_size=49408),
+                        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=32)
+    folder = tmp_path_factory.mktemp("pickscore") / "pickscore"
+    CLIPModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+def transformers_pickscore(folder, images):
+    """PickScore's own code path: CLIPImageProcessor, CLIPModel, logit_scale.exp() * cosine."""
+    from transformers import CLIPImageProcessor, CLIPModel
+    model = CLIPModel.from_pretrained(folder).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    with torch.no_grad():
+        pixels = processor(images=images, return_tensors="pt").pixel_values
+        image_features = model.get_image_features(pixel_values=pixels)
+        # the same token ids (CLIP's BPE, as open_clip has it): transformers' tokenizer needs files from the hub
+        text_features = model.get_text_features(input_ids=open_clip.get_tokenizer("ViT-L-14")([PROMPT]))
+        image_features, text_features = (getattr(f, "pooler_output", f) for f in (image_features, text_features))
+        return pixels, model.logit_scale.exp() * F.normalize(image_features, dim=-1) @ F.normalize(text_features)[0]
+
+
+def pickscore_scores(scorer, pixels):
+    with torch.no_grad():
+        text = scorer.model.encode_text(scorer.tokenizer([PROMPT]))
+        return scorer.score_scale * scorer.model.encode_image(pixels) @ text[0]
+
+
+def test_pickscore_equals_clip_image_processor_and_clip_model_on_odd_sized_images(pickscore_folder, odd_images):
+    scorer = load_scorer(f"pickscore:{pickscore_folder}")
+    their_pixels, theirs = transformers_pickscore(pickscore_folder, odd_images)
+    pixels = torch.stack([scorer.preprocess(image) for image in odd_images])
+    assert pixels.shape == their_pixels.shape
+    assert torch.allclose(pixels, their_pixels, atol=1e-5)
+    assert torch.allclose(pickscore_scores(scorer, pixels), theirs, atol=1e-4)
+
+
+def test_pickscore_tensor_path_crops_where_its_pil_path_does(pickscore_folder, odd_images):
+    scorer = load_scorer(f"pickscore:{pickscore_folder}")
+    _, theirs = transformers_pickscore(pickscore_folder, odd_images)
+    # a reward's float images: the same resize and crop, without the uint8 rounding between them
+    pixels = torch.cat([scorer.tensor_preprocess(to_tensor(image)[None]) for image in odd_images])
+    assert torch.allclose(pickscore_scores(scorer, pixels), theirs, atol=2e-2)
+    shifted = torch.cat([scorer.tensor_preprocess(to_tensor(image)[None, :, :, 1:]) for image in odd_images[:1]])
+    assert not torch.allclose(shifted, pixels[:1], atol=1e-2)  # a pixel off would show
