@@ -124,7 +124,8 @@ def check_imagereward_files(spec, options):
 def clip_scorer(model=DEFAULT_MODEL, pretrained="openai", checkout_path=None, device="cpu"):
     """Our CLIP (the scripts' --model, --pretrained, --checkout_path): its score is the cosine similarity."""
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path, device)
-    return Scorer(clip, preprocess, tokenizer, 1.0, clip.logit_scale.exp().item(), open_clip_tensor_preprocess(clip))
+    return Scorer(clip, preprocess, tokenizer, 1.0, clip.logit_scale.exp().item(),
+                  open_clip_tensor_preprocess(clip.visual.preprocess_cfg))
 
 
 def load_scorer(spec, device="cpu"):
@@ -150,7 +151,7 @@ def load_scorer(spec, device="cpu"):
                       TensorPreprocess(model.image_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
     clip, preprocess, tokenizer = load_model(options.get("model", DEFAULT_MODEL), options["clip"], None, device)
     return Scorer(AestheticPredictor(clip, path).to(device).eval(), preprocess, tokenizer, 1.0, 1.0,
-                  open_clip_tensor_preprocess(clip))
+                  open_clip_tensor_preprocess(clip.visual.preprocess_cfg))
 
 
 class TensorPreprocess(nn.Module):
@@ -171,9 +172,9 @@ class TensorPreprocess(nn.Module):
         self.resize_mode, self.fill, self.crop_offset = resize_mode, fill, crop_offset
         self.normalize = Normalize(mean, std)
 
-    def _resize(self, images, size):
+    def _resize(self, images, size, interpolation=None):
         # torchvision's v2 resize, as CLIPImageProcessor's: on uint8 pixels v1's bicubic rounds differently (by 1/255)
-        return TF2.resize(images, size, self.interpolation, antialias=True)
+        return TF2.resize(images, size, interpolation or self.interpolation, antialias=True)
 
     def forward(self, images):
         height, width = images.shape[-2:]
@@ -182,19 +183,20 @@ class TensorPreprocess(nn.Module):
         elif self.resize_mode == "longest":
             images = self._pad(self._keep_ratio(images, max(height / self.size[0], width / self.size[1])))
         else:
-            # a square size: torchvision's Resize(int) (the long side floored); else open_clip's ResizeKeepRatio
+            # a square size: torchvision's Resize(int) (the long side floored); else open_clip's ResizeKeepRatio, to
+            # which open_clip passes no interpolation (so bicubic)
             square = self.size[0] == self.size[1]
-            images = (self._resize(images, self.size[0]) if square else
-                      self._keep_ratio(images, min(height / self.size[0], width / self.size[1])))
+            images = (self._resize(images, self.size[0]) if square else self._keep_ratio(
+                images, min(height / self.size[0], width / self.size[1]), InterpolationMode.BICUBIC))
             images = self._crop(images)
         if images.dtype == torch.uint8:
             images = images.float() / 255
         return self.normalize(images)
 
-    def _keep_ratio(self, images, ratio):
+    def _keep_ratio(self, images, ratio, interpolation=None):
         height, width = images.shape[-2:]
         new = [round(height / ratio), round(width / ratio)]
-        return images if new == [height, width] else self._resize(images, new)
+        return images if new == [height, width] else self._resize(images, new, interpolation)
 
     def _pad(self, images):
         pad_h, pad_w = (max(s - n, 0) for s, n in zip(self.size, images.shape[-2:]))
@@ -208,10 +210,13 @@ class TensorPreprocess(nn.Module):
         return images[..., top:top + self.size[0], left:left + self.size[1]]
 
 
-def open_clip_tensor_preprocess(clip):
-    """The tensor counterpart of an open_clip model's evaluation transform, from its own preprocess_cfg (open_clip's
-    PreprocessCfg: size, mean/std, interpolation, resize_mode, fill_color)."""
-    cfg = clip.visual.preprocess_cfg
+def open_clip_tensor_preprocess(cfg):
+    """The tensor counterpart of an open_clip model's evaluation transform, from its own preprocess config
+    (`clip.visual.preprocess_cfg`, open_clip's PreprocessCfg as a dict: size, mean/std, interpolation, resize_mode,
+    fill_color).
+
+        open_clip_tensor_preprocess(clip.visual.preprocess_cfg)(images)  # B x 3 x H x W in [0, 1]
+    """
     return TensorPreprocess(cfg["size"], cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"),
                             cfg.get("resize_mode", "shortest"), cfg.get("fill_color", 0))
 
