@@ -14,6 +14,7 @@ from torchvision.transforms.functional import to_tensor
 
 from clip_model import load_model
 from scorers import load_scorer, open_clip_tensor_preprocess
+from test_scorers_and_compare import save_tiny_pickscore
 
 PROMPT = "two red circles"
 # resized to 32 on the shortest side, each leaves an odd excess on the long side (torchvision and transformers then
@@ -28,15 +29,7 @@ def odd_images():
 
 @pytest.fixture(scope="module")
 def pickscore_folder(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel
-    torch.manual_seed(0)
-    config = CLIPConfig(text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                         max_position_embeddings=77, vocab_size=49408),
-                        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=32)
-    folder = tmp_path_factory.mktemp("pickscore") / "pickscore"
-    CLIPModel(config).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_pickscore(tmp_path_factory.mktemp("pickscore") / "pickscore")
 
 
 def transformers_pickscore(folder, images):
