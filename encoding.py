@@ -8,7 +8,8 @@ a model whose text encoder attends to the image (ImageReward), `encode_image` an
 
 Under `accelerate launch` or `torchrun` (several processes), each process encodes a contiguous share of the images and
 prompts and every process gets the whole result, so a script scores as one process would, N times faster; it only
-writes and prints where is_main_process():
+writes and prints where is_main_process(). prompt_image_scores gathers only scores: each process encodes its share of
+the distinct images and the prompts of their requests, and the embeddings stay where they were made.
 
     device = process_device(args.device)          # under several GPU processes: this process's GPU
     scores = prompt_image_scores(...)             # the same tensor in every process
@@ -115,32 +116,38 @@ class _Batches:
         return iter(self.iterable)
 
 
+def _image_features(model, preprocess, paths, wheres, device, batch_size, num_workers, progress, fast_decode):
+    """The embeddings of `paths` in this process (no sharing out)."""
+    loader = DataLoader(ImageFiles(paths, preprocess, wheres, fast_decode), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
+    batches = _Batches(tqdm(loader, desc="images", disable=not (progress and is_main_process())), len(paths))
+    return _encode_into(batches, lambda images: model.encode_image(images.to(device), normalize=True))
+
+
+def _prompt_features(model, tokenizer, prompts, device, batch_size):
+    """The embeddings of `prompts` in this process (no sharing out)."""
+    batches = _Batches((prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)), len(prompts))
+    return _encode_into(batches, lambda chunk: model.encode_text(tokenizer(chunk).to(device), normalize=True))
+
+
 @torch.no_grad()
 def encode_images(model, preprocess, paths, device, batch_size=1024, num_workers=0, progress=True, wheres=None,
                   fast_decode=False):
     """L2-normalised embeddings of the images at `paths` (paths, bytes or parquet cells), in order, as a float32
     tensor on the CPU. `wheres` names each image's place (e.g. its row) in the message of an unreadable one.
-    Under several processes each encodes a share (across_processes)."""
+    Under several processes each encodes a share (across_processes) and every process gets them all."""
     paths = list(paths)
     wheres = wheres or [None] * len(paths)
-
-    def encode(share):
-        loader = DataLoader(ImageFiles([paths[i] for i in share], preprocess, [wheres[i] for i in share], fast_decode),
-                            batch_size=batch_size, num_workers=num_workers,
-                            pin_memory=torch.device(device).type == "cuda")
-        batches = _Batches(tqdm(loader, desc="images", disable=not (progress and is_main_process())), len(share))
-        return _encode_into(batches, lambda images: model.encode_image(images.to(device), normalize=True))
-    return across_processes(encode, range(len(paths)))
+    return across_processes(lambda share: _image_features(
+        model, preprocess, [paths[i] for i in share], [wheres[i] for i in share], device, batch_size, num_workers,
+        progress, fast_decode), range(len(paths)))
 
 
 @torch.no_grad()
 def encode_prompts(model, tokenizer, prompts, device, batch_size=1024):
     """L2-normalised embeddings of `prompts`, in order, as a float32 tensor on the CPU (under several processes each
     encodes a share)."""
-    def encode(share):
-        batches = _Batches((share[i:i + batch_size] for i in range(0, len(share), batch_size)), len(share))
-        return _encode_into(batches, lambda chunk: model.encode_text(tokenizer(chunk).to(device), normalize=True))
-    return across_processes(encode, list(prompts))
+    return across_processes(lambda share: _prompt_features(model, tokenizer, share, device, batch_size), list(prompts))
 
 
 def prompt_image_scores(model, preprocess, tokenizer, prompts, images, device, batch_size=1024, num_workers=0,
@@ -152,18 +159,35 @@ def prompt_image_scores(model, preprocess, tokenizer, prompts, images, device, b
     first_seen = requests[~requests.image.duplicated()]  # each distinct image, with the place it first appears in
     order = location_order(first_seen.image.tolist())
     distinct = pd.Index(first_seen.image.values[order])
-    distinct_prompts = pd.Index(pd.unique(requests.prompt))
     # no encode call holds more images than the original's did (a batch of pairs' images): larger calls are slower
     # on a CPU, and the set of distinct images can be twice the number of pairs
     image_batch = min(batch_size, max(len(requests) // 2, 1))
     if hasattr(model, "pair_scores"):
         return attended_scores(model, preprocess, tokenizer, requests, distinct, device, image_batch, num_workers,
                                progress, first_seen["where"].values[order].tolist(), fast_decode)
-    image_features = encode_images(model, preprocess, distinct, device, image_batch, num_workers, progress,
-                                   first_seen["where"].values[order].tolist(), fast_decode)
-    text_features = encode_prompts(model, tokenizer, distinct_prompts, device, batch_size)
-    return (text_features[distinct_prompts.get_indexer(requests.prompt)]
-            * image_features[distinct.get_indexer(requests.image)]).sum(1)
+    wheres = first_seen["where"].values[order].tolist()
+    image_of = distinct.get_indexer(requests.image)
+    by_image = np.argsort(image_of, kind="stable")  # the requests in the order their images are encoded
+    starts = np.searchsorted(image_of[by_image], np.arange(len(distinct) + 1))  # image i's: starts[i]:starts[i + 1]
+
+    @torch.no_grad()
+    def score_share(share):
+        """The scores of the requests on the distinct images `share` (a range), in by_image's order: its images and
+        their requests' prompts are encoded here, and only the scores leave the process."""
+        rows = by_image[starts[share.start]:starts[share.stop]]
+        image_features = _image_features(model, preprocess, list(distinct[share.start:share.stop]),
+                                         wheres[share.start:share.stop], device, image_batch, num_workers, progress,
+                                         fast_decode)
+        prompts = pd.Index(pd.unique(requests.prompt.values[rows]))
+        text_features = _prompt_features(model, tokenizer, list(prompts), device, batch_size)
+        if not len(rows):
+            return torch.empty(0)
+        return (text_features[prompts.get_indexer(requests.prompt.values[rows])]
+                * image_features[image_of[rows] - share.start]).sum(1)
+
+    scores = torch.empty(len(requests))
+    scores[torch.from_numpy(by_image)] = across_processes(score_share, range(len(distinct)))  # several: a share each
+    return scores
 
 
 @torch.no_grad()

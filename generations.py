@@ -5,7 +5,8 @@ generator, style, prompt, sample, image (a path, image bytes or a parquet cell r
     generations = read_generations(["hps_images/"], prompts="benchmark/")   # HPS v2: <generator>/<style>/<index>.jpg
 
 A table (parquet, csv, or a pandas DataFrame in a notebook) has columns `generator`, `prompt`, `image` (a path,
-relative to the table's folder or absolute, or the image's bytes) and optionally `sample` (which of a prompt's images
+relative to the table's folder or absolute, or the image's bytes: in parquet, read a row group at a time as the images
+are encoded, never whole) and optionally `sample` (which of a prompt's images
 this is; by default the order of appearance within a generator and prompt) and `style`. HPS v2's benchmark layout is
 `ROOT/<generator>/<style>/<index:05d>.jpg` with prompts in `PROMPTS/<style>.json` (a list; the index is the position);
 ROOT is one generator's folder or a folder of several.
@@ -14,9 +15,13 @@ import glob
 import json
 import os
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from clip_model import InputError
+from pair_sources import _check_cells_not_null, cell_ref, parse_cell
 
 COLUMNS = ["generator", "style", "prompt", "sample", "image"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -50,12 +55,26 @@ def read_generations(sources, prompts=None, need_generator=True):
 def _read_table(path):
     try:
         if path.endswith(".parquet"):
-            return pd.read_parquet(path)
+            return _read_parquet(path)
         if path.endswith(".csv"):
             return pd.read_csv(path)
     except Exception as e:
         raise InputError(f"{path}: not a readable table ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     raise InputError(f"{path}: a generations table is a .parquet or .csv file (or give an HPS v2 image folder)")
+
+
+def _read_parquet(path):
+    """A parquet generations table; an `image` column of bytes is not read: each cell becomes a reference to its place
+    (pair_sources.cell_ref), read a row group at a time when the images are encoded, as Pick-a-Pic's shards are, so
+    memory does not grow with the table's images."""
+    schema = pq.read_schema(path)
+    if "image" not in schema.names or not pa.types.is_binary(schema.field("image").type) and not \
+            pa.types.is_large_binary(schema.field("image").type):
+        return pd.read_parquet(path)
+    frame = pd.read_parquet(path, columns=[name for name in schema.names if name != "image"])
+    _check_cells_not_null(path, ["image"], np.arange(len(frame)))
+    frame["image"] = [cell_ref(os.path.abspath(path), row, "image") for row in range(len(frame))]
+    return frame
 
 
 def _table(frame, where, folder, need_generator):
@@ -83,7 +102,8 @@ def _table(frame, where, folder, need_generator):
     if folder is not None:
         table["image"] = [os.path.join(folder, image) if isinstance(image, str) and not os.path.isabs(image) else image
                           for image in table.image]
-    missing = [i for i, image in enumerate(table.image) if isinstance(image, str) and not os.path.isfile(image)]
+    missing = [i for i, image in enumerate(table.image)
+               if isinstance(image, str) and parse_cell(image) is None and not os.path.isfile(image)]
     if missing:
         raise InputError(f"{where}: row {frame.index[missing[0]]}: no such image file {table.image[missing[0]]}"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))

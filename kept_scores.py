@@ -1,14 +1,17 @@
 """Scores kept on disk as they are made, so a rerun (or a run over more data) scores only what is missing: what
 compare.py and evaluate_generators.py keep in their --out folder.
 
-One parquet file per scorer setting (the spec, the weights file's modification time, decoding and precision), a row
-per (prompt, image) with the score before the scorer's score_scale; an image is named by its identity (a file by its
-real path, size and modification time; image bytes by their hash; a parquet cell by its file's identity and place).
-The file is rewritten whole (a temporary name, then renamed) after each batch of new scores; under several processes
-every process scores its share and holds the whole table, and the main process alone writes it.
+A folder of parquet parts per scorer setting (the spec, the weights file's modification time, decoding and
+precision), a row per (prompt, image) with the score before the scorer's score_scale; an image is named by its identity
+(a file by its real path, size and modification time; image bytes by their hash; a parquet cell by its file's identity
+and place). Each batch of new scores is one more part (a temporary name, then renamed), so what is written grows with
+the new scores alone, never rewritten; the parts are read as one table (with the single file an older version kept, if
+any). Under several processes every process scores its share and holds the whole table, and the main process alone
+writes the parts.
 
     scores, scales = kept_prompt_image_scores("out/scores", "ours", "clip:final.pth", prompts, images, wheres, "cpu")
 """
+import glob
 import hashlib
 import json
 import os
@@ -52,37 +55,46 @@ class KeptScores:
 
     def __init__(self, folder, name, spec, fast_decode=False, precision="fp32", chunk=4096):
         self.chunk = chunk
-        self.path = os.path.join(folder, f"{name}-{setting_key(spec, fast_decode, precision)}.parquet")
-        self.table = pd.read_parquet(self.path) if os.path.isfile(self.path) else pd.DataFrame(
+        self.path = os.path.join(folder, f"{name}-{setting_key(spec, fast_decode, precision)}")
+        parts = sorted(glob.glob(os.path.join(self.path, "part-*.parquet")))
+        old = [self.path + ".parquet"] if os.path.isfile(self.path + ".parquet") else []  # one file, as kept before
+        tables = [pd.read_parquet(path) for path in old + parts]
+        self.parts = len(parts)
+        self.table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
             {"prompt": pd.Series(dtype=str), "image": pd.Series(dtype=str), "score": pd.Series(dtype="float32")})
-        self.scales = json.loads(self.table.attrs.get("scales", "null")) if "scales" in self.table.attrs else None
+        scales = [t.attrs["scales"] for t in tables if "scales" in t.attrs]
+        self.scales = json.loads(scales[-1]) if scales else None
 
     def scores(self, prompts, images, score_missing):
         """The score of each (prompts[k], images[k]) as a float32 tensor. score_missing(indices, total) -> (scores,
-        scales) is called with the indices of the distinct requests not kept yet, `chunk` at a time, and the file rewritten
-        after each; `scales` are the scorer's {"score_scale", "softmax_scale"}, kept with the scores."""
+        scales) is called with the indices of the distinct requests not kept yet, `chunk` at a time, and each chunk
+        kept as one more part; `scales` are the scorer's {"score_scale", "softmax_scale"}, kept with the scores."""
         keys = pd.MultiIndex.from_arrays([list(prompts), [image_identity(ref) for ref in images]])
         kept = pd.MultiIndex.from_frame(self.table[["prompt", "image"]])
         missing = ~keys.isin(kept)
         first = np.flatnonzero(missing & ~keys.duplicated())
+        new_tables = []
         for start in range(0, len(first), self.chunk):  # kept after each chunk: an interrupted run loses one at most
             chunk = first[start:start + self.chunk]
             new_scores, self.scales = score_missing(chunk, len(first))
             new = pd.DataFrame({"prompt": keys.get_level_values(0)[chunk], "image": keys.get_level_values(1)[chunk],
                                 "score": np.asarray(new_scores, dtype=np.float32)})
-            self.table = pd.concat([self.table, new], ignore_index=True)
+            new_tables.append(new)
             if is_main_process():  # every process holds the same table; one writes it
-                self._write()
+                self._write_part(new)
+            self.parts += 1
             wait_for_everyone()
-        if len(first):
+        if new_tables:  # joined once, at the end: a concat per chunk would copy the table each time
+            self.table = pd.concat([self.table, *new_tables], ignore_index=True)
             kept = pd.MultiIndex.from_frame(self.table[["prompt", "image"]])
         return torch.from_numpy(self.table.score.values[kept.get_indexer(keys)].astype(np.float32))
 
-    def _write(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.table.attrs["scales"] = json.dumps(self.scales)
-        self.table.to_parquet(self.path + ".tmp")
-        os.replace(self.path + ".tmp", self.path)
+    def _write_part(self, new):
+        os.makedirs(self.path, exist_ok=True)
+        new.attrs["scales"] = json.dumps(self.scales)
+        path = os.path.join(self.path, f"part-{self.parts:06d}.parquet")
+        new.to_parquet(path + ".tmp")
+        os.replace(path + ".tmp", path)
 
 
 def kept_prompt_image_scores(folder, name, spec, prompts, images, wheres, device, batch_size=1024, num_workers=0,

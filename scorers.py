@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 import torchvision.transforms.functional as TF
-from torchvision.transforms import Compose, InterpolationMode, Normalize, ToTensor
+import torchvision.transforms.v2.functional as TF2
+from torchvision.transforms import Compose, InterpolationMode, Normalize, PILToTensor, ToTensor
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transform import MaybeConvertMode
 
@@ -123,7 +124,8 @@ def check_imagereward_files(spec, options):
 def clip_scorer(model=DEFAULT_MODEL, pretrained="openai", checkout_path=None, device="cpu"):
     """Our CLIP (the scripts' --model, --pretrained, --checkout_path): its score is the cosine similarity."""
     clip, preprocess, tokenizer = load_model(model, pretrained, checkout_path, device)
-    return Scorer(clip, preprocess, tokenizer, 1.0, clip.logit_scale.exp().item(), open_clip_tensor_preprocess(clip))
+    return Scorer(clip, preprocess, tokenizer, 1.0, clip.logit_scale.exp().item(),
+                  open_clip_tensor_preprocess(clip.visual.preprocess_cfg))
 
 
 def load_scorer(spec, device="cpu"):
@@ -135,74 +137,103 @@ def load_scorer(spec, device="cpu"):
         model, _, tokenizer = load_model(options.get("model", "ViT-H-14"), path, None, device)
         size = model.visual.image_size[0]
         return Scorer(model, hps_preprocess(size), tokenizer, 1.0, model.logit_scale.exp().item(),
-                      Compose([ResizeLongestAndPad(size), Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)]))
+                      TensorPreprocess(size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, resize_mode="longest"))
     if kind == "pickscore":
         model = PickScoreModel(path).to(device).eval()
         return Scorer(model, model.preprocess, open_clip.get_tokenizer(DEFAULT_MODEL), model.scale, model.scale,
-                      ResizeShortestAndCrop(model.size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
+                      model.tensor_preprocess)
     if kind == "imagereward":
         model, preprocess, tokenizer = load_imagereward(path, options["tokenizer"], options.get("med_config"), device)
         # ImageReward was trained with a softmax over the MLP's outputs of the two images; its reward is that output
         # divided by REWARD_STD, so REWARD_STD * reward gives back the model's own preference probabilities.
         # On tensors, as ImageReward's ReFL feeds its score_gard: Resize(224), CenterCrop(224), Normalize
         return Scorer(model, preprocess, tokenizer, 1.0, REWARD_STD,
-                      ResizeShortestAndCrop(model.image_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
+                      TensorPreprocess(model.image_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
     clip, preprocess, tokenizer = load_model(options.get("model", DEFAULT_MODEL), options["clip"], None, device)
     return Scorer(AestheticPredictor(clip, path).to(device).eval(), preprocess, tokenizer, 1.0, 1.0,
-                  open_clip_tensor_preprocess(clip))
+                  open_clip_tensor_preprocess(clip.visual.preprocess_cfg))
 
 
-class ResizeShortestAndCrop(nn.Module):
-    """CLIP's evaluation preprocessing on a B x 3 x H x W float tensor in [0, 1]: the shortest side to `size` (bicubic,
-    antialiased, as torchvision resizes a PIL image), a centre crop, mean/std. Differentiable."""
+class TensorPreprocess(nn.Module):
+    """An evaluation preprocessing on a B x 3 x H x W tensor, differentiable: float in [0, 1] (a reward's images), or
+    uint8 (a PIL image's pixels, resized as transformers' CLIPImageProcessor resizes them). As open_clip's
+    `image_transform` does on PIL images: `resize_mode` "shortest" (the shortest side to the size, a centre crop),
+    "longest" (the longest side to the size, padded with `fill` out of 255, centred) or "squash" (straight to
+    height x width); `interpolation` "bicubic" or "bilinear", antialiased as PIL resizes. `crop_offset` "round" is
+    torchvision's centre crop, "floor" CLIPImageProcessor's (a pixel apart when the excess is odd).
 
-    def __init__(self, size, mean, std):
+        TensorPreprocess((224, 224), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, "bilinear", "squash")(images)
+    """
+
+    def __init__(self, size, mean, std, interpolation="bicubic", resize_mode="shortest", fill=0, crop_offset="round"):
         super().__init__()
-        self.size, self.normalize = size, Normalize(mean, std)
+        self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.interpolation = InterpolationMode.BILINEAR if interpolation == "bilinear" else InterpolationMode.BICUBIC
+        self.resize_mode, self.fill, self.crop_offset = resize_mode, fill, crop_offset
+        self.normalize = Normalize(mean, std)
+
+    def _resize(self, images, size, interpolation=None):
+        # torchvision's v2 resize, as CLIPImageProcessor's: on uint8 pixels v1's bicubic rounds differently (by 1/255)
+        return TF2.resize(images, size, interpolation or self.interpolation, antialias=True)
 
     def forward(self, images):
-        images = TF.resize(images, self.size, InterpolationMode.BICUBIC, antialias=True)
-        return self.normalize(TF.center_crop(images, [self.size, self.size]))
+        height, width = images.shape[-2:]
+        if self.resize_mode == "squash":
+            images = self._resize(images, list(self.size))
+        elif self.resize_mode == "longest":
+            images = self._pad(self._keep_ratio(images, max(height / self.size[0], width / self.size[1])))
+        else:
+            # a square size: torchvision's Resize(int) (the long side floored); else open_clip's ResizeKeepRatio, to
+            # which open_clip passes no interpolation (so bicubic)
+            square = self.size[0] == self.size[1]
+            images = (self._resize(images, self.size[0]) if square else self._keep_ratio(
+                images, min(height / self.size[0], width / self.size[1]), InterpolationMode.BICUBIC))
+            images = self._crop(images)
+        if images.dtype == torch.uint8:
+            images = images.float() / 255
+        return self.normalize(images)
+
+    def _keep_ratio(self, images, ratio, interpolation=None):
+        height, width = images.shape[-2:]
+        new = [round(height / ratio), round(width / ratio)]
+        return images if new == [height, width] else self._resize(images, new, interpolation)
+
+    def _pad(self, images):
+        pad_h, pad_w = (max(s - n, 0) for s, n in zip(self.size, images.shape[-2:]))
+        fill = self.fill if images.dtype == torch.uint8 else self.fill / 255
+        return TF.pad(images, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=fill)
+
+    def _crop(self, images):
+        if self.crop_offset == "round":
+            return TF.center_crop(images, list(self.size))
+        top, left = ((n - s) // 2 for n, s in zip(images.shape[-2:], self.size))
+        return images[..., top:top + self.size[0], left:left + self.size[1]]
 
 
-def open_clip_tensor_preprocess(clip):
-    """The tensor counterpart of an open_clip model's evaluation transform (its preprocess_cfg)."""
-    cfg = clip.visual.preprocess_cfg
-    size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
-    if cfg.get("resize_mode", "shortest") == "longest":
-        return Compose([ResizeLongestAndPad(size), Normalize(cfg["mean"], cfg["std"])])
-    return ResizeShortestAndCrop(size, cfg["mean"], cfg["std"])
+def open_clip_tensor_preprocess(cfg):
+    """The tensor counterpart of an open_clip model's evaluation transform, from its own preprocess config
+    (`clip.visual.preprocess_cfg`, open_clip's PreprocessCfg as a dict: size, mean/std, interpolation, resize_mode,
+    fill_color).
 
-
-class ResizeLongestAndPad(nn.Module):
-    """HPS v2's ResizeMaxSize: the longest side to `size` (bicubic, on the tensor, so antialiased), keeping the aspect
-    ratio, then padded with 0 to size x size, centred (the extra pixel right and bottom). HPS v2 skips both when the
-    longest side is already `size`; this pads such an image too, so that every image has the model's input shape."""
-
-    def __init__(self, size):
-        super().__init__()
-        self.size = size
-
-    def forward(self, image):
-        height, width = image.shape[-2:]
-        scale = self.size / max(height, width)
-        new = [round(height * scale), round(width * scale)]
-        if scale != 1.0:
-            image = TF.resize(image, new, InterpolationMode.BICUBIC)
-        pad_h, pad_w = self.size - new[0], self.size - new[1]
-        return TF.pad(image, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+        open_clip_tensor_preprocess(clip.visual.preprocess_cfg)(images)  # B x 3 x H x W in [0, 1]
+    """
+    return TensorPreprocess(cfg["size"], cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"),
+                            cfg.get("resize_mode", "shortest"), cfg.get("fill_color", 0))
 
 
 def hps_preprocess(size=224):
     """HPS v2's evaluation preprocessing: RGB (an RGBA image too: the model takes 3 channels), ToTensor, the longest
-    side to `size` and padded, OpenAI's mean/std."""
-    return Compose([lambda image: image.convert("RGB"), ToTensor(), ResizeLongestAndPad(size),
-                    Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
+    side to `size` (its ResizeMaxSize: bicubic, on the tensor, so antialiased) and padded with 0, centred, OpenAI's
+    mean/std. HPS v2 skips the padding too when the longest side is already `size`; this pads such an image, so that
+    every image has the model's input shape."""
+    return Compose([lambda image: image.convert("RGB"), ToTensor(),
+                    TensorPreprocess(size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, resize_mode="longest")])
 
 
 class PickScoreModel(nn.Module):
     """A transformers CLIPModel folder (PickScore_v1) scored as PickScore does: logit_scale.exp() * cos(text, image).
-    Its processor is CLIP's: RGB, shortest side to the model's size (bicubic), centre crop, OpenAI mean/std; CLIP's BPE."""
+    Its processor is transformers' CLIPImageProcessor: RGB, the shortest side to the model's size (bicubic, on the uint8
+    pixels), a centre crop whose offset is floored (torchvision rounds it), OpenAI mean/std; CLIP's BPE."""
 
     def __init__(self, folder):
         super().__init__()
@@ -215,8 +246,8 @@ class PickScoreModel(nn.Module):
         self.size = size = self.clip.config.vision_config.image_size
         # RGB first, as PickScore's evaluation and CLIP's processor do: PIL resizes a palette or 1-bit image with
         # nearest neighbour whatever the filter asked for
-        self.preprocess = Compose([MaybeConvertMode("RGB"), *open_clip.image_transform(
-            size, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD).transforms])
+        self.tensor_preprocess = TensorPreprocess(size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, crop_offset="floor")
+        self.preprocess = Compose([MaybeConvertMode("RGB"), PILToTensor(), self.tensor_preprocess])
         self.scale = self.clip.logit_scale.exp().item()
 
     @staticmethod

@@ -66,7 +66,7 @@ def test_compare_on_two_processes_keeps_and_writes_what_one_does(shapes_pairs, t
     for name in ("table.csv", "agreement.csv"):
         assert_same_table(tmp_path / "one" / name, tmp_path / "two" / name)
     assert (tmp_path / "one" / "table.md").read_text() == (tmp_path / "two" / "table.md").read_text()
-    # the kept scores: written once, whole, by the main process
+    # the kept scores: written by the main process alone, a part a flush
     kept_one, kept_two = (sorted(os.listdir(tmp_path / out / "scores")) for out in ("one", "two"))
     assert kept_one == kept_two and len(kept_two) == 1
     scores_one, scores_two = (pd.read_parquet(tmp_path / out / "scores" / kept_one[0]) for out in ("one", "two"))
@@ -96,3 +96,39 @@ def test_best_of_n_on_two_processes_keeps_what_one_does(shapes_pairs, tiny_init,
     metadata = [[json.loads(line) for line in open(tmp_path / out / "metadata.jsonl")] for out in ("one", "two")]
     assert [m["file_name"] for m in metadata[0]] == [m["file_name"] for m in metadata[1]]
     np.testing.assert_allclose([m["score"] for m in metadata[1]], [m["score"] for m in metadata[0]], rtol=0, atol=1e-6)
+
+
+GATHER_SCRIPT = """
+import json, sys
+import torch
+import torch.distributed
+sys.path.insert(0, {root!r})
+from encoding import is_main_process, prompt_image_scores
+from scorers import load_scorer
+
+gathered = []
+all_gather_object = torch.distributed.all_gather_object
+def counted(parts, mine):
+    all_gather_object(parts, mine)
+    gathered.extend(part.numel() for part in parts)  # what came from every process, in elements
+torch.distributed.all_gather_object = counted
+
+scorer = load_scorer(sys.argv[1])
+images, prompts = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+scores = prompt_image_scores(scorer.model, scorer.preprocess, scorer.tokenizer, prompts, images, "cpu", batch_size=4)
+if is_main_process():
+    print(json.dumps({{"scores": scores.tolist(), "gathered": sum(gathered)}}))
+"""
+
+
+def test_two_processes_gather_only_the_scores_and_equal_one(shapes_pairs, tiny_init, tmp_path):
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_SCRIPT.format(root=ROOT))
+    images = list(shapes_pairs.pos_path[:7]) + list(shapes_pairs.neg_path[:6])
+    requests = [(image, shapes_pairs.prompt[i % 5]) for i, image in enumerate(images + images[:5])]  # 18, repeats
+    args = [f"clip:{tiny_init},model={TINY_CLIP}", json.dumps([r[0] for r in requests]),
+            json.dumps([r[1] for r in requests])]
+    one, two = (json.loads(run(launcher, str(script), *args)) for launcher in ([], TWO_PROCESSES))
+    np.testing.assert_allclose(two["scores"], one["scores"], rtol=0, atol=1e-6)
+    # one float a request crossed between the processes: no embedding (64 floats an image or prompt) did
+    assert one["gathered"] == 0 and two["gathered"] == len(requests)

@@ -35,16 +35,21 @@ def images(tmp_path):
     return paths
 
 
-@pytest.fixture
-def pickscore_folder(tmp_path):
+def save_tiny_pickscore(folder):
+    """A tiny random transformers CLIPModel (32 px images), saved as PickScore_v1's folder is."""
     from transformers import CLIPConfig, CLIPModel
     torch.manual_seed(0)
     config = CLIPConfig(text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                                          max_position_embeddings=77, vocab_size=49408),
                         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                            num_attention_heads=2, image_size=32, patch_size=8), projection_dim=32)
-    CLIPModel(config).save_pretrained(tmp_path / "pickscore")
-    return str(tmp_path / "pickscore")
+    CLIPModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def pickscore_folder(tmp_path):
+    return save_tiny_pickscore(tmp_path / "pickscore")
 
 
 def test_pickscore_scores_are_transformers_own_cosine_times_logit_scale(pickscore_folder, images):
@@ -60,8 +65,7 @@ def test_pickscore_scores_are_transformers_own_cosine_times_logit_scale(pickscor
         image_features, text_features = (getattr(f, "pooler_output", f) for f in (image_features, text_features))
         expected = model.logit_scale.exp() * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1)[0]
     theirs = pd.Series(expected.numpy(), index=images)
-    # transformers resizes with its own PIL call, open_clip with torchvision's: pixels differ by a few 1/255
-    assert ours.score.values == pytest.approx(theirs[ours.path].values, abs=0.05)
+    assert ours.score.values == pytest.approx(theirs[ours.path].values, abs=1e-4)
     assert list(ours.path) == list(theirs.sort_values(ascending=False).index)
 
 
