@@ -17,58 +17,16 @@ import sys
 
 import pandas as pd
 import torch
-from PIL import Image, ImageDraw
 
 from best_of_n import best_of_n
 from clip_model import load_model, run_cli
 from compare import compare, markdown_table
 from evaluate_generators import evaluate_generators, leaderboard_markdown
 from pictures import comparison_picture
+from shapes import COLOURS, COUNTS, SCENES, SHAPES, draw, make_pairs, prompt_for  # noqa: F401 - tests import them here
 from validate import validate_image_pair_classifier
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220), "yellow": (235, 210, 30),
-           "purple": (140, 40, 170), "orange": (250, 130, 20)}
-SHAPES = ("circle", "square", "triangle")
-COUNTS = ("one", "two", "three")
 TINY_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-clip.json")
-
-
-def prompt_for(count, colour, shape):
-    return f"{count} {colour} {shape}{'s' if count != 'one' else ''}"
-
-
-def draw(count, colour, shape, rng, size=64):
-    """An image of `count` shapes of one colour, at random places and sizes, on a light background."""
-    image = Image.new("RGB", (size, size), tuple(rng.randint(225, 255) for _ in range(3)))
-    canvas = ImageDraw.Draw(image)
-    cells = rng.sample([(x, y) for x in range(2) for y in range(2)], COUNTS.index(count) + 1)
-    for x, y in cells:  # one shape per quadrant, so shapes never overlap and the count stays readable
-        r = rng.randint(size // 9, size // 5)
-        cx = x * size // 2 + rng.randint(r, size // 2 - r)
-        cy = y * size // 2 + rng.randint(r, size // 2 - r)
-        box = (cx - r, cy - r, cx + r, cy + r)
-        if shape == "circle":
-            canvas.ellipse(box, fill=COLOURS[colour])
-        elif shape == "square":
-            canvas.rectangle(box, fill=COLOURS[colour])
-        else:
-            canvas.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
-    return image
-
-
-def make_pairs(folder, n_pairs, seed):
-    """Write `n_pairs` (prompt, matching image, image of another prompt) rows and their PNGs under `folder`."""
-    os.makedirs(folder, exist_ok=True)
-    rng = random.Random(seed)
-    scenes = [(n, c, s) for n in COUNTS for c in COLOURS for s in SHAPES]
-    rows = []
-    for i in range(n_pairs):
-        scene, other = rng.sample(scenes, 2)
-        pos_path, neg_path = os.path.join(folder, f"{i}_pos.png"), os.path.join(folder, f"{i}_neg.png")
-        draw(*scene, rng).save(pos_path)
-        draw(*other, rng).save(neg_path)
-        rows.append({"prompt": prompt_for(*scene), "pos_path": pos_path, "neg_path": neg_path})
-    return pd.DataFrame(rows)
 
 
 def make_generations(folder, generator, n_prompts, samples, follow_rate, seed):
@@ -76,13 +34,12 @@ def make_generations(folder, generator, n_prompts, samples, follow_rate, seed):
     probability `follow_rate` (else another scene); the table as generate.py writes it, with `follows` (the truth)."""
     os.makedirs(folder, exist_ok=True)
     rng, scene_rng = random.Random(seed), random.Random(1234)  # the same prompts for every generator
-    scenes = [(n, c, s) for n in COUNTS for c in COLOURS for s in SHAPES]
     rows = []
-    for p, scene in enumerate(scene_rng.sample(scenes, n_prompts)):
+    for p, scene in enumerate(scene_rng.sample(SCENES, n_prompts)):
         for k in range(samples):
             follows = rng.random() < follow_rate
             path = os.path.join(folder, f"{p:03d}_{k}.png")
-            draw(*(scene if follows else rng.choice([s for s in scenes if s != scene])), rng).save(path)
+            draw(*(scene if follows else rng.choice([s for s in SCENES if s != scene])), rng).save(path)
             rows.append({"generator": generator, "prompt": prompt_for(*scene), "sample": k, "image": path,
                          "follows": follows})
     return pd.DataFrame(rows)
