@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from clip_model import InputError, run_cli
+from errors import InputError, run_cli
 from out_folder import check_new_folder, folder_written_whole
 from social_rule import ENGINES, STRATA, rule_steps, split_query, sql_text
 

@@ -19,7 +19,7 @@ import tempfile
 
 import sqlglot
 
-from clip_model import InputError
+from errors import InputError
 
 STRATA = {  # --pair_within: what two posts must share to be compared
     "group": "CAST(\"group\" AS VARCHAR)",
@@ -52,7 +52,7 @@ def rule_steps(o, post_columns, with_events):
             ("fates", f"""
                 SELECT e.post, e."user",
                        CASE WHEN p.post IS NULL THEN 'unknown_post'
-                            WHEN e."user" = p.creator THEN 'self'
+                            WHEN CAST(e."user" AS VARCHAR) = CAST(p.creator AS VARCHAR) THEN 'self'
                             WHEN e."at" < p.posted_at THEN 'before_post'
                             WHEN e."at" >= p.posted_at + INTERVAL {int(o['window_seconds'])} SECOND THEN 'late'
                             ELSE 'counted' END AS fate,
