@@ -1,13 +1,16 @@
-"""The whole job offline on a CPU in a few minutes: synthetic pairs, a tiny CLIP from random init, accuracy before/after,
-compare.py's table and picture of the model before and after fine-tuning, then the reward applied to generators:
-best of N candidates before and after, and evaluate_generators.py ranking two synthetic generators.
+"""The whole job offline on a CPU in a few minutes: a synthetic community's posts and remix logs, mined into pairs by
+social_pairs.py, a tiny CLIP from random init, accuracy before/after, compare.py's table and picture of the model
+before and after fine-tuning, then the reward applied to generators: best of N candidates before and after, and
+evaluate_generators.py ranking two synthetic generators.
 
-    python demo.py                      # writes ./demo_out: images, train/val parquet, checkpoints
+    python demo.py                      # writes ./demo_out: the community, its pairs, checkpoints
 
-The preferred image of each pair shows what its prompt says ("two red circles"); the other image shows
-another prompt. A random CLIP scores them at chance; fine-tuning with train_pair_pos_neg.py through
-`accelerate launch` teaches it colours, shapes and counts. A synthetic "generator" draws what its prompt says only
-sometimes (the world knows when), so the share of kept images that draw their prompt measures the reward.
+Each post of the community draws what its prompt says ("two red circles") or not (its hidden quality); remixes come
+from views, and views from the creator's audience, so raw popularity mostly measures the creator. social_pairs.py
+compares only images of one request and counts distinct other users' remixes within a week. A random CLIP scores
+the pairs at chance; fine-tuning with train_pair_pos_neg.py through `accelerate launch` teaches it colours, shapes
+and counts. A synthetic "generator" draws what its prompt says only sometimes (the world knows when), so the share of
+kept images that draw their prompt measures the reward.
 """
 import argparse
 import os
@@ -20,9 +23,11 @@ import torch
 
 from best_of_n import best_of_n
 from clip_model import load_model, run_cli
+from community import agreement, make_community, popularity_pairs
 from compare import compare, markdown_table
 from evaluate_generators import evaluate_generators, leaderboard_markdown
 from pictures import comparison_picture
+from social_pairs import report_markdown, social_pairs
 from shapes import COLOURS, COUNTS, SCENES, SHAPES, draw, make_pairs, prompt_for  # noqa: F401 - tests import them here
 from validate import validate_image_pair_classifier
 
@@ -63,11 +68,22 @@ def enhancement_demo(out, rewards, n_prompts=40, n=8, follow_rate=0.25):
 
 
 def run_demo(out="demo_out", n_train=1200, n_val=300, n_epochs=5, batch_size=32, learning_rate=5e-4, seed=0):
-    """Make the data, save a random init, validate it, fine-tune it through `accelerate launch`, validate again."""
-    train_file, val_file = os.path.join(out, "train.parquet"), os.path.join(out, "val.parquet")
-    make_pairs(os.path.join(out, "train"), n_train, seed).to_parquet(train_file)
-    make_pairs(os.path.join(out, "val"), n_val, seed + 1).to_parquet(val_file)
-    print(f"pairs: {n_train} to train ({train_file}), {n_val} to validate ({val_file})")
+    """A synthetic community's logs, mined into pairs by social_pairs.py; a random init validated, fine-tuned through
+    `accelerate launch`, validated again, compared, and applied to generators."""
+    posts, events = make_community(os.path.join(out, "community", "images"), n_creators=int(n_train * 0.65),
+                                   seed=seed)
+    posts_file, events_file = os.path.join(out, "community", "posts.parquet"), os.path.join(out, "community", "events.parquet")
+    posts.drop(columns="follows").to_parquet(posts_file)  # the hidden quality stays hidden
+    events.to_parquet(events_file)
+    pairs = os.path.join(out, "pairs")
+    report = social_pairs(posts_file, events_file, out=pairs, test_fraction=n_val / (n_train + n_val), overwrite=True)
+    lines = report_markdown(report).splitlines()
+    print(f"community: {len(posts)} posts, {len(events)} events ({posts_file}, {events_file})")
+    print("\n".join(line for line in lines if line.startswith(("- events", "- kept", "- pos creator"))))
+    train_file, val_file = os.path.join(pairs, "train.parquet"), os.path.join(pairs, "test.parquet")
+    mined = pd.concat([pd.read_parquet(train_file), pd.read_parquet(val_file)])
+    print(f"pairs that agree with the hidden quality: {agreement(mined, posts)[0] * 100:.0f}% mined, "
+          f"{agreement(popularity_pairs(posts, events, seed=seed), posts)[0] * 100:.0f}% by raw popularity")
 
     torch.manual_seed(seed)
     init = os.path.join(out, "random_init.pth")
@@ -101,7 +117,7 @@ def run_demo(out="demo_out", n_train=1200, n_val=300, n_epochs=5, batch_size=32,
                                        overwrite=True)
     print(leaderboard_markdown(board), end="")
     win = rates[rates.generator == "follows-80%"].iloc[0]
-    print(f"before fine-tuning: Accuracy: {before * 100:.2f}%")
+    print(f"before fine-tuning: Accuracy: {before * 100:.2f}%   (on the mined test pairs: {val_file})")
     print(f"after fine-tuning:  Accuracy: {after * 100:.2f}%   ({final})")
     print(f"best of 8: {shares['before'] * 100:.0f}% -> {shares['after'] * 100:.0f}% draw their prompt   "
           f"(each candidate does with probability 25%; picks: {os.path.join(out, 'best_of_8.png')})")

@@ -39,7 +39,7 @@ def read_pairs(out):
     return pd.read_parquet(os.path.join(out, "train.parquet")), pd.read_parquet(os.path.join(out, "test.parquet"))
 
 
-def expected_signal(posts, events, kind="remix", window=pd.Timedelta("7d")):
+def expected_signal(posts, events, kind="remix", window=pd.Timedelta("7D")):
     """The rule in pandas, written from its words: distinct users other than the creator, inside the window."""
     e = events[events.kind == kind].merge(posts[["post", "creator", "posted_at"]], on="post")
     e = e[(e.user != e.creator) & (e["at"] >= e.posted_at) & (e["at"] < e.posted_at + window)]
