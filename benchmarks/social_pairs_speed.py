@@ -23,10 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_logs(folder, n_posts, n_events, seed=0):
-    """Posts of creator-days (a tenth of creators post most), and events of three kinds over about five weeks."""
+    """Posts of 100,000 creators with a heavy tail of activity (a twentieth of them make half the posts), and events
+    of three kinds over about five weeks."""
     rng = np.random.default_rng(seed)
     n_creators = max(1, n_posts // 10)
-    creator = np.minimum((rng.pareto(1.2, n_posts) * n_creators / 20).astype(np.int64), n_creators - 1)
+    creator = (rng.pareto(1.2, n_posts) * n_creators / 20).astype(np.int64) % n_creators
     start = np.datetime64("2026-01-01T00:00:00", "us")
     posted_at = start + (rng.uniform(0, 28 * 86400, n_posts) * 1e6).astype("timedelta64[us]")
     posts_file = os.path.join(folder, f"posts_{n_posts}.parquet")
