@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from errors import InputError  # noqa: F401 - every script imports it from here
+from errors import run_cli as one_line_errors
+
 if "transformers" in sys.modules:
     import open_clip
 else:  # open_clip imports transformers (about a second) for Hugging Face text towers, which no model here has
@@ -34,10 +37,6 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 # OpenAI trained ViT-L/14 with QuickGELU; open_clip's plain "ViT-L-14" (nn.GELU) is another model for these weights.
 DEFAULT_MODEL = "ViT-L-14-quickgelu"
 DEFAULT_PRETRAINED = "openai"
-
-
-class InputError(ValueError):
-    """A user's mistake (a file, a column, a flag); the message names the culprit and the scripts print it as one line."""
 
 
 def default_device():
@@ -99,13 +98,7 @@ def run_cli(main):
     """Run a script's main(): a user's mistake ends in one line naming the culprit and exit status 2, not a traceback.
     The process keeps its freed memory (keep_freed_memory): a script's process is its own."""
     keep_freed_memory()
-    try:
-        main()
-    except InputError as e:
-        # raised in a DataLoader worker, it arrives wrapped in the worker's traceback: keep its own last line
-        message = re.sub(r"^[\w.]*InputError: ", "", str(e).strip().splitlines()[-1])
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    one_line_errors(main)
 
 
 def check_free_space(folder, nbytes, what):

@@ -1,13 +1,16 @@
-"""The whole job offline on a CPU in a few minutes: synthetic pairs, a tiny CLIP from random init, accuracy before/after,
-compare.py's table and picture of the model before and after fine-tuning, then the reward applied to generators:
-best of N candidates before and after, and evaluate_generators.py ranking two synthetic generators.
+"""The whole job offline on a CPU in a few minutes: a synthetic community's posts and remix logs, mined into pairs by
+social_pairs.py, a tiny CLIP from random init, accuracy before/after, compare.py's table and picture of the model
+before and after fine-tuning, then the reward applied to generators: best of N candidates before and after, and
+evaluate_generators.py ranking two synthetic generators.
 
-    python demo.py                      # writes ./demo_out: images, train/val parquet, checkpoints
+    python demo.py                      # writes ./demo_out: the community, its pairs, checkpoints
 
-The preferred image of each pair shows what its prompt says ("two red circles"); the other image shows
-another prompt. A random CLIP scores them at chance; fine-tuning with train_pair_pos_neg.py through
-`accelerate launch` teaches it colours, shapes and counts. A synthetic "generator" draws what its prompt says only
-sometimes (the world knows when), so the share of kept images that draw their prompt measures the reward.
+Each post of the community draws what its prompt says ("two red circles") or not (its hidden quality); remixes come
+from views, and views from the creator's audience, so raw popularity mostly measures the creator. social_pairs.py
+compares only images of one request and counts distinct other users' remixes within a week. A random CLIP scores
+the pairs at chance; fine-tuning with train_pair_pos_neg.py through `accelerate launch` teaches it colours, shapes
+and counts. A synthetic "generator" draws what its prompt says only sometimes (the world knows when), so the share of
+kept images that draw their prompt measures the reward.
 """
 import argparse
 import os
@@ -17,58 +20,18 @@ import sys
 
 import pandas as pd
 import torch
-from PIL import Image, ImageDraw
 
 from best_of_n import best_of_n
 from clip_model import load_model, run_cli
+from community import agreement, make_community, popularity_pairs
 from compare import compare, markdown_table
 from evaluate_generators import evaluate_generators, leaderboard_markdown
 from pictures import comparison_picture
+from social_pairs import report_markdown, social_pairs
+from shapes import COLOURS, COUNTS, SCENES, SHAPES, draw, make_pairs, prompt_for  # noqa: F401 - tests import them here
 from validate import validate_image_pair_classifier
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220), "yellow": (235, 210, 30),
-           "purple": (140, 40, 170), "orange": (250, 130, 20)}
-SHAPES = ("circle", "square", "triangle")
-COUNTS = ("one", "two", "three")
 TINY_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-clip.json")
-
-
-def prompt_for(count, colour, shape):
-    return f"{count} {colour} {shape}{'s' if count != 'one' else ''}"
-
-
-def draw(count, colour, shape, rng, size=64):
-    """An image of `count` shapes of one colour, at random places and sizes, on a light background."""
-    image = Image.new("RGB", (size, size), tuple(rng.randint(225, 255) for _ in range(3)))
-    canvas = ImageDraw.Draw(image)
-    cells = rng.sample([(x, y) for x in range(2) for y in range(2)], COUNTS.index(count) + 1)
-    for x, y in cells:  # one shape per quadrant, so shapes never overlap and the count stays readable
-        r = rng.randint(size // 9, size // 5)
-        cx = x * size // 2 + rng.randint(r, size // 2 - r)
-        cy = y * size // 2 + rng.randint(r, size // 2 - r)
-        box = (cx - r, cy - r, cx + r, cy + r)
-        if shape == "circle":
-            canvas.ellipse(box, fill=COLOURS[colour])
-        elif shape == "square":
-            canvas.rectangle(box, fill=COLOURS[colour])
-        else:
-            canvas.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
-    return image
-
-
-def make_pairs(folder, n_pairs, seed):
-    """Write `n_pairs` (prompt, matching image, image of another prompt) rows and their PNGs under `folder`."""
-    os.makedirs(folder, exist_ok=True)
-    rng = random.Random(seed)
-    scenes = [(n, c, s) for n in COUNTS for c in COLOURS for s in SHAPES]
-    rows = []
-    for i in range(n_pairs):
-        scene, other = rng.sample(scenes, 2)
-        pos_path, neg_path = os.path.join(folder, f"{i}_pos.png"), os.path.join(folder, f"{i}_neg.png")
-        draw(*scene, rng).save(pos_path)
-        draw(*other, rng).save(neg_path)
-        rows.append({"prompt": prompt_for(*scene), "pos_path": pos_path, "neg_path": neg_path})
-    return pd.DataFrame(rows)
 
 
 def make_generations(folder, generator, n_prompts, samples, follow_rate, seed):
@@ -76,13 +39,12 @@ def make_generations(folder, generator, n_prompts, samples, follow_rate, seed):
     probability `follow_rate` (else another scene); the table as generate.py writes it, with `follows` (the truth)."""
     os.makedirs(folder, exist_ok=True)
     rng, scene_rng = random.Random(seed), random.Random(1234)  # the same prompts for every generator
-    scenes = [(n, c, s) for n in COUNTS for c in COLOURS for s in SHAPES]
     rows = []
-    for p, scene in enumerate(scene_rng.sample(scenes, n_prompts)):
+    for p, scene in enumerate(scene_rng.sample(SCENES, n_prompts)):
         for k in range(samples):
             follows = rng.random() < follow_rate
             path = os.path.join(folder, f"{p:03d}_{k}.png")
-            draw(*(scene if follows else rng.choice([s for s in scenes if s != scene])), rng).save(path)
+            draw(*(scene if follows else rng.choice([s for s in SCENES if s != scene])), rng).save(path)
             rows.append({"generator": generator, "prompt": prompt_for(*scene), "sample": k, "image": path,
                          "follows": follows})
     return pd.DataFrame(rows)
@@ -106,11 +68,22 @@ def enhancement_demo(out, rewards, n_prompts=40, n=8, follow_rate=0.25):
 
 
 def run_demo(out="demo_out", n_train=1200, n_val=300, n_epochs=5, batch_size=32, learning_rate=5e-4, seed=0):
-    """Make the data, save a random init, validate it, fine-tune it through `accelerate launch`, validate again."""
-    train_file, val_file = os.path.join(out, "train.parquet"), os.path.join(out, "val.parquet")
-    make_pairs(os.path.join(out, "train"), n_train, seed).to_parquet(train_file)
-    make_pairs(os.path.join(out, "val"), n_val, seed + 1).to_parquet(val_file)
-    print(f"pairs: {n_train} to train ({train_file}), {n_val} to validate ({val_file})")
+    """A synthetic community's logs, mined into pairs by social_pairs.py; a random init validated, fine-tuned through
+    `accelerate launch`, validated again, compared, and applied to generators."""
+    posts, events = make_community(os.path.join(out, "community", "images"), n_creators=int(n_train * 0.65),
+                                   seed=seed)
+    posts_file, events_file = os.path.join(out, "community", "posts.parquet"), os.path.join(out, "community", "events.parquet")
+    posts.drop(columns="follows").to_parquet(posts_file)  # the hidden quality stays hidden
+    events.to_parquet(events_file)
+    pairs = os.path.join(out, "pairs")
+    report = social_pairs(posts_file, events_file, out=pairs, test_fraction=n_val / (n_train + n_val), overwrite=True)
+    lines = report_markdown(report).splitlines()
+    print(f"community: {len(posts)} posts, {len(events)} events ({posts_file}, {events_file})")
+    print("\n".join(line for line in lines if line.startswith(("- events", "- kept", "- pos creator"))))
+    train_file, val_file = os.path.join(pairs, "train.parquet"), os.path.join(pairs, "test.parquet")
+    mined = pd.concat([pd.read_parquet(train_file), pd.read_parquet(val_file)])
+    print(f"pairs that agree with the hidden quality: {agreement(mined, posts)[0] * 100:.0f}% mined, "
+          f"{agreement(popularity_pairs(posts, events, seed=seed), posts)[0] * 100:.0f}% by raw popularity")
 
     torch.manual_seed(seed)
     init = os.path.join(out, "random_init.pth")
@@ -144,7 +117,7 @@ def run_demo(out="demo_out", n_train=1200, n_val=300, n_epochs=5, batch_size=32,
                                        overwrite=True)
     print(leaderboard_markdown(board), end="")
     win = rates[rates.generator == "follows-80%"].iloc[0]
-    print(f"before fine-tuning: Accuracy: {before * 100:.2f}%")
+    print(f"before fine-tuning: Accuracy: {before * 100:.2f}%   (on the mined test pairs: {val_file})")
     print(f"after fine-tuning:  Accuracy: {after * 100:.2f}%   ({final})")
     print(f"best of 8: {shares['before'] * 100:.0f}% -> {shares['after'] * 100:.0f}% draw their prompt   "
           f"(each candidate does with probability 25%; picks: {os.path.join(out, 'best_of_8.png')})")

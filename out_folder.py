@@ -9,7 +9,7 @@ import contextlib
 import os
 import shutil
 
-from clip_model import InputError
+from errors import InputError
 
 
 def check_new_folder(out, overwrite=False, keep=()):

@@ -1,0 +1,242 @@
+"""The mining rule of social_pairs.py as one query, in DuckDB's SQL, and the two engines that run it: DuckDB as written,
+Spark after sqlglot transpiles it to Spark SQL. One source, so both engines pick the same pairs and splits.
+
+    engine = duckdb_engine(memory_limit="2GB", threads=2)      # or spark_engine()
+    engine.load("raw_posts", "posts.parquet"); engine.load("raw_events", "events.parquet")
+    for name, query in rule_steps(options, columns, with_events=True):
+        engine.create(name, query)
+    engine.rows("SELECT count(*) FROM pairs")
+
+Every step is a named table made from the ones above it; social_pairs.py reads the report's counts from them. Hashes
+are md5 of a string (the same hex digits in both engines), compared as hex text, never as numbers: the kept pairs
+of a stratum are the first by md5('SEED/POS/NEG'), a creator's split is decided by the first 8 hex digits of
+md5('SEED/CREATOR'), the preferred side in the Pick-a-Pic layout by the last digit of the pair's hash.
+"""
+import glob
+import os
+import shutil
+import tempfile
+
+import sqlglot
+
+from errors import InputError
+
+STRATA = {  # --pair_within: what two posts must share to be compared
+    "group": "CAST(\"group\" AS VARCHAR)",
+    "creator_day": "CAST(creator AS VARCHAR) || '/' || CAST(CAST(posted_at AS DATE) AS VARCHAR)",
+    "creator": "CAST(creator AS VARCHAR)",
+    "prompt": "prompt",
+}
+
+
+def sql_text(value):
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def rule_steps(o, post_columns, with_events):
+    """[(table name, DuckDB query)] in order: the rule with the options `o` (a dict of social_pairs' arguments)
+    written in as literals, for POSTS holding `post_columns`."""
+    views = "views" if "views" in post_columns else "NULL"
+    group = '"group"' if "group" in post_columns else "NULL"
+    seed = sql_text(f"{o['seed']}/")
+    steps = [("posts", f"""
+        SELECT *, {STRATA[o['pair_within']]} AS stratum
+        FROM (SELECT post, image, prompt, creator, TRY_CAST(posted_at AS TIMESTAMP) AS posted_at,
+                     {group} AS "group", {views} AS views FROM raw_posts) AS typed""")]
+    if with_events:
+        steps += [
+            ("events", f"""
+                SELECT post, "user", TRY_CAST("at" AS TIMESTAMP) AS "at" FROM raw_events
+                WHERE kind = {sql_text(o['signal'])}"""),
+            # each (post, user) once per fate: what the window keeps, and what each filter removed
+            ("fates", f"""
+                SELECT e.post, e."user",
+                       CASE WHEN p.post IS NULL THEN 'unknown_post'
+                            WHEN CAST(e."user" AS VARCHAR) = CAST(p.creator AS VARCHAR) THEN 'self'
+                            WHEN e."at" < p.posted_at THEN 'before_post'
+                            WHEN e."at" >= p.posted_at + INTERVAL {int(o['window_seconds'])} SECOND THEN 'late'
+                            ELSE 'counted' END AS fate,
+                       count(*) AS events
+                FROM events e LEFT JOIN posts p ON e.post = p.post
+                GROUP BY e.post, e."user", fate"""),
+            # the signal: distinct users other than the creator, with the event inside the window
+            ("signals", "SELECT post, count(*) AS signal FROM fates WHERE fate = 'counted' GROUP BY post"),
+        ]
+    else:
+        steps.append(("signals", f"SELECT post, CAST({o['signal']} AS BIGINT) AS signal FROM raw_posts"))
+    exposed = f"(views IS NULL OR views >= {int(o['min_views'])})"
+    steps += [
+        ("labelled", f"""
+            SELECT p.*, coalesce(s.signal, 0) AS signal,
+                   CASE WHEN coalesce(s.signal, 0) >= {int(o['min_positive'])} THEN 'pos'
+                        WHEN coalesce(s.signal, 0) <= {int(o['max_negative'])} AND {exposed} THEN 'neg'
+                        WHEN coalesce(s.signal, 0) <= {int(o['max_negative'])} THEN 'unexposed'
+                        ELSE 'between' END AS side
+            FROM posts p LEFT JOIN signals s ON p.post = s.post"""),
+        ("strata", """
+            SELECT stratum FROM labelled WHERE stratum IS NOT NULL GROUP BY stratum
+            HAVING count(CASE WHEN side = 'pos' THEN 1 END) > 0 AND count(CASE WHEN side = 'neg' THEN 1 END) > 0"""),
+        # every positive with every negative of its stratum
+        ("candidates", f"""
+            SELECT p.stratum, p.post AS pos_post, n.post AS neg_post, p.prompt, p.image AS pos_path,
+                   n.image AS neg_path, p.creator AS pos_creator, n.creator AS neg_creator, p.signal AS pos_signal,
+                   n.signal AS neg_signal, greatest(p.posted_at, n.posted_at) AS pair_time,
+                   md5({seed} || CAST(p.post AS VARCHAR) || '/' || CAST(n.post AS VARCHAR)) AS pair_hash
+            FROM labelled p JOIN labelled n ON p.stratum = n.stratum
+            WHERE p.side = 'pos' AND n.side = 'neg'"""),
+        ("capped", f"""
+            SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY stratum ORDER BY pair_hash, pos_post, neg_post)
+                                     AS stratum_rank FROM candidates) AS ranked
+            WHERE stratum_rank <= {int(o['max_pairs_per_stratum'])}"""),
+    ]
+    creator_cap = o["max_pairs_per_creator"]
+    steps.append(("creator_capped", f"""
+        SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY pos_creator ORDER BY pair_hash, pos_post, neg_post)
+                                 AS creator_rank FROM capped) AS ranked
+        {'' if creator_cap is None else f'WHERE creator_rank <= {int(creator_cap)}'}"""))
+    if o["split"] == "creator":
+        threshold = sql_text(f"{min(int(o['test_fraction'] * 16 ** 8), 16 ** 8 - 1):08x}")
+        side = "CASE WHEN substr(md5({seed} || CAST({c} AS VARCHAR)), 1, 8) < {t} THEN 'test' ELSE 'train' END"
+        pos_side, neg_side = (side.format(seed=seed, c=c, t=threshold) for c in ("pos_creator", "neg_creator"))
+        split = f"CASE WHEN {pos_side} = {neg_side} THEN {pos_side} ELSE 'creator_conflict' END"
+    else:
+        split = f"CASE WHEN pair_time >= TIMESTAMP {sql_text(o['test_after'])} THEN 'test' ELSE 'train' END"
+    keys = o["image_keys"]  # with --check_images: a table (image, image_key, opens) social_pairs.py made
+    steps.append(("assigned", f"""
+        SELECT c.*, {split} AS split, {'kp.image_key' if keys else 'c.pos_path'} AS pos_key,
+               {'kn.image_key' if keys else 'c.neg_path'} AS neg_key,
+               {'kp.opens AND kn.opens' if keys else 'TRUE'} AS images_open
+        FROM creator_capped c
+        {'JOIN image_keys kp ON c.pos_path = kp.image JOIN image_keys kn ON c.neg_path = kn.image' if keys else ''}"""))
+    steps += [
+        ("train_images", """
+            SELECT pos_key AS image_key FROM assigned WHERE split = 'train' AND images_open
+            UNION SELECT neg_key FROM assigned WHERE split = 'train' AND images_open"""),
+        # an image (by path, or by content with --check_images) in one split only: a test pair sharing one with
+        # a training pair is dropped
+        ("pairs", """
+            SELECT s.*,
+                   CASE WHEN NOT s.images_open THEN 'bad_image'
+                        WHEN s.split = 'test' AND (tp.image_key IS NOT NULL OR tn.image_key IS NOT NULL)
+                        THEN 'image_conflict' ELSE s.split END AS fate,
+                   substr(s.pair_hash, 32, 1) < '8' AS pos_first
+            FROM assigned s LEFT JOIN train_images tp ON s.pos_key = tp.image_key
+                         LEFT JOIN train_images tn ON s.neg_key = tn.image_key"""),
+    ]
+    return steps
+
+
+OUTPUT = ("prompt", "pos_path", "neg_path", "pos_post", "neg_post", "stratum", "pos_creator", "neg_creator",
+          "pos_signal", "neg_signal")
+
+
+def split_query(split, extra=()):
+    """The pairs of one split in the original's layout plus where each came from, in one order for both engines."""
+    return (f"SELECT {', '.join(OUTPUT + tuple(extra))} FROM pairs WHERE fate = {sql_text(split)} "
+            f"ORDER BY stratum, pos_post, neg_post")
+
+
+def _read(path):
+    files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
+    kind = "csv" if files and files[0].endswith(".csv") else "parquet"
+    return files, kind
+
+
+class DuckDBEngine:
+    """DuckDB, embedded: reads parquet/csv in place, spills to disk past --memory_limit."""
+
+    def __init__(self, memory_limit=None, threads=None, temp_directory=None):
+        import duckdb
+        self.db = duckdb.connect()
+        self.db.execute("SET TimeZone = 'UTC'")
+        self.db.execute("SET preserve_insertion_order = false")
+        if memory_limit:
+            self.db.execute(f"SET memory_limit = {sql_text(memory_limit)}")
+        if threads:
+            self.db.execute(f"SET threads = {int(threads)}")
+        if temp_directory:
+            self.db.execute(f"SET temp_directory = {sql_text(temp_directory)}")
+
+    def load(self, name, source):
+        if not isinstance(source, str):  # a DataFrame in a notebook
+            self.db.register(f"{name}_frame", source)
+            self.db.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {name}_frame")
+            return
+        files, kind = _read(source)
+        reader = "read_csv" if kind == "csv" else "read_parquet"
+        self.db.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {reader}([{', '.join(map(sql_text, files))}])")
+
+    def columns(self, name):
+        return [row[0] for row in self.db.execute(f"DESCRIBE {name}").fetchall()]
+
+    def create(self, name, query):
+        self.db.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS {query}")
+
+    def rows(self, query):
+        return self.db.execute(query).fetchall()
+
+    def write_parquet(self, query, path):
+        self.db.execute(f"COPY ({query}) TO {sql_text(path)} (FORMAT parquet)")
+
+    def close(self):
+        self.db.close()
+
+
+def check_java():
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        raise InputError("--engine spark: no Java runtime found (java is not on PATH, JAVA_HOME unset); "
+                         "install one, e.g. apt-get install openjdk-17-jre-headless")
+
+
+class SparkEngine:
+    """Apache Spark through PySpark: local mode on one machine (local[threads]), or the session spark-submit made.
+    Data comes in and goes out as parquet, never through pandas."""
+
+    def __init__(self, memory_limit=None, threads=None, temp_directory=None):
+        check_java()
+        from pyspark.sql import SparkSession
+        builder = SparkSession.builder.appName("social_pairs").config("spark.sql.session.timeZone", "UTC")
+        builder = builder.config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "8")
+        if not os.environ.get("SPARK_MASTER") and "spark.master" not in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
+            builder = builder.master(f"local[{threads or '*'}]")
+        if memory_limit:
+            builder = builder.config("spark.driver.memory", memory_limit)
+        self.spark = builder.getOrCreate()
+        self.temp = tempfile.mkdtemp(prefix="social_pairs_spark_", dir=temp_directory)
+
+    def load(self, name, source):
+        if not isinstance(source, str):  # a DataFrame: through a parquet file (PySpark 4 warns about pandas 3)
+            path = os.path.join(self.temp, f"{name}.parquet")
+            source.to_parquet(path, coerce_timestamps="us", allow_truncated_timestamps=True)
+            source = path
+        files, kind = _read(source)
+        reader = self.spark.read.option("header", True).option("inferSchema", True) if kind == "csv" else self.spark.read
+        frame = reader.csv(files) if kind == "csv" else reader.parquet(*files)
+        frame.createOrReplaceTempView(name)
+
+    def columns(self, name):
+        return self.spark.table(name).columns
+
+    def create(self, name, query):
+        frame = self.spark.sql(spark_sql(query)).localCheckpoint()  # computed once, as DuckDB's temp tables
+        frame.createOrReplaceTempView(name)
+
+    def rows(self, query):
+        return [tuple(row) for row in self.spark.sql(spark_sql(query)).collect()]
+
+    def write_parquet(self, query, path):
+        folder = path + ".parts"
+        self.spark.sql(spark_sql(query)).coalesce(1).write.mode("overwrite").parquet(folder)
+        part, = glob.glob(os.path.join(folder, "part-*.parquet"))  # coalesce(1) keeps the order of ORDER BY
+        os.replace(part, path)
+        shutil.rmtree(folder)
+
+    def close(self):
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def spark_sql(query):
+    return sqlglot.transpile(query, read="duckdb", write="spark")[0]
+
+
+ENGINES = {"duckdb": DuckDBEngine, "spark": SparkEngine}
