@@ -283,6 +283,9 @@ def check_data_order(checkpoint, progress, order):
                              f"{value}: the prompts that come next would differ; resume with {key} {saved[key]}")
 
 
+RUN_DEFAULTS = {"reward_norm": "none", "calibration": None}  # flags newer than some checkpoints: what those ran
+
+
 def find_checkpoint(resume_from_checkpoint, save_folder, run):
     """The checkpoint to resume from (the path given, or for "latest" the newest whole one in save_folder) and its
     progress; a checkpoint of a run with other flags is refused, naming the first that differs."""
@@ -297,10 +300,11 @@ def find_checkpoint(resume_from_checkpoint, save_folder, run):
                          f"(a checkpoint-STEP folder with progress.json)")
     with open(path) as f:
         progress = json.load(f)
+    saved = {**RUN_DEFAULTS, **progress.get("run", {})}  # a checkpoint from before a flag existed ran its default
     for flag in run:
-        if progress.get("run", {}).get(flag) != run[flag]:
+        if saved.get(flag) != run[flag]:
             raise InputError(f"--resume_from_checkpoint {resume_from_checkpoint}: a checkpoint of another run "
-                             f"(--{flag} {progress.get('run', {}).get(flag)} there, {run[flag]} here)")
+                             f"(--{flag} {saved.get(flag)} there, {run[flag]} here)")
     return resume_from_checkpoint, progress
 
 

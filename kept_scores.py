@@ -15,6 +15,7 @@ import glob
 import hashlib
 import json
 import os
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -47,6 +48,8 @@ def setting_key(spec, fast_decode=False, precision="fp32"):
     changed = [max([os.path.getmtime(os.path.join(p, f)) for f in os.listdir(p)] or [0]) if os.path.isdir(p)
                else os.path.getmtime(p) if os.path.exists(p) else None for p in named]
     settings = [spec, changed, fast_decode] + ([precision] if precision != "fp32" else [])
+    if spec.startswith("pickscore:"):  # its crop is CLIPImageProcessor's since 2026-12: scores of the old one differ
+        settings.append("crop=floor")
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
 
 
@@ -60,8 +63,10 @@ class KeptScores:
         old = [self.path + ".parquet"] if os.path.isfile(self.path + ".parquet") else []  # one file, as kept before
         tables = [pd.read_parquet(path) for path in old + parts]
         self.parts = len(parts)
-        self.table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
-            {"prompt": pd.Series(dtype=str), "image": pd.Series(dtype=str), "score": pd.Series(dtype="float32")})
+        # two runs sharing a folder (compare.py and evaluate_generators.py on one --out) may both have kept a score
+        self.table = pd.concat(tables, ignore_index=True).drop_duplicates(["prompt", "image"], keep="last") \
+            if tables else pd.DataFrame({"prompt": pd.Series(dtype=str), "image": pd.Series(dtype=str),
+                                         "score": pd.Series(dtype="float32")})
         scales = [t.attrs["scales"] for t in tables if "scales" in t.attrs]
         self.scales = json.loads(scales[-1]) if scales else None
 
@@ -92,7 +97,8 @@ class KeptScores:
     def _write_part(self, new):
         os.makedirs(self.path, exist_ok=True)
         new.attrs["scales"] = json.dumps(self.scales)
-        path = os.path.join(self.path, f"part-{self.parts:06d}.parquet")
+        # numbered in order, and unique: another run writing this folder at the same time never overwrites a part
+        path = os.path.join(self.path, f"part-{self.parts:06d}-{uuid.uuid4().hex[:8]}.parquet")
         new.to_parquet(path + ".tmp")
         os.replace(path + ".tmp", path)
 

@@ -188,10 +188,12 @@ class PromptStats:
 
     def update(self, values, prompts):
         """Add a batch's rewards (every process's, gathered) to the buffers."""
-        values = [float(v) for v in values.detach().double().cpu()]
-        for value, prompt in zip(values, prompts):
+        # a non-finite reward (a step --skip_nonfinite_loss skips) would poison its prompt's buffer for good
+        pairs = [(float(v), p) for v, p in zip(values.detach().double().cpu(), prompts) if np.isfinite(float(v))]
+        for value, prompt in pairs:
             self.buffers[prompt] = (self.buffers.get(prompt, []) + [value])[-self.buffer_size:]
-        self.batch = (float(np.mean(values)), float(np.std(values)))
+        if pairs:
+            self.batch = (float(np.mean([v for v, _ in pairs])), float(np.std([v for v, _ in pairs])))
 
     def normalize(self, values, prompts):
         """(v - mean) / (std + eps) by each prompt's buffer (the last batch's statistics while it is short);

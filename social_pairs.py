@@ -101,6 +101,9 @@ def social_pairs(posts, events=None, out="pairs", signal="remix", window="7d", m
                              else pd.Timestamp(test_after))
         except (TypeError, ValueError):
             raise InputError(f"--split time needs --test_after DATE (got {test_after!r})") from None
+    if min_positive <= max_negative:
+        raise InputError(f"--min_positive {min_positive} must be above --max_negative {max_negative}: a post cannot "
+                         f"be both a positive and a negative")
     if not 0 <= test_fraction < 1:
         raise InputError(f"--test_fraction {test_fraction}: must be in [0, 1)")
     for flag, value in (("--max_pairs_per_stratum", max_pairs_per_stratum), ("--max_pairs_per_creator",

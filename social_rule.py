@@ -29,6 +29,11 @@ STRATA = {  # --pair_within: what two posts must share to be compared
 }
 
 
+def sql_name(name):
+    """A column name as an SQL identifier (quoted: `group`, `remix count`), the same in DuckDB and Spark via sqlglot."""
+    return '"' + str(name).replace('"', '""') + '"'
+
+
 def sql_text(value):
     return "'" + str(value).replace("'", "''") + "'"
 
@@ -63,7 +68,7 @@ def rule_steps(o, post_columns, with_events):
             ("signals", "SELECT post, count(*) AS signal FROM fates WHERE fate = 'counted' GROUP BY post"),
         ]
     else:
-        steps.append(("signals", f"SELECT post, CAST({o['signal']} AS BIGINT) AS signal FROM raw_posts"))
+        steps.append(("signals", f"SELECT post, CAST({sql_name(o['signal'])} AS BIGINT) AS signal FROM raw_posts"))
     exposed = f"(views IS NULL OR views >= {int(o['min_views'])})"
     steps += [
         ("labelled", f"""

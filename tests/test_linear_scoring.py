@@ -70,3 +70,20 @@ def test_a_table_kept_as_one_file_by_an_older_version_is_still_read(tmp_path, im
     scores = kept.scores(prompts, [image] * 3, score_missing)
     assert calls == [[2]] and scores.tolist() == [10.0, 20.0, 3.0]  # the old file's scores, the new one scored
     assert sorted(pd.concat([old, pd.read_parquet(kept.path)]).prompt) == ["p1", "p2", "p3"]
+
+
+def test_two_runs_keeping_scores_in_one_folder_at_once_lose_nothing_and_read_back(tmp_path, image):
+    folder, spec = str(tmp_path / "scores"), f"clip:{image}"
+    prompts = [f"p{i}" for i in range(6)]
+    first, second = KeptScores(folder, "ours", spec), KeptScores(folder, "ours", spec)  # both opened before either writes
+    first.scores(prompts[:4], [image] * 4, score_by_index(prompts)[0])
+    second.scores(prompts[2:], [image] * 4, score_by_index(prompts[2:])[0])  # p2, p3 scored by both
+    assert len(os.listdir(KeptScores(folder, "ours", spec).path)) == 2  # neither part overwrote the other
+    score_missing, calls = score_by_index(prompts)
+    scores = KeptScores(folder, "ours", spec).scores(prompts, [image] * 6, score_missing)
+    assert calls == [] and scores.numpy().tolist() == [float(i) for i in range(6)]
+
+
+def test_pickscore_scores_kept_before_its_crop_changed_are_not_reused(tmp_path):
+    (tmp_path / "PickScore").mkdir()
+    assert setting_key(f"pickscore:{tmp_path / 'PickScore'}") != setting_key(f"clip:{tmp_path / 'PickScore'}")

@@ -133,3 +133,11 @@ def test_reward_load_with_a_calibration_file_scores_in_log_odds_and_refuses_anot
         Reward.load(specs[1], calibration=str(path))
     with pytest.raises(InputError, match="--calibration goes with --reward_norm calibrated"):
         reward_fn(specs[0], reward_norm="group", calibration=str(path))
+
+
+def test_a_non_finite_reward_never_enters_a_prompts_buffer():
+    stats = PromptStats(buffer_size=4, min_count=2)
+    stats.update(torch.tensor([1.0, float("nan"), 3.0]), ["a", "a", "b"])
+    assert stats.buffers == {"a": [1.0], "b": [3.0]} and stats.batch == (2.0, 1.0)
+    stats.update(torch.tensor([2.0]), ["a"])
+    assert torch.isfinite(stats.normalize(torch.tensor([1.5]), ["a"])).all()

@@ -249,3 +249,18 @@ def test_the_command_line_prints_the_report(community, tmp_path):
                              str(tmp_path / "again")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "missing column 'remix'" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_count_column_of_any_name_is_the_signal_without_events(tmp_path):
+    posts = pd.DataFrame({"post": [1, 2], "image": ["a.png", "b.png"], "prompt": ["p", "p"], "creator": ["c", "c"],
+                          "posted_at": [T0, T0], "group": [0, 0], "remix count": [3, 0]})
+    social_pairs(posts, out=str(tmp_path / "out"), signal="remix count", test_fraction=0)
+    train, _ = read_pairs(tmp_path / "out")
+    assert train[["pos_post", "neg_post", "pos_signal"]].values.tolist() == [[1, 2, 3]]
+
+
+def test_thresholds_that_make_a_post_both_sides_are_refused(community, tmp_path):
+    posts, events = community
+    with pytest.raises(InputError, match="--min_positive 0 must be above --max_negative 0"):
+        social_pairs(posts, events, out=str(tmp_path / "out"), min_positive=0)
+    assert not (tmp_path / "out").exists()
