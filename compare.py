@@ -32,7 +32,7 @@ from scorers import parse_named_scorers
 
 def score_all(sources, scorers, out, device, batch_size, num_workers, fast_decode, precision="fp32"):
     """{scorer name: [per source {"pos", "neg", "groups", "score_scale", "softmax_scale"}]}, scoring only what --out
-    does not hold yet (kept_scores.py: a file per scorer, rewritten whole as scores are made)."""
+    does not hold yet (kept_scores.py: a folder of parquet parts per scorer setting, one part appended per flush)."""
     requests = [source_requests(source) for source in sources]
     prompts, images, wheres = ([item for request in requests for item in request[i]] for i in range(3))
     ends = np.cumsum([len(request[0]) for request in requests])
