@@ -19,11 +19,6 @@ import json
 import os
 import re
 
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
-
 from errors import InputError, run_cli
 from out_folder import check_new_folder, folder_written_whole
 from social_rule import ENGINES, STRATA, rule_steps, split_query, sql_text
@@ -62,6 +57,8 @@ def _first_bad_time(engine, view, column, where, condition="TRUE"):
 
 def _image_keys(paths, skip_bad_images):
     """(image, image_key, opens) for --check_images: the content's sha256, so one image under two paths is one image."""
+    import pandas as pd
+    from PIL import Image
     rows, bad = [], []
     for path in paths:
         try:
@@ -96,6 +93,7 @@ def social_pairs(posts, events=None, out="pairs", signal="remix", window="7d", m
     if split not in ("creator", "time"):
         raise InputError(f"--split {split}: unknown; choose from creator, time")
     if split == "time":
+        import pandas as pd  # here and below only where needed: the plain command starts in a quarter of the time
         try:
             test_after = str(pd.Timestamp(test_after).tz_localize(None) if pd.Timestamp(test_after).tz
                              else pd.Timestamp(test_after))
@@ -151,21 +149,22 @@ def _mine(db, posts, events, o, pair_within, skip_bad_images):
     o["pair_within"] = pair_within
     report = {"options": {**{k: v for k, v in o.items() if k != "image_keys"}, "check_images": o["image_keys"]},
               "posts": db.rows("SELECT count(*) FROM raw_posts")[0][0]}
+    event_columns = None
     if events is not None:
         db.load("raw_events", events)
-        _check_columns(db, "raw_events", EVENT_COLUMNS, where_events)
+        event_columns = _check_columns(db, "raw_events", EVENT_COLUMNS, where_events)
         kinds = dict(db.rows("SELECT CAST(kind AS VARCHAR), count(*) FROM raw_events GROUP BY kind ORDER BY kind"))
         if o["signal"] not in kinds:
             raise InputError(f"--signal {o['signal']}: no such kind in {where_events} "
                              f"(kinds present: {', '.join(map(str, kinds)) or 'none, no rows'})")
         report["events"] = {"rows": sum(kinds.values()), "by_kind": kinds}
-    for name, query in rule_steps(o, columns, with_events=events is not None):
+    for name, query in rule_steps(o, columns, event_columns):
         db.create(name, query)
-        if name == "events" and db.rows('SELECT count(*) FROM events WHERE "at" IS NULL')[0][0]:
-            _first_bad_time(db, "raw_events", "at", where_events, f"kind = {sql_text(o['signal'])}")
         if name == "fates":
             fates = {fate: (int(n), int(pairs)) for fate, n, pairs in
                      db.rows("SELECT fate, sum(events), count(*) FROM fates GROUP BY fate")}
+            if "bad_time" in fates:
+                _first_bad_time(db, "raw_events", "at", where_events, f"kind = {sql_text(o['signal'])}")
             counted, counted_pairs = fates.get("counted", (0, 0))
             report["events"].update({
                 "signal_events": sum(n for n, _ in fates.values()),
@@ -199,8 +198,8 @@ def _mine(db, posts, events, o, pair_within, skip_bad_images):
             report["pairs"].update({"stratum_cap": report["pairs"]["candidates"] - capped,
                                     "creator_cap": capped - creator_capped})
             if o["image_keys"]:
-                images = [r[0] for r in db.rows("SELECT pos_path FROM creator_capped UNION "
-                                                "SELECT neg_path FROM creator_capped")]
+                images = [r[0] for r in db.rows("SELECT image FROM raw_posts WHERE post IN (SELECT pos_post FROM "
+                                                "creator_capped UNION SELECT neg_post FROM creator_capped)")]
                 keys, bad = _image_keys(images, skip_bad_images)
                 db.load("image_keys", keys)
                 report["bad_images"] = bad
@@ -249,6 +248,9 @@ def _confound(db, with_views):
 def _write_pickapic(db, folder):
     """Pick-a-Pic's layout (caption, jpg_0, jpg_1 as bytes, label_0, label_1, and the columns PickScore's trainer
     reads), the preferred image placed first or second by the pair's hash."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     os.makedirs(os.path.join(folder, "pickapic"))
     for name in ("train", "test"):
         index = os.path.join(folder, f".{name}-pickapic.parquet")

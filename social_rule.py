@@ -1,9 +1,9 @@
 """The mining rule of social_pairs.py as one query, in DuckDB's SQL, and the two engines that run it: DuckDB as written,
 Spark after sqlglot transpiles it to Spark SQL. One source, so both engines pick the same pairs and splits.
 
-    engine = duckdb_engine(memory_limit="2GB", threads=2)      # or spark_engine()
+    engine = DuckDBEngine(memory_limit="2GB", threads=2)      # or SparkEngine()
     engine.load("raw_posts", "posts.parquet"); engine.load("raw_events", "events.parquet")
-    for name, query in rule_steps(options, columns, with_events=True):
+    for name, query in rule_steps(options, engine.columns("raw_posts"), engine.columns("raw_events")):
         engine.create(name, query)
     engine.rows("SELECT count(*) FROM pairs")
 
@@ -16,8 +16,6 @@ import glob
 import os
 import shutil
 import tempfile
-
-import sqlglot
 
 from errors import InputError
 
@@ -38,31 +36,38 @@ def sql_text(value):
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def rule_steps(o, post_columns, with_events):
+def same_id(a, a_type, b, b_type):
+    """a = b for two id columns; compared as text where their types differ (user ids as strings, creators as ints)."""
+    return f"{a} = {b}" if a_type == b_type else f"CAST({a} AS VARCHAR) = CAST({b} AS VARCHAR)"
+
+
+def rule_steps(o, post_columns, event_columns=None):
     """[(table name, DuckDB query)] in order: the rule with the options `o` (a dict of social_pairs' arguments)
-    written in as literals, for POSTS holding `post_columns`."""
+    written in as literals, for POSTS holding `post_columns` and EVENTS `event_columns` ({name: type}; None without
+    EVENTS). Only ids travel through the joins; prompts and paths are joined onto the kept pairs."""
     views = "views" if "views" in post_columns else "NULL"
     group = '"group"' if "group" in post_columns else "NULL"
     seed = sql_text(f"{o['seed']}/")
     steps = [("posts", f"""
         SELECT *, {STRATA[o['pair_within']]} AS stratum
-        FROM (SELECT post, image, prompt, creator, TRY_CAST(posted_at AS TIMESTAMP) AS posted_at,
-                     {group} AS "group", {views} AS views FROM raw_posts) AS typed""")]
-    if with_events:
+        FROM (SELECT post, creator, TRY_CAST(posted_at AS TIMESTAMP) AS posted_at, {group} AS "group",
+                     {views} AS views{', prompt' if o['pair_within'] == 'prompt' else ''} FROM raw_posts) AS typed""")]
+    if event_columns is not None:
+        self_event = same_id('e."user"', event_columns["user"], "p.creator", post_columns["creator"])
         steps += [
-            ("events", f"""
-                SELECT post, "user", TRY_CAST("at" AS TIMESTAMP) AS "at" FROM raw_events
-                WHERE kind = {sql_text(o['signal'])}"""),
             # each (post, user) once per fate: what the window keeps, and what each filter removed
             ("fates", f"""
                 SELECT e.post, e."user",
-                       CASE WHEN p.post IS NULL THEN 'unknown_post'
-                            WHEN CAST(e."user" AS VARCHAR) = CAST(p.creator AS VARCHAR) THEN 'self'
+                       CASE WHEN e."at" IS NULL THEN 'bad_time'
+                            WHEN p.post IS NULL THEN 'unknown_post'
+                            WHEN {self_event} THEN 'self'
                             WHEN e."at" < p.posted_at THEN 'before_post'
                             WHEN e."at" >= p.posted_at + INTERVAL {int(o['window_seconds'])} SECOND THEN 'late'
                             ELSE 'counted' END AS fate,
                        count(*) AS events
-                FROM events e LEFT JOIN posts p ON e.post = p.post
+                FROM (SELECT post, "user", TRY_CAST("at" AS TIMESTAMP) AS "at" FROM raw_events
+                      WHERE kind = {sql_text(o['signal'])}) AS e
+                LEFT JOIN posts p ON e.post = p.post
                 GROUP BY e.post, e."user", fate"""),
             # the signal: distinct users other than the creator, with the event inside the window
             ("signals", "SELECT post, count(*) AS signal FROM fates WHERE fate = 'counted' GROUP BY post"),
@@ -83,9 +88,9 @@ def rule_steps(o, post_columns, with_events):
             HAVING count(CASE WHEN side = 'pos' THEN 1 END) > 0 AND count(CASE WHEN side = 'neg' THEN 1 END) > 0"""),
         # every positive with every negative of its stratum
         ("candidates", f"""
-            SELECT p.stratum, p.post AS pos_post, n.post AS neg_post, p.prompt, p.image AS pos_path,
-                   n.image AS neg_path, p.creator AS pos_creator, n.creator AS neg_creator, p.signal AS pos_signal,
-                   n.signal AS neg_signal, greatest(p.posted_at, n.posted_at) AS pair_time,
+            SELECT p.stratum, p.post AS pos_post, n.post AS neg_post, p.creator AS pos_creator,
+                   n.creator AS neg_creator, p.signal AS pos_signal, n.signal AS neg_signal,
+                   greatest(p.posted_at, n.posted_at) AS pair_time,
                    md5({seed} || CAST(p.post AS VARCHAR) || '/' || CAST(n.post AS VARCHAR)) AS pair_hash
             FROM labelled p JOIN labelled n ON p.stratum = n.stratum
             WHERE p.side = 'pos' AND n.side = 'neg'"""),
@@ -95,24 +100,31 @@ def rule_steps(o, post_columns, with_events):
             WHERE stratum_rank <= {int(o['max_pairs_per_stratum'])}"""),
     ]
     creator_cap = o["max_pairs_per_creator"]
-    steps.append(("creator_capped", f"""
+    steps.append(("creator_capped", "SELECT * FROM capped" if creator_cap is None else f"""
         SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY pos_creator ORDER BY pair_hash, pos_post, neg_post)
                                  AS creator_rank FROM capped) AS ranked
-        {'' if creator_cap is None else f'WHERE creator_rank <= {int(creator_cap)}'}"""))
-    if o["split"] == "creator":
+        WHERE creator_rank <= {int(creator_cap)}"""))
+    if o["split"] == "creator":  # a creator's side, by hash, once per creator
         threshold = sql_text(f"{min(int(o['test_fraction'] * 16 ** 8), 16 ** 8 - 1):08x}")
-        side = "CASE WHEN substr(md5({seed} || CAST({c} AS VARCHAR)), 1, 8) < {t} THEN 'test' ELSE 'train' END"
-        pos_side, neg_side = (side.format(seed=seed, c=c, t=threshold) for c in ("pos_creator", "neg_creator"))
-        split = f"CASE WHEN {pos_side} = {neg_side} THEN {pos_side} ELSE 'creator_conflict' END"
+        steps.append(("creator_sides", f"""
+            SELECT creator, CASE WHEN substr(md5({seed} || CAST(creator AS VARCHAR)), 1, 8) < {threshold}
+                                 THEN 'test' ELSE 'train' END AS side
+            FROM (SELECT pos_creator AS creator FROM creator_capped UNION SELECT neg_creator FROM creator_capped)
+                 AS creators"""))
+        split = "CASE WHEN sp.side = sn.side THEN sp.side ELSE 'creator_conflict' END"
+        sides = "JOIN creator_sides sp ON c.pos_creator = sp.creator JOIN creator_sides sn ON c.neg_creator = sn.creator"
     else:
         split = f"CASE WHEN pair_time >= TIMESTAMP {sql_text(o['test_after'])} THEN 'test' ELSE 'train' END"
+        sides = ""
     keys = o["image_keys"]  # with --check_images: a table (image, image_key, opens) social_pairs.py made
     steps.append(("assigned", f"""
-        SELECT c.*, {split} AS split, {'kp.image_key' if keys else 'c.pos_path'} AS pos_key,
-               {'kn.image_key' if keys else 'c.neg_path'} AS neg_key,
+        SELECT c.*, pp.prompt, pp.image AS pos_path, np.image AS neg_path,
+               {split} AS split,
+               {'kp.image_key' if keys else 'pp.image'} AS pos_key, {'kn.image_key' if keys else 'np.image'} AS neg_key,
                {'kp.opens AND kn.opens' if keys else 'TRUE'} AS images_open
-        FROM creator_capped c
-        {'JOIN image_keys kp ON c.pos_path = kp.image JOIN image_keys kn ON c.neg_path = kn.image' if keys else ''}"""))
+        FROM creator_capped c JOIN raw_posts pp ON c.pos_post = pp.post JOIN raw_posts np ON c.neg_post = np.post
+        {sides}
+        {'JOIN image_keys kp ON pp.image = kp.image JOIN image_keys kn ON np.image = kn.image' if keys else ''}"""))
     steps += [
         ("train_images", """
             SELECT pos_key AS image_key FROM assigned WHERE split = 'train' AND images_open
@@ -172,7 +184,8 @@ class DuckDBEngine:
         self.db.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {reader}([{', '.join(map(sql_text, files))}])")
 
     def columns(self, name):
-        return [row[0] for row in self.db.execute(f"DESCRIBE {name}").fetchall()]
+        """{column: type} of a table or view."""
+        return {row[0]: row[1] for row in self.db.execute(f"DESCRIBE {name}").fetchall()}
 
     def create(self, name, query):
         self.db.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS {query}")
@@ -220,7 +233,8 @@ class SparkEngine:
         frame.createOrReplaceTempView(name)
 
     def columns(self, name):
-        return self.spark.table(name).columns
+        """{column: type} of a table or view."""
+        return dict(self.spark.table(name).dtypes)
 
     def create(self, name, query):
         frame = self.spark.sql(spark_sql(query)).localCheckpoint()  # computed once, as DuckDB's temp tables
@@ -241,6 +255,7 @@ class SparkEngine:
 
 
 def spark_sql(query):
+    import sqlglot  # Spark's alone
     return sqlglot.transpile(query, read="duckdb", write="spark")[0]
 
 

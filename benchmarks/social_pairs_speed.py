@@ -1,5 +1,6 @@
 """social_pairs.py at a million posts: the whole command's time and peak RSS against pyarrow's time just to read the
-two tables (the floor), a straightforward pandas version of the same rule, and Spark local mode; scaling in events.
+two tables (the floor), a straightforward pandas version of the same rule (checked to write the same pairs), and
+Spark local mode (checked too); scaling in events. Times are the least of --repeats runs, files in the page cache.
 
     python benchmarks/social_pairs_speed.py                        # 1M posts; 5M, 10M, 20M events; into /tmp
     python benchmarks/social_pairs_speed.py --posts 100000 --events 1000000 2000000 --skip_spark
@@ -68,24 +69,64 @@ def timed_command(args):
     return wall, rss
 
 
-def pandas_rule(posts_file, events_file, out, window=pd.Timedelta("7D"), cap=16, seed=0):
-    """The same rule written the straightforward way in pandas (creator_day strata, creator split left out)."""
+def pandas_rule(posts_file, events_file, out, window=pd.Timedelta("7D"), cap=16, seed=0, test_fraction=0.1):
+    """The same rule with social_pairs.py's defaults (creator_day strata, --split creator, the stratum cap, images in
+    one split) written the straightforward way in pandas: writes OUT/train.parquet and OUT/test.parquet, which must
+    equal social_pairs.py's, and returns the report's counts."""
     import hashlib
+
+    def md5(texts):
+        return [hashlib.md5(t.encode()).hexdigest() for t in texts]
+
     posts = pd.read_parquet(posts_file)
-    events = pd.read_parquet(events_file)
-    e = events[events.kind == "remix"].merge(posts[["post", "creator", "posted_at"]], on="post")
-    e = e[(e.user != e.creator) & (e["at"] >= e.posted_at) & (e["at"] < e.posted_at + window)]
-    signal = e.drop_duplicates(["post", "user"]).groupby("post").size()
-    posts["signal"] = signal.reindex(posts.post, fill_value=0).values
-    posts["stratum"] = posts.creator.astype(str) + "/" + posts.posted_at.dt.date.astype(str)
-    pos, neg = posts[posts.signal >= 1], posts[(posts.signal == 0) & (posts.views >= 0)]
-    pairs = pos.merge(neg, on="stratum", suffixes=("_pos", "_neg"))
-    pairs["hash"] = [hashlib.md5(f"{seed}/{p}/{n}".encode()).hexdigest()
-                     for p, n in zip(pairs.post_pos, pairs.post_neg)]
-    pairs = pairs.sort_values("hash").groupby("stratum").head(cap)
-    pairs.rename(columns={"prompt_pos": "prompt", "image_pos": "pos_path", "image_neg": "neg_path"})[
-        ["prompt", "pos_path", "neg_path", "post_pos", "post_neg", "stratum"]].to_parquet(out)
-    return len(pairs)
+    events = pd.read_parquet(events_file, columns=["post", "user", "kind", "at"])
+    e = events[events.kind == "remix"].merge(posts[["post", "creator", "posted_at"]], on="post", how="left")
+    fate = np.select([e.creator.isna(), e.user == e.creator, e["at"] < e.posted_at, e["at"] >= e.posted_at + window],
+                     ["unknown_post", "self", "before_post", "late"], "counted")
+    report = {"fates": pd.Series(fate).value_counts().to_dict()}
+    counted = e[fate == "counted"].drop_duplicates(["post", "user"])
+    report["repeats"] = report["fates"].get("counted", 0) - len(counted)
+    posts["signal"] = counted.groupby("post").size().reindex(posts.post, fill_value=0).to_numpy()
+    posts["side"] = np.select([posts.signal >= 1, (posts.signal <= 0) & (posts.views >= 0)], ["pos", "neg"], "other")
+    posts["stratum"] = posts.creator.astype(str) + "/" + posts.posted_at.dt.strftime("%Y-%m-%d")
+    columns = ["stratum", "post", "creator", "signal", "prompt", "image"]
+    pairs = posts.loc[posts.side == "pos", columns].merge(posts.loc[posts.side == "neg", columns[:-2] + ["image"]],
+                                                          on="stratum", suffixes=("_pos", "_neg"))
+    report["candidates"] = len(pairs)
+    pairs["hash"] = md5(f"{seed}/{p}/{n}" for p, n in zip(pairs.post_pos, pairs.post_neg))
+    pairs = pairs.sort_values(["stratum", "hash", "post_pos", "post_neg"]).groupby("stratum").head(cap)
+    creators = pd.unique(np.concatenate([pairs.creator_pos.to_numpy(), pairs.creator_neg.to_numpy()]))
+    threshold = f"{min(int(test_fraction * 16 ** 8), 16 ** 8 - 1):08x}"
+    side = pd.Series(np.where([h[:8] < threshold for h in md5(f"{seed}/{c}" for c in creators)], "test", "train"),
+                     index=creators)
+    pos_side, neg_side = side[pairs.creator_pos].to_numpy(), side[pairs.creator_neg].to_numpy()
+    pairs["split"] = np.where(pos_side == neg_side, pos_side, "creator_conflict")
+    train = pairs[pairs.split == "train"]
+    train_images = set(train.image_pos) | set(train.image_neg)
+    conflict = (pairs.split == "test") & (pairs.image_pos.isin(train_images) | pairs.image_neg.isin(train_images))
+    pairs.loc[conflict, "split"] = "image_conflict"
+    report["splits"] = pairs.split.value_counts().to_dict()
+    pairs = pairs.rename(columns={"image_pos": "pos_path", "image_neg": "neg_path", "post_pos": "pos_post",
+                                  "post_neg": "neg_post", "creator_pos": "pos_creator", "creator_neg": "neg_creator",
+                                  "signal_pos": "pos_signal", "signal_neg": "neg_signal"})
+    os.makedirs(out, exist_ok=True)
+    for name in ("train", "test"):
+        pairs[pairs.split == name].sort_values(["stratum", "pos_post", "neg_post"])[
+            ["prompt", "pos_path", "neg_path", "pos_post", "neg_post", "stratum", "pos_creator", "neg_creator",
+             "pos_signal", "neg_signal"]].to_parquet(os.path.join(out, f"{name}.parquet"), index=False)
+    return report
+
+
+def same_pairs(a, b):
+    """Whether two --out folders hold the same train and test pairs (the columns of the original's layout and where
+    each pair came from)."""
+    for name in ("train", "test"):
+        x, y = (pd.read_parquet(os.path.join(folder, f"{name}.parquet")) for folder in (a, b))
+        columns = ["prompt", "pos_path", "neg_path", "pos_post", "neg_post", "stratum", "pos_signal", "neg_signal"]
+        if len(x) != len(y) or not (x[columns].reset_index(drop=True).astype(str) ==
+                                    y[columns].reset_index(drop=True).astype(str)).all().all():
+            return False
+    return True
 
 
 def main():
@@ -93,6 +134,7 @@ def main():
     parser.add_argument("--posts", type=int, default=1_000_000)
     parser.add_argument("--events", type=int, nargs="+", default=[5_000_000, 10_000_000, 20_000_000])
     parser.add_argument("--data", default="/tmp/social_pairs_bench")
+    parser.add_argument("--repeats", type=int, default=3, help="each time is the least of this many runs")
     parser.add_argument("--skip_spark", action="store_true")
     parser.add_argument("--skip_pandas", action="store_true")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results-social-pairs.json"))
@@ -102,20 +144,27 @@ def main():
     for n_events in args.events:
         posts_file, events_file = write_logs(args.data, args.posts, n_events)
         out = os.path.join(args.data, "pairs")
-        row = {"posts": args.posts, "events": n_events, "load": os.getloadavg(),
-               "pyarrow_read_s": read_time(posts_file, events_file)}
-        row["duckdb_s"], row["duckdb_peak_rss_mb"] = timed_command(
-            ["social_pairs.py", posts_file, events_file, "--out", out, "--overwrite", "--memory_limit", "1GB"])
+        command = ["social_pairs.py", posts_file, events_file, "--out", out, "--overwrite", "--memory_limit", "1GB"]
+        row = {"posts": args.posts, "events": n_events, "load_at_start": os.getloadavg(),
+               "pyarrow_read_s": min(read_time(posts_file, events_file) for _ in range(args.repeats))}
+        runs = [timed_command(command) for _ in range(args.repeats)]
+        row["duckdb_s"], row["duckdb_peak_rss_mb"] = min(r[0] for r in runs), max(r[1] for r in runs)
         row["duckdb_over_read"] = row["duckdb_s"] / row["pyarrow_read_s"]
         if n_events == max(args.events):
             if not args.skip_pandas:
                 code = (f"import sys; sys.path.insert(0, 'benchmarks'); from social_pairs_speed import pandas_rule; "
-                        f"pandas_rule({posts_file!r}, {events_file!r}, {os.path.join(args.data, 'pandas.parquet')!r})")
-                row["pandas_s"], row["pandas_peak_rss_mb"] = timed_command(["-c", code])
+                        f"pandas_rule({posts_file!r}, {events_file!r}, {os.path.join(args.data, 'pandas')!r})")
+                runs = [timed_command(["-c", code]) for _ in range(args.repeats)]
+                row["pandas_s"], row["pandas_peak_rss_mb"] = min(r[0] for r in runs), max(r[1] for r in runs)
+                row["pandas_same_pairs"] = same_pairs(out, os.path.join(args.data, "pandas"))
                 row["duckdb_speedup_over_pandas"] = row["pandas_s"] / row["duckdb_s"]
             if not args.skip_spark:
+                spark_out = os.path.join(args.data, "spark")
                 row["spark_s"], row["spark_peak_rss_mb_driver_python"] = timed_command(
-                    ["social_pairs.py", posts_file, events_file, "--out", out, "--overwrite", "--engine", "spark"])
+                    ["social_pairs.py", posts_file, events_file, "--out", spark_out, "--overwrite", "--engine",
+                     "spark"])
+                row["spark_same_pairs"] = same_pairs(out, spark_out)
+        row["load_at_end"] = os.getloadavg()
         print(json.dumps(row), flush=True)
         rows.append(row)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),

@@ -76,6 +76,17 @@ def test_self_late_repeated_and_early_events_do_not_count(tmp_path):
         {"self": 1, "late": 1, "before_post": 1, "repeats": 1}
 
 
+def test_a_creator_and_a_user_of_other_types_are_compared_as_text(tmp_path):
+    # creators as integers in POSTS, users as strings in EVENTS (as two exports of one platform may write them)
+    posts = pd.DataFrame({"post": [1, 2], "image": ["a.png", "b.png"], "prompt": ["p", "p"],
+                          "creator": [7, 7], "posted_at": [T0, T0], "group": [0, 0]})
+    events = pd.DataFrame({"post": [1, 2, 2], "user": ["8", "7", "7"], "kind": ["remix"] * 3,
+                           "at": [T0 + pd.Timedelta(1, "h")] * 3})
+    report = social_pairs(posts, events, out=str(tmp_path / "out"), test_fraction=0)
+    train, _ = read_pairs(tmp_path / "out")
+    assert train[["pos_post", "neg_post"]].values.tolist() == [[1, 2]] and report["events"]["self"] == 2
+
+
 def test_kept_pairs_of_a_stratum_are_the_first_by_md5_of_seed_and_post_ids(community, tmp_path):
     posts, events = community
     social_pairs(posts, events, out=str(tmp_path / "out"), max_pairs_per_stratum=2, seed=7, test_fraction=0)
