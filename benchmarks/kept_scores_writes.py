@@ -45,7 +45,8 @@ def main():
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}: python benchmarks/kept_scores_writes.py "
           f"--scores {' '.join(map(str, args.scores))}\n")
-    print("| scores | parts | MB written | seconds | µs a score | peak RSS (MB) |\n|---|---|---|---|---|---|", flush=True)
+    print("| scores | parts | MB written | seconds | µs a score | peak RSS (MB) |\n|---|---|---|---|---|---|",
+          flush=True)
     for n in args.scores:
         with tempfile.TemporaryDirectory() as folder:
             subprocess.run([sys.executable, __file__, "--one", str(n), folder], check=True)
