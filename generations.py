@@ -5,11 +5,12 @@ generator, style, prompt, sample, image (a path, image bytes or a parquet cell r
     generations = read_generations(["hps_images/"], prompts="benchmark/")   # HPS v2: <generator>/<style>/<index>.jpg
 
 A table (parquet, csv, or a pandas DataFrame in a notebook) has columns `generator`, `prompt`, `image` (a path,
-relative to the table's folder or absolute, or the image's bytes: in parquet, read a row group at a time as the images
-are encoded, never whole) and optionally `sample` (which of a prompt's images
-this is; by default the order of appearance within a generator and prompt) and `style`. HPS v2's benchmark layout is
-`ROOT/<generator>/<style>/<index:05d>.jpg` with prompts in `PROMPTS/<style>.json` (a list; the index is the position);
-ROOT is one generator's folder or a folder of several.
+relative to the table's folder or absolute, or the image's bytes: in parquet, read a row group's image column at a
+time as the images are encoded; pandas and pyarrow write a table as one row group (up to 1Mi rows) unless told
+otherwise, and that one is read whole: write it with `row_group_size=100`) and optionally `sample` (which of a
+prompt's images this is; by default the order of appearance within a generator and prompt) and `style`. HPS v2's
+benchmark layout is `ROOT/<generator>/<style>/<index:05d>.jpg` with prompts in `PROMPTS/<style>.json` (a list; the
+index is the position); ROOT is one generator's folder or a folder of several.
 """
 import glob
 import json
@@ -65,8 +66,10 @@ def _read_table(path):
 
 def _read_parquet(path):
     """A parquet generations table; an `image` column of bytes is not read: each cell becomes a reference to its place
-    (pair_sources.cell_ref), read a row group at a time when the images are encoded, as Pick-a-Pic's shards are, so
-    memory does not grow with the table's images."""
+    (pair_sources.cell_ref), read a row group's column at a time when the images are encoded (ParquetCells.read), as
+    Pick-a-Pic's shards are: memory grows with the largest row group's images, not with the table's (a table of one
+    row group, pandas' and pyarrow's default, is read whole: peak RSS grows by 3.3x its image bytes, measured by
+    benchmarks/bytes_table_memory.py --row_group_size 0)."""
     schema = pq.read_schema(path)
     if "image" not in schema.names or not pa.types.is_binary(schema.field("image").type) and not \
             pa.types.is_large_binary(schema.field("image").type):

@@ -78,11 +78,13 @@ class KeptScores:
         kept = pd.MultiIndex.from_frame(self.table[["prompt", "image"]])
         missing = ~keys.isin(kept)
         first = np.flatnonzero(missing & ~keys.duplicated())
+        # the levels' values made once: get_level_values builds a whole level, so once a chunk was O(n^2 / chunk)
+        prompt_values, image_values = keys.get_level_values(0), keys.get_level_values(1)
         new_tables = []
         for start in range(0, len(first), self.chunk):  # kept after each chunk: an interrupted run loses one at most
             chunk = first[start:start + self.chunk]
             new_scores, self.scales = score_missing(chunk, len(first))
-            new = pd.DataFrame({"prompt": keys.get_level_values(0)[chunk], "image": keys.get_level_values(1)[chunk],
+            new = pd.DataFrame({"prompt": prompt_values[chunk], "image": image_values[chunk],
                                 "score": np.asarray(new_scores, dtype=np.float32)})
             new_tables.append(new)
             if is_main_process():  # every process holds the same table; one writes it
