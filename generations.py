@@ -68,8 +68,8 @@ def _read_parquet(path):
     """A parquet generations table; an `image` column of bytes is not read: each cell becomes a reference to its place
     (pair_sources.cell_ref), read a row group's column at a time when the images are encoded (ParquetCells.read), as
     Pick-a-Pic's shards are: memory grows with the largest row group's images, not with the table's (a table of one
-    row group, pandas' and pyarrow's default, is read whole: peak RSS grows by 3.3x its image bytes, measured by
-    benchmarks/bytes_table_memory.py --row_group_size 0)."""
+    row group, pandas' and pyarrow's default, is read whole: peak RSS grew by 3.3x its image bytes at 2,000 images
+    with benchmarks/bytes_table_memory.py --row_group_size 0; ParquetCells says so past 128 MB)."""
     schema = pq.read_schema(path)
     if "image" not in schema.names or not pa.types.is_binary(schema.field("image").type) and not \
             pa.types.is_large_binary(schema.field("image").type):

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import combinations
@@ -76,17 +77,25 @@ class ParquetCells:
     few row groups' images, never a file's. Rows read in order read each row group once. `bytes_read` counts the
     compressed bytes of the column chunks read (what a read costs the disk)."""
 
+    LARGE = 128 << 20  # a row group's column of more bytes than this is said to cost its size in memory, once
+
     def __init__(self, keep=4):
-        self.files, self.cached, self.keep, self.bytes_read = {}, OrderedDict(), keep, 0
+        self.files, self.cached, self.keep, self.bytes_read, self.warned = {}, OrderedDict(), keep, 0, set()
 
     def read(self, file, row, column):
         parquet, starts = self.open(file)
         group = int(np.searchsorted(starts, row, side="right")) - 1
         key = (file, group, column)
         if key not in self.cached:
+            chunk = parquet.metadata.row_group(group).column(leaf_index(parquet, column))
+            if chunk.total_uncompressed_size > self.LARGE and (file, column) not in self.warned:
+                self.warned.add((file, column))
+                print(f"{file}: row group {group} holds {chunk.total_uncompressed_size / 2 ** 20:.0f} MB of column "
+                      f"{column!r} ({starts[group + 1] - starts[group]} rows), read whole into memory (about 3x "
+                      f"that); rewrite it with row_group_size=100 (pandas: to_parquet(..., row_group_size=100)) to "
+                      f"read it a hundred rows at a time", file=sys.stderr)
             self.cached[key] = parquet.read_row_group(group, columns=[column]).column(0)
-            self.bytes_read += parquet.metadata.row_group(group).column(
-                parquet.schema_arrow.get_field_index(column)).total_compressed_size
+            self.bytes_read += chunk.total_compressed_size
             while len(self.cached) > self.keep:
                 self.cached.popitem(last=False)
         self.cached.move_to_end(key)
@@ -99,6 +108,13 @@ class ParquetCells:
             starts = np.cumsum([0] + [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)])
             self.files[file] = (parquet, starts)
         return self.files[file]
+
+
+def leaf_index(parquet, column):
+    """The parquet column (leaf) index of a top-level column: the index a row group's column chunks are numbered by,
+    which differs from the Arrow field's where a nested column comes before it."""
+    schema = parquet.metadata.schema
+    return next(i for i in range(len(schema)) if schema.column(i).path == column)
 
 
 _cells = (None, None)  # (pid, ParquetCells): a DataLoader worker (a forked process) opens the files itself
@@ -277,8 +293,7 @@ def _check_cells_not_null(file, columns, rows):
     for group in range(parquet.num_row_groups):
         meta = parquet.metadata.row_group(group)
         for column in columns:
-            index = parquet.schema_arrow.get_field_index(column)
-            stats = meta.column(index).statistics
+            stats = meta.column(leaf_index(parquet, column)).statistics
             if stats is not None and stats.has_null_count and stats.null_count == 0:
                 continue
             values = parquet.read_row_group(group, columns=[column]).column(0)

@@ -142,6 +142,9 @@ def _mine(db, posts, events, o, pair_within, skip_bad_images):
         raise InputError(f"--pair_within {pair_within}: unknown; choose from {', '.join(STRATA)}")
     if pair_within == "group" and "group" not in columns:
         raise InputError(f"--pair_within group: {where_posts} has no column 'group' (found: {', '.join(columns)})")
+    empty = db.rows("SELECT count(*) FROM raw_posts WHERE post IS NULL")[0][0]
+    if empty:
+        raise InputError(f"{where_posts}: {empty} row(s) without a post id (column 'post' empty)")
     twice = db.rows("SELECT post FROM raw_posts GROUP BY post HAVING count(*) > 1 LIMIT 1")
     if twice:
         raise InputError(f"{where_posts}: post {twice[0][0]!r} appears more than once")
@@ -198,8 +201,8 @@ def _mine(db, posts, events, o, pair_within, skip_bad_images):
             report["pairs"].update({"stratum_cap": report["pairs"]["candidates"] - capped,
                                     "creator_cap": capped - creator_capped})
             if o["image_keys"]:
-                images = [r[0] for r in db.rows("SELECT image FROM raw_posts WHERE post IN (SELECT pos_post FROM "
-                                                "creator_capped UNION SELECT neg_post FROM creator_capped)")]
+                images = [r[0] for r in db.rows("SELECT DISTINCT image FROM raw_posts WHERE post IN (SELECT pos_post "
+                                                "FROM creator_capped UNION SELECT neg_post FROM creator_capped)")]
                 keys, bad = _image_keys(images, skip_bad_images)
                 db.load("image_keys", keys)
                 report["bad_images"] = bad

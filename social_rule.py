@@ -111,10 +111,13 @@ def rule_steps(o, post_columns, event_columns=None):
                                  THEN 'test' ELSE 'train' END AS side
             FROM (SELECT pos_creator AS creator FROM creator_capped UNION SELECT neg_creator FROM creator_capped)
                  AS creators"""))
-        split = "CASE WHEN sp.side = sn.side THEN sp.side ELSE 'creator_conflict' END"
-        sides = "JOIN creator_sides sp ON c.pos_creator = sp.creator JOIN creator_sides sn ON c.neg_creator = sn.creator"
+        # a creator of NULL has no row that matches: its side is train, as md5(NULL) < threshold is not true
+        split = ("CASE WHEN coalesce(sp.side, 'train') = coalesce(sn.side, 'train') THEN coalesce(sp.side, 'train') "
+                 "ELSE 'creator_conflict' END")
+        sides = ("LEFT JOIN creator_sides sp ON c.pos_creator = sp.creator "
+                 "LEFT JOIN creator_sides sn ON c.neg_creator = sn.creator")
     else:
-        split = f"CASE WHEN pair_time >= TIMESTAMP {sql_text(o['test_after'])} THEN 'test' ELSE 'train' END"
+        split = f"CASE WHEN c.pair_time >= TIMESTAMP {sql_text(o['test_after'])} THEN 'test' ELSE 'train' END"
         sides = ""
     keys = o["image_keys"]  # with --check_images: a table (image, image_key, opens) social_pairs.py made
     steps.append(("assigned", f"""

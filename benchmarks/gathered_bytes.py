@@ -5,7 +5,7 @@ each receives a float per request, where gathering the embeddings would be a row
     python benchmarks/gathered_bytes.py                        # 256 and 2,048 pairs: a few minutes on 2 idle CPUs
     python benchmarks/gathered_bytes.py --pairs 64 128 --json /tmp/gathered.json     # a short check
 
-The pairs are the demo's synthetic ones (shapes.make_pairs: PNGs, 2 distinct images a pair, 54 distinct prompts), the
+The pairs are the demo's synthetic ones (shapes.make_pairs: PNGs, 2 distinct images a pair, 53-54 distinct prompts), the
 model the tiny open_clip config (assets/tiny-clip.json) from a random init saved once, scored as validate.py scores
 (encoding.pair_scores, --batch_size 64, 1 thread a process) once on 1 process and once under torchrun on 2.
 torch.distributed.all_gather_object is wrapped in each process: every part it gathers is counted in elements and in

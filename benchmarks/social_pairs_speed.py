@@ -157,6 +157,8 @@ def main():
                 runs = [timed_command(["-c", code]) for _ in range(args.repeats)]
                 row["pandas_s"], row["pandas_peak_rss_mb"] = min(r[0] for r in runs), max(r[1] for r in runs)
                 row["pandas_same_pairs"] = same_pairs(out, os.path.join(args.data, "pandas"))
+                if not row["pandas_same_pairs"]:
+                    raise SystemExit(f"pandas_rule wrote other pairs than social_pairs.py: {row}")
                 row["duckdb_speedup_over_pandas"] = row["pandas_s"] / row["duckdb_s"]
             if not args.skip_spark:
                 spark_out = os.path.join(args.data, "spark")
@@ -164,6 +166,8 @@ def main():
                     ["social_pairs.py", posts_file, events_file, "--out", spark_out, "--overwrite", "--engine",
                      "spark"])
                 row["spark_same_pairs"] = same_pairs(out, spark_out)
+                if not row["spark_same_pairs"]:
+                    raise SystemExit(f"--engine spark wrote other pairs than DuckDB: {row}")
         row["load_at_end"] = os.getloadavg()
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -48,3 +48,23 @@ def test_a_null_image_cell_is_named_by_its_row(tmp_path):
                              "image": pa.array([png_bytes(0), None], pa.binary())}), path)
     with pytest.raises(InputError, match="row 1, column 'image'"):
         read_generations([path])
+
+
+def test_a_row_group_too_large_to_hold_is_said_once_with_the_fix(bytes_table, capsys, monkeypatch):
+    path, images = bytes_table
+    monkeypatch.setattr(pair_sources.ParquetCells, "LARGE", 100)  # each 4-image row group is over it
+    cells = pair_sources.ParquetCells()
+    assert [cells.read(path, row, "image") for row in range(12)] == images
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "row group 0" in said[0] and "row_group_size=100" in said[0]
+
+
+def test_cells_after_a_nested_column_count_their_own_column_chunk(tmp_path):
+    images = [png_bytes(i) for i in range(4)]
+    path = str(tmp_path / "nested.parquet")
+    pq.write_table(pa.table({"meta": [{"a": i, "b": "x" * 50_000} for i in range(4)], "generator": ["a"] * 4,
+                             "prompt": ["p"] * 4, "image": pa.array(images, pa.binary())}), path)
+    cells = pair_sources.ParquetCells()
+    assert [cells.read(path, row, "image") for row in range(4)] == images
+    image_chunk = pq.ParquetFile(path).metadata.row_group(0).column(4)  # meta.a, meta.b, generator, prompt, image
+    assert image_chunk.path_in_schema == "image" and cells.bytes_read == image_chunk.total_compressed_size

@@ -240,6 +240,30 @@ def test_check_images_treats_one_content_under_two_paths_as_one_image(tmp_path):
     assert copy not in set(checked_test.pos_path) | set(checked_test.neg_path)
 
 
+def test_one_image_of_two_posts_a_creator_of_none_and_a_column_named_like_a_step_change_no_pair(tmp_path):
+    from PIL import Image
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), name[0] == "a" and "red" or "blue").save(tmp_path / name)
+    a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    # posts 1 and 3 share a.png; post 2's creator is unknown; pair_time is also a column of POSTS
+    posts = pd.DataFrame({"post": [1, 2, 3], "image": [a, b, a], "prompt": ["p"] * 3,
+                          "creator": pd.array([7, None, 8], dtype="Int64"), "posted_at": [T0] * 3, "group": [0] * 3,
+                          "pair_time": [0, 0, 0]})
+    events = pd.DataFrame({"post": [1], "user": [9], "kind": ["remix"], "at": [T0 + pd.Timedelta(1, "h")]})
+    for kwargs in ({"check_images": True}, {}, {"split": "time", "test_after": "2027-01-01"}):
+        out = tmp_path / f"out{len(os.listdir(tmp_path))}"
+        report = social_pairs(posts, events, out=str(out), test_fraction=0, **kwargs)
+        train, _ = read_pairs(out)
+        assert train[["pos_post", "neg_post"]].values.tolist() == [[1, 2], [1, 3]], kwargs
+        assert report["pairs"]["candidates"] == report["pairs"]["train"] == 2
+
+
+def test_a_post_without_an_id_is_refused(tmp_path):
+    posts = pd.DataFrame({"post": pd.array([1, None], dtype="Int64"), "image": ["a.png", "b.png"], "prompt": ["p"] * 2,
+                          "creator": ["c", "d"], "posted_at": [T0] * 2, "remixes": [1, 0]})
+    assert_refused(tmp_path, r"POSTS \(DataFrame\): 1 row\(s\) without a post id", posts, signal="remixes")
+
+
 def test_spark_without_java_says_so_in_one_line(monkeypatch):
     monkeypatch.setenv("PATH", "")
     monkeypatch.delenv("JAVA_HOME", raising=False)
