@@ -6,6 +6,9 @@ import pytest
 import torch
 from conftest import ROOT, TINY_CLIP, assert_same_steps
 
+from clip_model import load_model
+from demo import make_pairs
+
 LEARNING_RATE = 1e-3
 
 
@@ -20,19 +23,25 @@ def train(launcher, tmp_path, name, pairs_file, init, batch_size, env=None, extr
     return torch.load(save_folder / "clip_epoch_0_global_step_final.pth", weights_only=True)
 
 
-@pytest.fixture
-def one_process_batch_4(shapes_pairs, tiny_init, tmp_path):
-    pairs_file = str(tmp_path / "pairs.parquet")
-    shapes_pairs.iloc[:8].to_parquet(pairs_file)  # 8 pairs: two optimizer steps of 4 pairs
+@pytest.fixture(scope="module")
+def one_process_batch_4(tmp_path_factory):
+    """The reference run, made once for the module: 8 of shapes_pairs' pairs (two optimizer steps of 4) from
+    tiny_init's weights (seed 0, so every test's tiny_init is this one's start)."""
+    folder = tmp_path_factory.mktemp("one_process_batch_4")
+    pairs_file = str(folder / "pairs.parquet")
+    make_pairs(str(folder / "images"), 24, seed=0).iloc[:8].to_parquet(pairs_file)
+    torch.manual_seed(0)
+    init = str(folder / "init.pth")
+    torch.save(load_model(TINY_CLIP, pretrained="none")[0].state_dict(), init)
     launcher = ["accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return pairs_file, train(launcher, tmp_path, "one", pairs_file, tiny_init, 4)
+    return pairs_file, train(launcher, folder, "one", pairs_file, init, 4)
 
 
 def test_two_processes_with_batch_2_end_on_the_weights_of_one_with_batch_4(one_process_batch_4, tiny_init, tmp_path):
     pairs_file, one = one_process_batch_4
-    two = train(["torch.distributed.run", "--nproc_per_node", "2"], tmp_path, "two", pairs_file, tiny_init, 2,
-                env={"ACCELERATE_USE_CPU": "1"})
+    two = train(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path, "two", pairs_file,
+                tiny_init, 2, env={"ACCELERATE_USE_CPU": "1"})
     assert_same_steps(two, one, torch.load(tiny_init, weights_only=True), LEARNING_RATE)
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, TINY_CLIP
 from test_shard_order import write_shard
 
-TWO_PROCESSES = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+TWO_PROCESSES = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port: tests run side by side
 
 
 def run(launcher, script, *args):

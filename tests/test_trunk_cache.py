@@ -97,8 +97,8 @@ def test_two_processes_with_the_cache_end_on_the_weights_of_one_without(shapes_p
 
     one = run(["accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no"], "one", 4)
-    two = run(["torch.distributed.run", "--nproc_per_node", "2"], "two", 2, "--trunk_cache", str(tmp_path / "cache"),
-              "--trunk_cache_dtype", "fp32", env={"ACCELERATE_USE_CPU": "1"})
+    two = run(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "two", 2, "--trunk_cache",
+              str(tmp_path / "cache"), "--trunk_cache_dtype", "fp32", env={"ACCELERATE_USE_CPU": "1"})
     assert_same_steps(two, one, torch.load(tiny_init, weights_only=True), LEARNING_RATE)
     entries = glob.glob(str(tmp_path / "cache" / "*" / "*.safetensors"))
     assert len(entries) == 16 + 8  # every distinct image and prompt once, whichever process wrote it
