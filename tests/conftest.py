@@ -13,6 +13,10 @@ from demo import make_pairs  # noqa: E402
 
 TINY_CLIP = os.path.join(ROOT, "assets", "tiny-clip.json")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores (pytest.ini): a thread each, not two fighting
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the scripts the tests start too
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def shapes_pairs(tmp_path):
