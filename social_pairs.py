@@ -142,12 +142,13 @@ def _mine(db, posts, events, o, pair_within, skip_bad_images):
         raise InputError(f"--pair_within {pair_within}: unknown; choose from {', '.join(STRATA)}")
     if pair_within == "group" and "group" not in columns:
         raise InputError(f"--pair_within group: {where_posts} has no column 'group' (found: {', '.join(columns)})")
-    empty = db.rows("SELECT count(*) FROM raw_posts WHERE post IS NULL")[0][0]
-    if empty:
-        raise InputError(f"{where_posts}: {empty} row(s) without a post id (column 'post' empty)")
-    twice = db.rows("SELECT post FROM raw_posts GROUP BY post HAVING count(*) > 1 LIMIT 1")
-    if twice:
-        raise InputError(f"{where_posts}: post {twice[0][0]!r} appears more than once")
+    # one pass for both: posts without an id (their group is NULL) and ids given twice
+    bad = db.rows("SELECT post, count(*) FROM raw_posts GROUP BY post HAVING post IS NULL OR count(*) > 1 "
+                  "ORDER BY post NULLS FIRST LIMIT 1")
+    if bad and bad[0][0] is None:
+        raise InputError(f"{where_posts}: {bad[0][1]} row(s) without a post id (column 'post' empty)")
+    if bad:
+        raise InputError(f"{where_posts}: post {bad[0][0]!r} appears more than once")
     _first_bad_time(db, "raw_posts", "posted_at", where_posts)
     o["pair_within"] = pair_within
     report = {"options": {**{k: v for k, v in o.items() if k != "image_keys"}, "check_images": o["image_keys"]},

@@ -24,13 +24,17 @@ def shapes_pairs(tmp_path):
     return make_pairs(str(tmp_path / "images"), 24, seed=0)
 
 
+def save_tiny_init(path):
+    """A random-init tiny CLIP (seed 0) saved at `path` as an OpenAI-format state dict; returns the path."""
+    torch.manual_seed(0)
+    torch.save(load_model(TINY_CLIP, pretrained="none")[0].state_dict(), path)
+    return path
+
+
 @pytest.fixture
 def tiny_init(tmp_path):
     """A random-init tiny CLIP saved as an OpenAI-format state dict: the same start for every run in a test."""
-    torch.manual_seed(0)
-    path = str(tmp_path / "init.pth")
-    torch.save(load_model(TINY_CLIP, pretrained="none")[0].state_dict(), path)
-    return path
+    return save_tiny_init(str(tmp_path / "init.pth"))
 
 
 def assert_same_steps(ours, expected, start, learning_rate):

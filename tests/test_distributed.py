@@ -4,9 +4,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CLIP, assert_same_steps
+from conftest import ROOT, TINY_CLIP, assert_same_steps, save_tiny_init
 
-from clip_model import load_model
 from demo import make_pairs
 
 LEARNING_RATE = 1e-3
@@ -30,9 +29,7 @@ def one_process_batch_4(tmp_path_factory):
     folder = tmp_path_factory.mktemp("one_process_batch_4")
     pairs_file = str(folder / "pairs.parquet")
     make_pairs(str(folder / "images"), 24, seed=0).iloc[:8].to_parquet(pairs_file)
-    torch.manual_seed(0)
-    init = str(folder / "init.pth")
-    torch.save(load_model(TINY_CLIP, pretrained="none")[0].state_dict(), init)
+    init = save_tiny_init(str(folder / "init.pth"))
     launcher = ["accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
     return pairs_file, train(launcher, folder, "one", pairs_file, init, 4)
