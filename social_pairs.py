@@ -251,36 +251,39 @@ def _confound(db, with_views):
 
 def _write_pickapic(db, folder):
     """Pick-a-Pic's layout (caption, jpg_0, jpg_1 as bytes, label_0, label_1, and the columns PickScore's trainer
-    reads), the preferred image placed first or second by the pair's hash."""
-    import pandas as pd
+    reads), the preferred image placed first or second by the pair's hash; streamed, a shard's rows at a time."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     os.makedirs(os.path.join(folder, "pickapic"))
     for name in ("train", "test"):
         index = os.path.join(folder, f".{name}-pickapic.parquet")
-        db.write_parquet(split_query(name, ["pos_first"]), index)
-        pairs = pd.read_parquet(index)
-        os.remove(index)
-        n_shards = max(1, -(-len(pairs) // PICKAPIC_ROWS_PER_SHARD))
-        per_prompt = pairs.groupby("prompt").prompt.transform("size")
-        for shard in range(n_shards):
-            rows = pairs.iloc[shard * PICKAPIC_ROWS_PER_SHARD:(shard + 1) * PICKAPIC_ROWS_PER_SHARD]
-            first = rows.pos_first.to_numpy()
-            path_0 = rows.pos_path.where(first, rows.neg_path)
-            path_1 = rows.neg_path.where(first, rows.pos_path)
-            uid_0 = rows.pos_post.where(first, rows.neg_post).astype(str)
-            uid_1 = rows.neg_post.where(first, rows.pos_post).astype(str)
+        db.write_parquet(split_query(name, ["pos_first", "count(*) OVER (PARTITION BY prompt) AS per_prompt"]), index)
+        shards = pq.ParquetFile(index)
+        n_shards = max(1, -(-shards.metadata.num_rows // PICKAPIC_ROWS_PER_SHARD))
+        batches = shards.iter_batches(PICKAPIC_ROWS_PER_SHARD) if shards.metadata.num_rows else [
+            shards.schema_arrow.empty_table()]  # a split without pairs still gets its shard, empty
+        for shard, rows in enumerate(batches):
+            first = rows["pos_first"]
+            path_0, path_1 = (pc.if_else(first, rows[a], rows[b]).to_pylist()
+                              for a, b in (("pos_path", "neg_path"), ("neg_path", "pos_path")))
+            uid_0, uid_1 = (pc.cast(pc.if_else(first, rows[a], rows[b]), pa.string())
+                            for a, b in (("pos_post", "neg_post"), ("neg_post", "pos_post")))
+            label_0 = pc.cast(first, pa.float64())
             table = pa.table({
-                "caption": rows.prompt.tolist(),
+                "caption": rows["prompt"],
                 "jpg_0": pa.array([_bytes(p) for p in path_0], pa.binary()),
                 "jpg_1": pa.array([_bytes(p) for p in path_1], pa.binary()),
-                "label_0": first.astype(float), "label_1": 1.0 - first.astype(float),
-                "image_0_uid": uid_0.tolist(), "image_1_uid": uid_1.tolist(),
-                "best_image_uid": rows.pos_post.astype(str).tolist(),
-                "are_different": [True] * len(rows), "has_label": [True] * len(rows),
-                "num_example_per_prompt": per_prompt.iloc[rows.index].astype("int64").tolist(),
-                "stratum": rows.stratum.astype(str).tolist()})
+                "label_0": label_0, "label_1": pc.subtract(1.0, label_0),
+                "image_0_uid": uid_0, "image_1_uid": uid_1,
+                "best_image_uid": pc.cast(rows["pos_post"], pa.string()),
+                "are_different": pa.array([True] * len(rows), pa.bool_()),
+                "has_label": pa.array([True] * len(rows), pa.bool_()),
+                "num_example_per_prompt": pc.cast(rows["per_prompt"], pa.int64()),
+                "stratum": pc.cast(rows["stratum"], pa.string())})
             pq.write_table(table, os.path.join(folder, "pickapic", f"{name}-{shard:05d}-of-{n_shards:05d}.parquet"))
+        shards.close()
+        os.remove(index)
 
 
 def _bytes(path):

@@ -7,7 +7,7 @@ Spark after sqlglot transpiles it to Spark SQL. One source, so both engines pick
         engine.create(name, query)
     engine.rows("SELECT count(*) FROM pairs")
 
-Every step is a named table made from the ones above it; social_pairs.py reads the report's counts from them. Hashes
+Every step is a named table (a view where it only renames another) made from the ones above it; social_pairs.py reads the report's counts from them. Hashes
 are md5 of a string (the same hex digits in both engines), compared as hex text, never as numbers: the kept pairs
 of a stratum are the first by md5('SEED/POS/NEG'), a creator's split is decided by the first 8 hex digits of
 md5('SEED/CREATOR'), the preferred side in the Pick-a-Pic layout by the last digit of the pair's hash.
@@ -39,6 +39,9 @@ def sql_text(value):
 def same_id(a, a_type, b, b_type):
     """a = b for two id columns; compared as text where their types differ (user ids as strings, creators as ints)."""
     return f"{a} = {b}" if a_type == b_type else f"CAST({a} AS VARCHAR) = CAST({b} AS VARCHAR)"
+
+
+VIEW = "-- view\n"  # a step's query starting so is made a view, not a table: a copy of another step costs nothing
 
 
 def rule_steps(o, post_columns, event_columns=None):
@@ -100,7 +103,7 @@ def rule_steps(o, post_columns, event_columns=None):
             WHERE stratum_rank <= {int(o['max_pairs_per_stratum'])}"""),
     ]
     creator_cap = o["max_pairs_per_creator"]
-    steps.append(("creator_capped", "SELECT * FROM capped" if creator_cap is None else f"""
+    steps.append(("creator_capped", VIEW + "SELECT * FROM capped" if creator_cap is None else f"""
         SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY pos_creator ORDER BY pair_hash, pos_post, neg_post)
                                  AS creator_rank FROM capped) AS ranked
         WHERE creator_rank <= {int(creator_cap)}"""))
@@ -162,18 +165,49 @@ def _read(path):
     return files, kind
 
 
+MEMORY_PER_THREAD = 512 * 2 ** 20  # DuckDB's default memory limit here: this much a thread, at most a quarter of RAM
+
+
+def machine_threads():
+    """The cores this process may run on (its CPU affinity and its cgroup's quota), not the host's count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def machine_memory_limit(threads):
+    """DuckDB's memory limit when --memory_limit is not given: MEMORY_PER_THREAD a thread, at most a quarter of the
+    memory this process may use (RAM, or its cgroup's limit). DuckDB's own default, 80% of RAM, let a run of 2M
+    candidate pairs at 20M events reach 2.3 GB on a 2-core machine, where 1 GB spills and writes the same pairs."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            memory = min(memory, int(limit))
+    except (OSError, ValueError):
+        pass
+    return f"{min(MEMORY_PER_THREAD * threads, memory // 4) // 2 ** 20}MB"
+
+
 class DuckDBEngine:
-    """DuckDB, embedded: reads parquet/csv in place, spills to disk past --memory_limit."""
+    """DuckDB, embedded: reads parquet/csv in place, spills to disk past its memory limit (--memory_limit, else
+    machine_memory_limit), on --threads threads (else the cores this process may use)."""
 
     def __init__(self, memory_limit=None, threads=None, temp_directory=None):
         import duckdb
         self.db = duckdb.connect()
         self.db.execute("SET TimeZone = 'UTC'")
         self.db.execute("SET preserve_insertion_order = false")
-        if memory_limit:
-            self.db.execute(f"SET memory_limit = {sql_text(memory_limit)}")
-        if threads:
-            self.db.execute(f"SET threads = {int(threads)}")
+        threads = threads or machine_threads()
+        self.db.execute(f"SET threads = {int(threads)}")
+        self.db.execute(f"SET memory_limit = {sql_text(memory_limit or machine_memory_limit(threads))}")
         if temp_directory:
             self.db.execute(f"SET temp_directory = {sql_text(temp_directory)}")
 
@@ -191,7 +225,8 @@ class DuckDBEngine:
         return {row[0]: row[1] for row in self.db.execute(f"DESCRIBE {name}").fetchall()}
 
     def create(self, name, query):
-        self.db.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS {query}")
+        kind = "VIEW" if query.startswith(VIEW) else "TABLE"
+        self.db.execute(f"CREATE OR REPLACE TEMP {kind} {name} AS {query}")
 
     def rows(self, query):
         return self.db.execute(query).fetchall()
@@ -240,7 +275,9 @@ class SparkEngine:
         return dict(self.spark.table(name).dtypes)
 
     def create(self, name, query):
-        frame = self.spark.sql(spark_sql(query)).localCheckpoint()  # computed once, as DuckDB's temp tables
+        frame = self.spark.sql(spark_sql(query))
+        if not query.startswith(VIEW):
+            frame = frame.localCheckpoint()  # computed once, as DuckDB's temp tables
         frame.createOrReplaceTempView(name)
 
     def rows(self, query):

@@ -1,6 +1,9 @@
 """social_pairs.py at a million posts: the whole command's time and peak RSS against pyarrow's time just to read the
 two tables (the floor), a straightforward pandas version of the same rule (checked to write the same pairs), and
-Spark local mode (checked too); scaling in events. Times are the least of --repeats runs, files in the page cache.
+Spark local mode (checked too); scaling in events. Times are the least of --repeats runs, files in the page cache;
+peak RSS is the whole process's, as /usr/bin/time -v reports it, with DuckDB's memory limit and threads as
+social_pairs.py sets them from the machine. At the most events, issue 33's command (--pair_within group, every
+candidate kept) on POSTS with request groups of --group_sizes posts (4: ~0.4M pairs; 20: ~3M), once each.
 
     python benchmarks/social_pairs_speed.py                        # 1M posts; 5M, 10M, 20M events; into /tmp
     python benchmarks/social_pairs_speed.py --posts 100000 --events 1000000 2000000 --skip_spark
@@ -49,6 +52,28 @@ def write_logs(folder, n_posts, n_events, seed=0):
         pq.write_table(pa.table({"post": post, "user": user, "kind": kind, "at": at}), events_file,
                        row_group_size=1 << 20)
     return posts_file, events_file
+
+
+def with_groups(posts_file, size):
+    """POSTS with a `group` column: each creator's posts in requests of `size` (its last request smaller), for
+    --pair_within group."""
+    out = posts_file.replace(".parquet", f"_groups{size}.parquet")
+    if not os.path.exists(out):
+        table = pq.read_table(posts_file)
+        order = np.argsort(table["creator"].to_numpy(), kind="stable")
+        _, starts, counts = np.unique(table["creator"].to_numpy()[order], return_index=True, return_counts=True)
+        rank = np.arange(len(order)) - np.repeat(starts, counts)
+        first_group = np.cumsum(np.r_[0, -(-counts // size)])[:-1]
+        group = np.empty(len(order), np.int64)
+        group[order] = np.repeat(first_group, counts) + rank // size
+        pq.write_table(table.append_column("group", pa.array(group)), out)
+    return out
+
+
+# issue 33's command: request groups, every candidate kept, a creator split
+GROUP_FLAGS = ["--window", "7d", "--min_positive", "1", "--max_negative", "0", "--min_views", "20", "--pair_within",
+               "group", "--max_pairs_per_stratum", "1000000", "--split", "creator", "--test_fraction", "0.1",
+               "--seed", "0"]
 
 
 def read_time(*files):
@@ -135,6 +160,10 @@ def main():
     parser.add_argument("--events", type=int, nargs="+", default=[5_000_000, 10_000_000, 20_000_000])
     parser.add_argument("--data", default="/tmp/social_pairs_bench")
     parser.add_argument("--repeats", type=int, default=3, help="each time is the least of this many runs")
+    parser.add_argument("--group_sizes", type=int, nargs="*", default=[4, 20],
+                        help="at the most events: issue 33's command on POSTS with requests of these many posts")
+    parser.add_argument("--duckdb_default_limit", action="store_true",
+                        help="each group run again under DuckDB's own memory limit (80%% of RAM)")
     parser.add_argument("--skip_spark", action="store_true")
     parser.add_argument("--skip_pandas", action="store_true")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results-social-pairs.json"))
@@ -144,13 +173,24 @@ def main():
     for n_events in args.events:
         posts_file, events_file = write_logs(args.data, args.posts, n_events)
         out = os.path.join(args.data, "pairs")
-        command = ["social_pairs.py", posts_file, events_file, "--out", out, "--overwrite", "--memory_limit", "1GB"]
+        # no --memory_limit: DuckDB's limit and threads as social_pairs.py sets them from the machine
+        command = ["social_pairs.py", posts_file, events_file, "--out", out, "--overwrite"]
         row = {"posts": args.posts, "events": n_events, "load_at_start": os.getloadavg(),
                "pyarrow_read_s": min(read_time(posts_file, events_file) for _ in range(args.repeats))}
         runs = [timed_command(command) for _ in range(args.repeats)]
         row["duckdb_s"], row["duckdb_peak_rss_mb"] = min(r[0] for r in runs), max(r[1] for r in runs)
         row["duckdb_over_read"] = row["duckdb_s"] / row["pyarrow_read_s"]
         if n_events == max(args.events):
+            for size in args.group_sizes:  # the whole process under issue 33's flags, requests of `size` posts
+                group_command = ["social_pairs.py", with_groups(posts_file, size), events_file, "--out",
+                                 os.path.join(args.data, "pairs_groups"), "--overwrite", *GROUP_FLAGS]
+                row[f"groups{size}_s"], row[f"groups{size}_peak_rss_mb"] = timed_command(group_command)
+                if args.duckdb_default_limit:  # DuckDB's own default, 80% of RAM, as social_pairs.py had it
+                    limit = f"{int(0.8 * os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')) // 2 ** 20}MB"
+                    row[f"groups{size}_duckdb_default_limit_s"], row[f"groups{size}_duckdb_default_limit_peak_rss_mb"] = \
+                        timed_command(group_command + ["--memory_limit", limit])
+                with open(os.path.join(args.data, "pairs_groups", "report.json")) as f:
+                    row[f"groups{size}_candidates"] = json.load(f)["pairs"]["candidates"]
             if not args.skip_pandas:
                 code = (f"import sys; sys.path.insert(0, 'benchmarks'); from social_pairs_speed import pandas_rule; "
                         f"pandas_rule({posts_file!r}, {events_file!r}, {os.path.join(args.data, 'pandas')!r})")

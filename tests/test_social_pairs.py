@@ -141,6 +141,37 @@ def test_pickapic_layout_loads_with_datasets_as_diffusion_dpo_reads_it(tmp_path)
     assert 0 < sum(loaded["label_0"]) < len(loaded)  # the preferred image on both sides
 
 
+def test_pickapic_shards_are_written_a_shard_at_a_time_in_the_pairs_order(tmp_path, monkeypatch):
+    import social_pairs as module
+    monkeypatch.setattr(module, "PICKAPIC_ROWS_PER_SHARD", 7)
+    posts, events = make_community(str(tmp_path / "images"), n_creators=20, seed=2)
+    social_pairs(posts, events, out=str(tmp_path / "out"), layout="pickapic", test_fraction=0.3)
+    for name, pairs in zip(("train", "test"), read_pairs(tmp_path / "out")):
+        shards = sorted((tmp_path / "out" / "pickapic").glob(f"{name}-*.parquet"))
+        assert len(shards) == -(-len(pairs) // 7) > 1 and shards[-1].name.endswith(f"-of-{len(shards):05d}.parquet")
+        rows = pd.concat([pd.read_parquet(shard) for shard in shards], ignore_index=True)
+        pos_first = rows.label_0 == 1
+        assert (rows.best_image_uid == pairs.pos_post.astype(str)).all()
+        assert (rows.image_0_uid.where(pos_first, rows.image_1_uid) == pairs.pos_post.astype(str)).all()
+        assert (rows.caption == pairs.prompt).all() and (rows.stratum == pairs.stratum).all()
+        assert (rows.num_example_per_prompt == pairs.groupby("prompt").prompt.transform("size")).all()
+
+
+def test_duckdb_takes_its_memory_limit_and_threads_from_the_machine_unless_told(monkeypatch):
+    import social_rule
+    from social_rule import DuckDBEngine, machine_memory_limit, machine_threads
+
+    def settings(engine):
+        return engine.rows("SELECT current_setting('memory_limit'), current_setting('threads')")[0]
+    import duckdb
+    duckdb_default = duckdb.connect().execute("SELECT current_setting('memory_limit')").fetchone()[0]  # 80% of RAM
+    monkeypatch.setattr(social_rule, "machine_threads", lambda: 3)  # as a machine of 3 cores
+    limit, threads = settings(DuckDBEngine())
+    assert threads == 3 and limit == settings(DuckDBEngine(memory_limit=machine_memory_limit(3)))[0] != duckdb_default
+    assert settings(DuckDBEngine(memory_limit="300MB", threads=1)) == (settings(DuckDBEngine(memory_limit="300MB"))[0], 1)
+    assert 1 <= machine_threads() <= os.cpu_count()
+
+
 def test_mined_pairs_agree_with_hidden_quality_and_train_a_better_reward_than_popularity_pairs(tmp_path, one_thread):
     posts, events = make_community(str(tmp_path / "images"), n_creators=150, seed=0)
     social_pairs(posts.drop(columns="follows"), events, out=str(tmp_path / "out"), test_fraction=0)
