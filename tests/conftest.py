@@ -1,6 +1,12 @@
+import contextlib
+import io
 import os
+import runpy
+import subprocess
 import sys
+import traceback
 
+import pandas as pd
 import pytest
 import torch
 
@@ -12,10 +18,46 @@ from clip_model import load_model  # noqa: E402
 from demo import make_pairs  # noqa: E402
 
 TINY_CLIP = os.path.join(ROOT, "assets", "tiny-clip.json")
+# smaller still (32 px, 2 blocks a tower, 16 tokens): for tests that train until a model has learnt something
+MICRO_CLIP = os.path.join(ROOT, "tests", "fixtures", "micro-clip.json")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores (pytest.ini): a thread each, not two fighting
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the scripts the tests start too
     torch.set_num_threads(1)
+
+
+def run_script(script, *args, env=None):
+    """`python SCRIPT ARGS` (from the repository's root) run in this process, as a subprocess.CompletedProcess with
+    returncode, stdout and stderr: the script's own `__main__` block through runpy, so its flags, its one-line errors
+    and what it writes are the command line's, without a fresh interpreter importing torch and open_clip (about 5 s a
+    run here). An exception that escapes is a traceback on stderr and status 1, as Python's. `env`: variables set for
+    the run. What needs a process of its own (a signal, torchrun, a launcher's environment) runs as one.
+
+        result = run_script("validate.py", pairs_file, "--batch_size", "0")
+        assert result.returncode == 2 and result.stderr.startswith("error:")
+    """
+    stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
+    saved = sys.argv, os.getcwd(), {name: os.environ.get(name) for name in env or {}}
+    sys.argv = [script, *map(str, args)]
+    os.environ.update(env or {})
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+            except SystemExit as e:
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                returncode = e.code if isinstance(e.code, int) else int(e.code is not None)
+            except Exception:  # noqa: BLE001 - what the interpreter would print
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        for name, value in saved[2].items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+    return subprocess.CompletedProcess([script, *map(str, args)], returncode, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.fixture
@@ -24,11 +66,42 @@ def shapes_pairs(tmp_path):
     return make_pairs(str(tmp_path / "images"), 24, seed=0)
 
 
-def save_tiny_init(path):
+def save_tiny_init(path, model=TINY_CLIP):
     """A random-init tiny CLIP (seed 0) saved at `path` as an OpenAI-format state dict; returns the path."""
     torch.manual_seed(0)
-    torch.save(load_model(TINY_CLIP, pretrained="none")[0].state_dict(), path)
+    torch.save(load_model(model, pretrained="none")[0].state_dict(), path)
     return path
+
+
+@pytest.fixture
+def micro_init(tmp_path):
+    """MICRO_CLIP's random init (seed 0), as tiny_init."""
+    return save_tiny_init(str(tmp_path / "micro-init.pth"), MICRO_CLIP)
+
+
+@pytest.fixture(scope="session")
+def trained_micro(tmp_path_factory):
+    """MICRO_CLIP trained from its init on 160 synthetic pairs (4 epochs, batch 16, lr 5e-4, mode "all") with each
+    loss, made once for the whole run (the xdist workers share it through a lock):
+    {"pairs": DataFrame, "init": path, "triplet": final checkpoint, "pairwise": final checkpoint}."""
+    from filelock import FileLock
+    from train_pair_pos_neg import finetune_model
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared  # the workers' common folder
+    folder = shared / "trained_micro"
+    with FileLock(str(shared / "trained_micro.lock")):
+        if not (folder / "done").exists():
+            pairs = make_pairs(str(folder / "images"), 160, seed=3)
+            pairs.to_parquet(folder / "pairs.parquet")
+            init = save_tiny_init(str(folder / "init.pth"), MICRO_CLIP)
+            for loss_name in ("pairwise", "triplet"):
+                final = finetune_model(pairs, "all", batch_size=16, n_epochs=4, save_folder=str(folder / loss_name),
+                                       loss_name=loss_name, checkout_path=init, learning_rate=5e-4, model=MICRO_CLIP,
+                                       num_workers=0)
+                (folder / f"{loss_name}.path").write_text(final)
+            (folder / "done").write_text("")
+    return {"pairs": pd.read_parquet(folder / "pairs.parquet"), "init": str(folder / "init.pth"),
+            **{name: (folder / f"{name}.path").read_text() for name in ("pairwise", "triplet")}}
 
 
 @pytest.fixture

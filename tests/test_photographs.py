@@ -3,7 +3,7 @@ import random
 
 import pandas as pd
 import skimage
-from conftest import TINY_CLIP
+from conftest import MICRO_CLIP
 
 from train_pair_pos_neg import finetune_model
 from validate import validate_image_pair_classifier
@@ -32,15 +32,15 @@ PHOTOGRAPHS = {
 }
 
 
-def test_a_small_model_learns_nineteen_real_photographs_from_chance_to_90_percent(tmp_path, tiny_init):
+def test_a_small_model_learns_nineteen_real_photographs_from_chance_to_90_percent(tmp_path, micro_init):
     folder = os.path.join(os.path.dirname(skimage.__file__), "data")
     paths = {name: os.path.join(folder, name) for name in PHOTOGRAPHS}
     rng = random.Random(0)
     rows = [{"prompt": PHOTOGRAPHS[name], "pos_path": paths[name], "neg_path": paths[other]}
             for name in PHOTOGRAPHS for other in rng.sample([n for n in PHOTOGRAPHS if n != name], 2)]
     pairs = pd.DataFrame(rows)  # 38 pairs
-    before = validate_image_pair_classifier(pairs, tiny_init, "cpu", num_workers=0, model=TINY_CLIP)
-    final = finetune_model(pairs, "all", batch_size=8, n_epochs=12, save_folder=str(tmp_path / "run"),
-                           checkout_path=tiny_init, learning_rate=5e-4, model=TINY_CLIP, num_workers=2)
-    after = validate_image_pair_classifier(pairs, final, "cpu", num_workers=0, model=TINY_CLIP)
+    before = validate_image_pair_classifier(pairs, micro_init, "cpu", num_workers=0, model=MICRO_CLIP)
+    final = finetune_model(pairs, "all", batch_size=8, n_epochs=8, save_folder=str(tmp_path / "run"),
+                           checkout_path=micro_init, learning_rate=1e-3, model=MICRO_CLIP, num_workers=2)
+    after = validate_image_pair_classifier(pairs, final, "cpu", num_workers=0, model=MICRO_CLIP)
     assert before <= 0.7 and after >= 0.9, (before, after)

@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, TINY_CLIP
+from conftest import ROOT, TINY_CLIP, run_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from open_clip.transform import PreprocessCfg, image_transform_v2
@@ -54,13 +54,12 @@ CASES = ["missing parquet", "not parquet", "missing column", "zero rows", "null 
          "zero-byte image", "not an image"]
 
 
-def run_script(script, pairs_file, tmp_path, *extra):
+def run(script, pairs_file, tmp_path, *extra):
     if script == "validate.py":
         args = [pairs_file, "--device", "cpu"]
     else:
         args = ["--training_file", pairs_file, "--save_folder", str(tmp_path / "run"), "--n_epochs", "1"]
-    return subprocess.run([sys.executable, script, *args, "--model", TINY_CLIP, "--pretrained", "none",
-                           "--num_workers", "1", *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_script(script, *args, "--model", TINY_CLIP, "--pretrained", "none", "--num_workers", "1", *extra)
 
 
 def assert_one_line_error(result, expected):
@@ -74,7 +73,7 @@ def assert_one_line_error(result, expected):
 @pytest.mark.parametrize("case", CASES)
 def test_bad_data_ends_in_one_line_naming_the_culprit(script, case, shapes_pairs, tmp_path):
     pairs_file, expected = break_pairs(case, shapes_pairs, tmp_path)
-    assert_one_line_error(run_script(script, pairs_file, tmp_path), expected)
+    assert_one_line_error(run(script, pairs_file, tmp_path), expected)
 
 
 @pytest.mark.parametrize("script, flags, expected", [
@@ -84,13 +83,13 @@ def test_bad_data_ends_in_one_line_naming_the_culprit(script, case, shapes_pairs
 ])
 def test_bad_numbers_end_in_one_line(script, flags, expected, shapes_pairs, tmp_path):
     shapes_pairs.to_parquet(tmp_path / "pairs.parquet")
-    assert_one_line_error(run_script(script, str(tmp_path / "pairs.parquet"), tmp_path, *flags), expected)
+    assert_one_line_error(run(script, str(tmp_path / "pairs.parquet"), tmp_path, *flags), expected)
 
 
 @pytest.mark.parametrize("flag", ["--training_mode", "--loss_name"])
 def test_an_unknown_mode_or_loss_lists_the_choices(flag, shapes_pairs, tmp_path):
     shapes_pairs.to_parquet(tmp_path / "pairs.parquet")
-    result = run_script("train_pair_pos_neg.py", str(tmp_path / "pairs.parquet"), tmp_path, flag, "nonsense")
+    result = run("train_pair_pos_neg.py", str(tmp_path / "pairs.parquet"), tmp_path, flag, "nonsense")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "invalid choice: 'nonsense' (choose from" in result.stderr
 
@@ -111,7 +110,7 @@ def test_skip_bad_images_skips_the_pairs_and_says_which(script, shapes_pairs, tm
     shapes_pairs.loc[2, "neg_path"] = str(tmp_path / "empty.png")
     shapes_pairs.loc[3, "neg_path"] = "/no/such.png"
     shapes_pairs.to_parquet(tmp_path / "pairs.parquet")
-    result = run_script(script, str(tmp_path / "pairs.parquet"), tmp_path, "--skip_bad_images")
+    result = run(script, str(tmp_path / "pairs.parquet"), tmp_path, "--skip_bad_images")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (f"skipping pairs with unreadable images: 3 images, first: /no/such.png, {tmp_path / 'empty.png'}, "
             f"{tmp_path / 'notes.png'}; 21 pairs left") in result.stdout + result.stderr
@@ -139,24 +138,23 @@ def test_safetensors_checkpoints_keep_the_names_and_load(shapes_pairs, tiny_init
     assert all(torch.equal(from_safetensors[k], from_pth[k]) for k in from_pth)
 
 
-def train_command(pairs_file, init, save_folder, *extra):
-    return [sys.executable, "train_pair_pos_neg.py", "--training_file", pairs_file, "--training_mode", "all",
-            "--batch_size", "2", "--n_epochs", "3", "--save_folder", save_folder, "--model", TINY_CLIP,
-            "--checkout_path", init, "--learning_rate", "1e-3", "--num_workers", "0", "--save_every", "3", *extra]
+def train_args(pairs_file, init, save_folder, *extra):
+    return ["--training_file", pairs_file, "--training_mode", "all", "--batch_size", "2", "--n_epochs", "3",
+            "--save_folder", save_folder, "--model", TINY_CLIP, "--checkout_path", init, "--learning_rate", "1e-3",
+            "--num_workers", "0", "--save_every", "3", *extra]
 
 
 def test_a_sigkilled_run_resumed_from_latest_ends_on_the_uninterrupted_weights(shapes_pairs, tiny_init, tmp_path):
     pairs_file = str(tmp_path / "pairs.parquet")
-    shapes_pairs.to_parquet(pairs_file)  # 24 pairs, batch 2: 12 steps an epoch, 36 in all, a save every 3
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(train_command(pairs_file, tiny_init, str(tmp_path / "whole")), cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    shapes_pairs.iloc[:8].to_parquet(pairs_file)  # 8 pairs, batch 2: 4 steps an epoch, 12 in all, a save every 3
+    assert run_script("train_pair_pos_neg.py", *train_args(pairs_file, tiny_init, str(tmp_path / "whole"))).returncode == 0
 
-    killed = tmp_path / "killed"
-    run = subprocess.Popen(train_command(pairs_file, tiny_init, str(killed)), cwd=ROOT, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = tmp_path / "killed"  # killed after step 6, in the middle of epoch 1: its resume skips 2 batches
+    run = subprocess.Popen([sys.executable, "train_pair_pos_neg.py", *train_args(pairs_file, tiny_init, str(killed))],
+                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not glob.glob(str(killed / "training_state_step_15")) and time.time() < deadline and run.poll() is None:
+    while not glob.glob(str(killed / "training_state_step_6")) and time.time() < deadline and run.poll() is None:
         time.sleep(0.01)
     run.send_signal(signal.SIGKILL)
     run.wait()
@@ -164,13 +162,14 @@ def test_a_sigkilled_run_resumed_from_latest_ends_on_the_uninterrupted_weights(s
     for checkpoint in glob.glob(str(killed / "*.pth")):  # every checkpoint on disk is whole
         assert len(torch.load(checkpoint, weights_only=True)) == len(torch.load(tiny_init, weights_only=True))
 
-    subprocess.run(train_command(pairs_file, tiny_init, str(killed), "--resume_from_checkpoint", "latest"), cwd=ROOT,
-                   env=env, check=True, capture_output=True)
+    resumed_run = run_script("train_pair_pos_neg.py", *train_args(pairs_file, tiny_init, str(killed),
+                                                                  "--resume_from_checkpoint", "latest"))
+    assert resumed_run.returncode == 0, resumed_run.stderr[-2000:]
     whole = torch.load(tmp_path / "whole" / "clip_epoch_2_global_step_final.pth", weights_only=True)
     resumed = torch.load(killed / "clip_epoch_2_global_step_final.pth", weights_only=True)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     metrics = pd.read_csv(killed / "metrics.csv")
-    assert list(metrics.step) == list(range(1, 37))
+    assert list(metrics.step) == list(range(1, 13))
     assert metrics.loss.tolist() == pd.read_csv(tmp_path / "whole" / "metrics.csv").loss.tolist()
 
 

@@ -1,10 +1,7 @@
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, TINY_CLIP
+from conftest import MICRO_CLIP, TINY_CLIP, run_script
 from PIL import Image
 
 from clip_model import load_model
@@ -31,10 +28,9 @@ def test_rank_images_puts_the_best_first(shapes_pairs, tiny_init):
 
 def test_the_score_cli_prints_the_ranking_and_writes_csv_and_a_contact_sheet(shapes_pairs, tiny_init, tmp_path):
     paths = list(shapes_pairs.pos_path[:7])
-    result = subprocess.run([sys.executable, "score.py", "--prompt", "three blue squares", *paths, "--checkout_path",
-                             tiny_init, "--model", TINY_CLIP, "--device", "cpu", "--num_workers", "0", "--output",
-                             str(tmp_path / "scores.csv"), "--grid", str(tmp_path / "grid.png")],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = run_script("score.py", "--prompt", "three blue squares", *paths, "--checkout_path", tiny_init, "--model",
+                        TINY_CLIP, "--device", "cpu", "--num_workers", "0", "--output", str(tmp_path / "scores.csv"),
+                        "--grid", str(tmp_path / "grid.png"))
     assert result.returncode == 0, result.stderr
     written = pd.read_csv(tmp_path / "scores.csv")
     assert list(written.columns) == ["path", "score"] and len(written) == 7
@@ -55,17 +51,13 @@ def test_validate_writes_every_pairs_scores(shapes_pairs, tiny_init, tmp_path):
         assert table.correct.mean() == pytest.approx(accuracy)
 
 
-def test_pairwise_loss_learns_a_small_set_and_ends_elsewhere_than_triplet(tmp_path, tiny_init):
-    from demo import make_pairs
-    pairs = make_pairs(str(tmp_path / "images"), 160, seed=3)
-    finals = {}
-    for loss_name in ("pairwise", "triplet"):
-        finals[loss_name] = finetune_model(pairs, "all", batch_size=16, n_epochs=4, save_folder=str(tmp_path / loss_name),
-                                           loss_name=loss_name, checkout_path=tiny_init, learning_rate=5e-4,
-                                           model=TINY_CLIP, num_workers=0)
-    assert validate_image_pair_classifier(pairs, finals["pairwise"], "cpu", num_workers=0, model=TINY_CLIP) >= 0.9
-    pairwise, triplet = (torch.load(finals[n], weights_only=True) for n in ("pairwise", "triplet"))
-    start = torch.load(tiny_init, weights_only=True)
+def test_pairwise_loss_learns_a_small_set_and_ends_elsewhere_than_triplet(trained_micro):
+    # conftest's trained_micro: 160 pairs, 4 epochs from one init with each loss
+    pairs = trained_micro["pairs"]
+    assert validate_image_pair_classifier(pairs, trained_micro["pairwise"], "cpu", num_workers=0,
+                                          model=MICRO_CLIP) >= 0.9
+    pairwise, triplet = (torch.load(trained_micro[n], weights_only=True) for n in ("pairwise", "triplet"))
+    start = torch.load(trained_micro["init"], weights_only=True)
     assert pairwise["logit_scale"] != start["logit_scale"]  # trained by the pairwise loss in mode "all"
     assert triplet["logit_scale"] == start["logit_scale"]  # not in the triplet loss: never moves
     assert not torch.equal(pairwise["visual.proj"], triplet["visual.proj"])

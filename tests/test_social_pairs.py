@@ -5,10 +5,9 @@ import sys
 
 import pandas as pd
 import pytest
-import torch
-from conftest import ROOT, TINY_CLIP
+from conftest import MICRO_CLIP, ROOT
 
-from clip_model import InputError, load_model
+from clip_model import InputError
 from community import agreement, make_community, popularity_pairs
 from shapes import make_pairs
 from social_pairs import social_pairs
@@ -172,24 +171,22 @@ def test_duckdb_takes_its_memory_limit_and_threads_from_the_machine_unless_told(
     assert 1 <= machine_threads() <= os.cpu_count()
 
 
-def test_mined_pairs_agree_with_hidden_quality_and_train_a_better_reward_than_popularity_pairs(tmp_path, one_thread):
+def test_mined_pairs_agree_with_hidden_quality_and_train_a_better_reward_than_popularity_pairs(tmp_path, one_thread,
+                                                                                               micro_init):
     posts, events = make_community(str(tmp_path / "images"), n_creators=150, seed=0)
     social_pairs(posts.drop(columns="follows"), events, out=str(tmp_path / "out"), test_fraction=0)
     mined, _ = read_pairs(tmp_path / "out")
     popular = popularity_pairs(posts, events, seed=0)
     assert agreement(mined, posts)[0] > agreement(popular, posts)[0] + 0.15
     held_out = make_pairs(str(tmp_path / "held_out"), 200, seed=5)  # the preferred image draws the prompt
-    torch.manual_seed(0)
-    init = str(tmp_path / "init.pth")
-    torch.save(load_model(TINY_CLIP, pretrained="none")[0].state_dict(), init)
     n = min(len(mined), len(popular), 160)
     accuracy = {}
     for name, pairs in (("mined", mined.sample(n=n, random_state=0)), ("popular", popular.iloc[:n])):
         pairs.to_parquet(tmp_path / f"{name}.parquet")  # read as train_pair_pos_neg.py reads --training_file
-        final = finetune_model(str(tmp_path / f"{name}.parquet"), "all", batch_size=16, n_epochs=4,
-                               save_folder=str(tmp_path / name), checkout_path=init, learning_rate=5e-4,
-                               model=TINY_CLIP, num_workers=0)
-        accuracy[name] = validate_image_pair_classifier(held_out, final, "cpu", num_workers=0, model=TINY_CLIP)
+        final = finetune_model(str(tmp_path / f"{name}.parquet"), "all", batch_size=16, n_epochs=2,
+                               save_folder=str(tmp_path / name), checkout_path=micro_init, learning_rate=5e-4,
+                               model=MICRO_CLIP, num_workers=0)
+        accuracy[name] = validate_image_pair_classifier(held_out, final, "cpu", num_workers=0, model=MICRO_CLIP)
     assert accuracy["mined"] > accuracy["popular"] + 0.05, accuracy
 
 

@@ -2,7 +2,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_CLIP, assert_same_steps
+from conftest import MICRO_CLIP, TINY_CLIP, assert_same_steps
 from original import original_train
 
 from clip_model import TRAINING_MODES, InputError, load_model, trainable_parameters
@@ -50,13 +50,11 @@ def test_checkpoints_keep_the_original_names_and_cadence(shapes_pairs, tiny_init
     assert all(v.dtype == torch.float32 for v in state_dict.values() if v.is_floating_point())
 
 
-def test_training_then_validating_learns_a_small_set(tmp_path, tiny_init):
-    from demo import make_pairs
-    pairs = make_pairs(str(tmp_path / "images"), 160, seed=3)
-    before = validate_image_pair_classifier(pairs, tiny_init, "cpu", num_workers=0, model=TINY_CLIP)
-    final = finetune_model(pairs, "all", batch_size=16, n_epochs=4, save_folder=str(tmp_path / "run"),
-                           checkout_path=tiny_init, learning_rate=5e-4, model=TINY_CLIP, num_workers=0)
-    after = validate_image_pair_classifier(pairs, final, "cpu", num_workers=0, model=TINY_CLIP)
+def test_training_then_validating_learns_a_small_set(trained_micro):
+    # conftest's trained_micro: 160 pairs, 4 epochs of the triplet loss (its run shared with the pairwise test)
+    pairs = trained_micro["pairs"]
+    before = validate_image_pair_classifier(pairs, trained_micro["init"], "cpu", num_workers=0, model=MICRO_CLIP)
+    after = validate_image_pair_classifier(pairs, trained_micro["triplet"], "cpu", num_workers=0, model=MICRO_CLIP)
     assert before < 0.7 and after >= 0.85, (before, after)
 
 
