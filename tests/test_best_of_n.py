@@ -1,13 +1,12 @@
 import json
 import os
 import random
-import subprocess
-import sys
 
 import datasets
 import pandas as pd
 import pytest
-from conftest import ROOT, TINY_CLIP
+from conftest import TINY_CLIP
+from conftest import run_script as run_in_process
 
 from best_of_n import best_of_n
 from demo import draw
@@ -85,8 +84,7 @@ def test_a_top_k_above_a_prompts_candidates_keeps_them_all_and_says_which(candid
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, "best_of_n.py", *args, "--device", "cpu"], cwd=ROOT, capture_output=True,
-                          text=True)
+    return run_in_process("best_of_n.py", *args, "--device", "cpu")
 
 
 def test_bad_input_ends_in_one_line_and_writes_nothing(candidates, tiny_init, tmp_path):

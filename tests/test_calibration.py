@@ -1,13 +1,11 @@
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.optimize
-from conftest import ROOT, TINY_CLIP
+from conftest import TINY_CLIP, run_script
 from PIL import Image
 
 from calibration import (calibrate, calibration_entries, calibration_note, expected_calibration_error, fit_temperature,
@@ -169,9 +167,8 @@ def test_compare_calibrate_then_score_with_the_file_end_to_end(shapes_pairs, tin
     images, calibration = shapes_pairs.pos_path.tolist()[:3], str(tmp_path / "out" / "calibration.json")
     with pytest.raises(InputError, match="--reference other.png: not among the images scored"):
         rank_images("x", images, scorer=spec, calibration=calibration, reference="other.png")
-    scored = subprocess.run([sys.executable, "score.py", "--prompt", shapes_pairs.prompt[0], *images, "--scorer", spec,
-                             "--calibration", calibration, "--reference", images[1], "--device", "cpu"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    scored = run_script("score.py", "--prompt", shapes_pairs.prompt[0], *images, "--scorer", spec, "--calibration",
+                        calibration, "--reference", images[1], "--device", "cpu")
     assert scored.returncode == 0, scored.stderr[-2000:]
     lines = scored.stdout.splitlines()
     assert len(lines) == 3 and all(f"P(beats {images[1]})" in line for line in lines)

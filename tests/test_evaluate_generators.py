@@ -1,13 +1,12 @@
 import json
 import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, TINY_CLIP
+from conftest import TINY_CLIP
+from conftest import run_script as run_in_process
 from PIL import Image
 
 import kept_scores
@@ -125,8 +124,7 @@ def test_items_are_compared_only_where_both_generators_have_them(world, tiny_ini
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, "evaluate_generators.py", *args, "--device", "cpu"], cwd=ROOT,
-                          capture_output=True, text=True)
+    return run_in_process("evaluate_generators.py", *args, "--device", "cpu")
 
 
 def test_bad_generations_end_in_one_line_naming_the_culprit(world, tiny_init, tmp_path):

@@ -1,13 +1,11 @@
 import json
 import os
-import subprocess
-import sys
 
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, TINY_CLIP
+from conftest import TINY_CLIP, run_script
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -60,7 +58,7 @@ def transformers_export(tiny):
 
 
 def export_cli(*args):
-    return subprocess.run([sys.executable, "export.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    return run_script("export.py", *args)
 
 
 def test_open_clip_export_loads_from_local_dir_and_gives_the_checkpoints_embeddings(tiny, open_clip_export):

@@ -1,8 +1,6 @@
 """A generations table of image bytes is read a row group at a time, as Pick-a-Pic's shards are, not whole."""
 import io
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

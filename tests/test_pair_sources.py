@@ -1,8 +1,6 @@
 import io
 import json
 import os
-import subprocess
-import sys
 
 import pandas as pd
 import pyarrow as pa
@@ -10,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import skimage
 import torch
-from conftest import ROOT, TINY_CLIP
+from conftest import TINY_CLIP, run_script
 from PIL import Image
 
 from clip_model import load_model
@@ -187,8 +185,7 @@ def test_ranked_lists_become_every_pair_with_different_ranks(layout, pairs, left
 
 
 def run_validate(*args):
-    return subprocess.run([sys.executable, "validate.py", *args, "--model", TINY_CLIP, "--device", "cpu"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return run_script("validate.py", *args, "--model", TINY_CLIP, "--device", "cpu")
 
 
 @pytest.mark.parametrize("layout, line, metric", [
@@ -234,10 +231,9 @@ def test_training_on_a_pickapic_shard_ends_on_the_weights_of_training_on_the_sam
 
 def test_training_reads_an_hpd_v2_train_json_directly(photos, tmp_path, tiny_init):
     path, root = ranked_json(photos, tmp_path, "hpdv2_train")
-    result = subprocess.run([sys.executable, "train_pair_pos_neg.py", "--training_file", path, "--image_root", root,
-                             "--training_mode", "visual_last_layer", "--batch_size", "2", "--n_epochs", "1",
-                             "--save_folder", str(tmp_path / "run"), "--model", TINY_CLIP, "--checkout_path", tiny_init,
-                             "--num_workers", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_script("train_pair_pos_neg.py", "--training_file", path, "--image_root", root, "--training_mode",
+                        "visual_last_layer", "--batch_size", "2", "--n_epochs", "1", "--save_folder",
+                        str(tmp_path / "run"), "--model", TINY_CLIP, "--checkout_path", tiny_init, "--num_workers", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "left out 1 image pairs with equal ranks" in result.stdout
     assert sorted(f for f in os.listdir(tmp_path / "run") if f.startswith("clip_")) == [

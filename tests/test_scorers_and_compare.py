@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from conftest import ROOT, TINY_CLIP
+from conftest import ROOT, TINY_CLIP, run_script
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
@@ -171,9 +171,8 @@ def test_bad_scorers_end_in_one_line_naming_the_spec(make, scorer, expected, sha
     specs = [scorer.format(init=tiny_init, tmp=tmp_path)]
     if "twice" in expected:
         specs.append(specs[0])
-    result = subprocess.run([sys.executable, "compare.py", str(tmp_path / "pairs.parquet"),
-                             *[a for s in specs for a in ("--scorer", s)], "--out", str(tmp_path / "out")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = run_script("compare.py", str(tmp_path / "pairs.parquet"), *[a for s in specs for a in ("--scorer", s)],
+                        "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]

@@ -1,10 +1,8 @@
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CLIP
+from conftest import TINY_CLIP, run_script
 from original import original_scores
 
 from clip_model import InputError, default_device, load_model
@@ -38,7 +36,7 @@ def test_a_tie_counts_as_correct(repeating_pairs, tiny_init):
 
 
 def run_validate(*args):
-    return subprocess.run([sys.executable, "validate.py", *args], cwd=ROOT, capture_output=True, text=True)
+    return run_script("validate.py", *args)
 
 
 def test_the_cli_prints_the_originals_line(shapes_pairs, tiny_init, tmp_path):
@@ -111,7 +109,7 @@ def test_the_precision_flag_reaches_the_scores(shapes_pairs, tiny_init, tmp_path
     scores = {}
     for precision in ("fp32", "bf16"):
         out = str(tmp_path / f"{precision}.csv")
-        subprocess.run([sys.executable, "validate.py", pairs_file, "--model", TINY_CLIP, "--checkout_path", tiny_init,
-                        "--precision", precision, "--scores_out", out], cwd=ROOT, check=True, capture_output=True)
+        assert run_validate(pairs_file, "--model", TINY_CLIP, "--checkout_path", tiny_init, "--precision", precision,
+                            "--scores_out", out).returncode == 0
         scores[precision] = __import__("pandas").read_csv(out)
     assert 0 < (scores["fp32"].pos_score - scores["bf16"].pos_score).abs().max() < 1e-2
