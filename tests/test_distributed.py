@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CLIP, assert_same_steps, save_tiny_init
+from conftest import ROOT, TINY_CLIP, assert_same_steps, run_script, save_tiny_init
 
 from demo import make_pairs
 
@@ -12,12 +12,18 @@ LEARNING_RATE = 1e-3
 
 
 def train(launcher, tmp_path, name, pairs_file, init, batch_size, env=None, extra=()):
+    """train_pair_pos_neg.py's final weights, launched by `launcher` (python -m LAUNCHER ...) or, with None, run in
+    this process as one process of its own would run it (accelerate reads its settings from `env` either way)."""
     save_folder = tmp_path / name
-    result = subprocess.run(
-        [sys.executable, "-m", *launcher, "train_pair_pos_neg.py", "--training_file", pairs_file,
-         "--training_mode", "all", "--batch_size", str(batch_size), "--n_epochs", "1", "--save_folder", str(save_folder),
-         "--model", TINY_CLIP, "--checkout_path", init, "--learning_rate", str(LEARNING_RATE), "--num_workers", "0", *extra],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
+    args = ["--training_file", pairs_file, "--training_mode", "all", "--batch_size", str(batch_size), "--n_epochs", "1",
+            "--save_folder", str(save_folder), "--model", TINY_CLIP, "--checkout_path", init, "--learning_rate",
+            str(LEARNING_RATE), "--num_workers", "0", *extra]
+    if launcher is None:
+        result = run_script("train_pair_pos_neg.py", *args, env=env)
+    else:
+        result = subprocess.run([sys.executable, "-m", *launcher, "train_pair_pos_neg.py", *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(save_folder / "clip_epoch_0_global_step_final.pth", weights_only=True)
 
@@ -30,9 +36,7 @@ def one_process_batch_4(tmp_path_factory):
     pairs_file = str(folder / "pairs.parquet")
     make_pairs(str(folder / "images"), 24, seed=0).iloc[:8].to_parquet(pairs_file)
     init = save_tiny_init(str(folder / "init.pth"))
-    launcher = ["accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return pairs_file, train(launcher, folder, "one", pairs_file, init, 4)
+    return pairs_file, train(None, folder, "one", pairs_file, init, 4)
 
 
 def test_two_processes_with_batch_2_end_on_the_weights_of_one_with_batch_4(one_process_batch_4, tiny_init, tmp_path):
@@ -46,13 +50,11 @@ def test_two_processes_with_batch_2_end_on_the_weights_of_one_with_batch_4(one_p
 def test_gradient_accumulation_of_2_batches_of_2_ends_on_the_weights_of_batch_4(how, one_process_batch_4, tiny_init,
                                                                                 tmp_path):
     pairs_file, one = one_process_batch_4
-    launcher = ["accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
     if how == "flag":
-        accumulated = train(launcher, tmp_path, "accumulated", pairs_file, tiny_init, 2,
+        accumulated = train(None, tmp_path, "accumulated", pairs_file, tiny_init, 2,
                             extra=["--gradient_accumulation_steps", "2"])
     else:  # what accelerate's DeepSpeed launcher and configs set
-        accumulated = train(launcher, tmp_path, "accumulated", pairs_file, tiny_init, 2,
+        accumulated = train(None, tmp_path, "accumulated", pairs_file, tiny_init, 2,
                             env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"})
     assert_same_steps(accumulated, one, torch.load(tiny_init, weights_only=True), LEARNING_RATE)
 

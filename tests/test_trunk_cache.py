@@ -7,7 +7,7 @@ from collections import namedtuple
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import ROOT, TINY_CLIP, assert_same_steps
+from conftest import ROOT, TINY_CLIP, assert_same_steps, run_script
 from PIL import Image
 
 from clip_model import InputError, load_model, train_mode, trainable_parameters
@@ -86,17 +86,18 @@ def test_two_processes_with_the_cache_end_on_the_weights_of_one_without(shapes_p
     pairs_file = str(tmp_path / "pairs.parquet")
     shapes_pairs.iloc[:8].to_parquet(pairs_file)  # two optimizer steps of 4 pairs
 
-    def run(launcher, name, batch_size, *extra, env=None):
-        subprocess.run([sys.executable, "-m", *launcher, "train_pair_pos_neg.py", "--training_file", pairs_file,
-                        "--training_mode", README_MODE, "--batch_size", str(batch_size), "--n_epochs", "1",
-                        "--save_folder", str(tmp_path / name), "--model", TINY_CLIP, "--checkout_path", tiny_init,
-                        "--learning_rate", str(LEARNING_RATE), "--num_workers", "0", *extra],
-                       cwd=ROOT, check=True, capture_output=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    def run(launcher, name, batch_size, *extra, env=None):  # launcher None: one process, this one
+        args = ["--training_file", pairs_file, "--training_mode", README_MODE, "--batch_size", str(batch_size),
+                "--n_epochs", "1", "--save_folder", str(tmp_path / name), "--model", TINY_CLIP, "--checkout_path",
+                tiny_init, "--learning_rate", str(LEARNING_RATE), "--num_workers", "0", *extra]
+        if launcher is None:
+            assert run_script("train_pair_pos_neg.py", *args).returncode == 0
+        else:
+            subprocess.run([sys.executable, "-m", *launcher, "train_pair_pos_neg.py", *args], cwd=ROOT, check=True,
+                           capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         return torch.load(tmp_path / name / "clip_epoch_0_global_step_final.pth", weights_only=True)
 
-    one = run(["accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no"], "one", 4)
+    one = run(None, "one", 4)
     two = run(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "two", 2, "--trunk_cache",
               str(tmp_path / "cache"), "--trunk_cache_dtype", "fp32", env={"ACCELERATE_USE_CPU": "1"})
     assert_same_steps(two, one, torch.load(tiny_init, weights_only=True), LEARNING_RATE)
