@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import ROOT, TINY_CLIP
+from conftest import run_script as run_in_process
 from safetensors.torch import load_file
 
 import finetune_generator
@@ -140,7 +141,10 @@ def test_each_method_takes_gradient_through_its_steps_only(method, grad_steps, s
     assert sum(p.grad.abs().sum() for p in lora_params) > 0
 
 
-def run_script(args, env=None, launcher=()):
+def run_script(args, env=None, launcher=None):
+    """finetune_generator.py's command line: in this process (its one thread), or under `launcher`'s processes."""
+    if launcher is None:
+        return run_in_process("finetune_generator.py", *args, env=env)
     return subprocess.run([sys.executable, *launcher, "finetune_generator.py", *args], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
 
