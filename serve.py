@@ -89,8 +89,7 @@ def decode_image(data, where, max_pixels):
     except UnidentifiedImageError:
         raise Refusal(400, f"{where}: not an image ({len(data)} bytes PIL cannot identify)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise Refusal(400, f"{where}: cannot decode the image ({reason})") from None
+        raise Refusal(400, f"{where}: cannot decode the image ({first_line(e)})") from None
 
 
 def decode_tensor(data, limits):
@@ -99,7 +98,7 @@ def decode_tensor(data, limits):
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise Refusal(400, f"tensor: not a .npy array ({str(e).strip().splitlines()[0][:120]})") from None
+        raise Refusal(400, f"tensor: not a .npy array ({first_line(e)})") from None
     if array.dtype not in (np.uint8, np.float16, np.float32) or array.ndim != 4:
         raise Refusal(400, f"tensor: expected float32 B x 3 x H x W or uint8 B x H x W x 3, got {array.dtype} of "
                            f"shape {array.shape}")
@@ -169,7 +168,7 @@ async def parse_request(request, body, limits):
         try:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise Refusal(400, f"body: not JSON ({str(e).splitlines()[0]})") from None
+            raise Refusal(400, f"body: not JSON ({first_line(e)})") from None
         if not isinstance(payload, dict):
             raise Refusal(400, f"body: a JSON {type(payload).__name__}; send an object with prompts and images")
         unknown = set(payload) - {"prompts", "images", "tensor"}
@@ -288,28 +287,35 @@ class ScoringCore:
         return answer
 
     def score_batch(self, requests):
-        """[answer dict or Refusal] for the requests [(images, prompts)], in order. A batch that fails as a whole is
-        scored request by request, so that only the request at fault fails."""
+        """[answer dict or Refusal] for the requests [(images, prompts)], in order. A batch that fails as a whole (an
+        error, or out of memory) is scored request by request, so that only the request at fault fails."""
         try:
-            raw = self._raw(requests)
-        except Exception:
-            if len(requests) == 1:
-                raw = [None]
-            else:
-                return [one for request in requests for one in self.score_batch([request])]
+            raws = self._raw(requests)
+        except Exception as e:
+            if len(requests) > 1:
+                return [answer for request in requests for answer in self.score_batch([request])]
+            return [refusal(e)]
         answers = []
-        for (images, prompts), one in zip(requests, raw):
+        for (_, prompts), raw in zip(requests, raws):
             try:
-                if one is None:
-                    self._raw([(images, prompts)])  # raises the request's own error again
-                answers.append(self.answer(one, prompts))
-            except Refusal as e:
-                answers.append(e)
-            except InputError as e:
-                answers.append(Refusal(400, str(e).strip().splitlines()[-1]))
+                answers.append(self.answer(raw, prompts))
             except Exception as e:
-                answers.append(Refusal(500, f"scoring failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"))
+                answers.append(refusal(e))
         return answers
+
+
+def refusal(error):
+    """The Refusal an error in scoring one request answers: 4xx for the request's fault, else 500."""
+    if isinstance(error, Refusal):
+        return error
+    if isinstance(error, InputError):
+        return Refusal(400, str(error).strip().splitlines()[-1])
+    return Refusal(500, f"scoring failed ({type(error).__name__}: {first_line(error)})")
+
+
+def first_line(error):
+    """An exception's message as one short line (its type's name when it has none)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
 
 
 @dataclass(eq=False)
@@ -454,9 +460,11 @@ class Metrics:
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=registry)
         self.in_flight = Gauge("reward_in_flight", "Requests admitted and not yet answered", registry=registry)
 
-    def on_batch(self, size, seconds):
-        self.batch_size.observe(size)
-        self.batch_seconds.observe(seconds)
+    def on_batch(self, size, seconds=None):
+        """A batch of `size` images scored in `seconds`; None: images scored in a batch made elsewhere (Ray's)."""
+        if seconds is not None:
+            self.batch_size.observe(size)
+            self.batch_seconds.observe(seconds)
         self.images.inc(size)
 
 
@@ -566,8 +574,8 @@ def serve(specs, host="127.0.0.1", port=8000, device=None, precision="fp32", rew
     limits = limits or Limits()
     app = make_app(LocalBackend(core, max_batch_size, max_wait_ms), limits)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=limits.request_timeout,
-                # uvicorn's own limit sits above ours, so that ours answers 503 with Retry-After
-                limit_concurrency=limits.max_queue * 2 + 16, timeout_keep_alive=30)
+                # uvicorn's own limit (a bare 503 past it) far above ours, which answers 503 with Retry-After
+                limit_concurrency=max(1024, 4 * limits.max_queue), timeout_keep_alive=30)
 
 
 def serve_ray(specs, replicas=2, host="127.0.0.1", port=8000, device=None, precision="fp32", reward_weights=None,
@@ -609,20 +617,21 @@ def serve_ray(specs, replicas=2, host="127.0.0.1", port=8000, device=None, preci
     @ray_serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=limits.max_queue * 2 + 16)
     @ray_serve.ingress()
     class RewardIngress:
-        def __init__(self, replica):
-            self.backend = RayBackend(replica, replicas, max_batch_size, max_wait_ms)
+        async def __init__(self, replica):
+            self.backend = RayBackend(replica, await replica.describe.remote(), replicas, max_batch_size, max_wait_ms)
 
         def __serve_build_asgi_app__(self):
             return make_app(self.backend, limits)
 
+    stop = threading.Event()
+    if blocking:  # Python's handlers over Ray's (which abort): a signal during start-up stops once Serve is up
+        import signal
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     ray_serve.start(http_options={"host": host, "port": port})
     handle = ray_serve.run(RewardIngress.bind(RewardReplica.bind()), name="reward", route_prefix="/")
     if not blocking:
         return handle
-    import signal
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     print(f"serving {specs} on http://{host}:{port} with Ray Serve, {replicas} replicas", flush=True)
     stop.wait()
     ray_serve.shutdown()  # Ray Serve drains each replica's requests in flight before it stops it
@@ -632,9 +641,9 @@ def serve_ray(specs, replicas=2, host="127.0.0.1", port=8000, device=None, preci
 class RayBackend:
     """make_app's scoring backend under Ray Serve: each request a call to a scoring replica (batched there)."""
 
-    def __init__(self, replica, replicas, max_batch_size, max_wait_ms):
-        self.replica, self.replicas, self.pending = replica, replicas, 0
-        self.max_batch_size, self.max_wait_ms, self.info = max_batch_size, max_wait_ms, None
+    def __init__(self, replica, info, replicas, max_batch_size, max_wait_ms):
+        self.replica, self.info, self.replicas, self.pending = replica, info, replicas, 0
+        self.max_batch_size, self.max_wait_ms = max_batch_size, max_wait_ms
 
     def start(self, on_batch):
         self.on_batch = on_batch
@@ -643,7 +652,7 @@ class RayBackend:
         pass
 
     def describe(self):
-        return {**(self.info or {}), "engine": "ray", "replicas": self.replicas,
+        return {**self.info, "engine": "ray", "replicas": self.replicas,
                 "max_batch_size": self.max_batch_size, "max_wait_ms": self.max_wait_ms}
 
     def waiting(self):
@@ -653,8 +662,6 @@ class RayBackend:
         return 1.0
 
     async def score(self, images, prompts):
-        if self.info is None:
-            self.info = await self.replica.describe.remote()
         self.pending += 1
         response = self.replica.score.remote(images, prompts)
         try:
@@ -664,7 +671,7 @@ class RayBackend:
             raise
         finally:
             self.pending -= 1
-        self.on_batch(len(prompts), 0.0)  # Ray batches in the replica: here each request's images are counted
+        self.on_batch(len(prompts))  # batched in the replica: Ray Serve's own metrics have its batch sizes
         if isinstance(answer, Refusal):
             raise answer
         return answer
@@ -698,6 +705,7 @@ def main():
     parser.add_argument("--engine", default="uvicorn", choices=ENGINES)
     parser.add_argument("--replicas", type=int, default=1, help="scoring replicas under --engine ray")
     parser.add_argument("--num_cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
+    parser.add_argument("--log_level", default="info", help="uvicorn's (warning: no line a request)")
     args = parser.parse_args()
     for flag in ("max_batch_size", "max_queue", "max_images", "max_request_bytes", "max_pixels", "replicas"):
         if getattr(args, flag) < 1:
@@ -709,7 +717,7 @@ def main():
     if args.engine == "ray":
         serve_ray(args.specs, args.replicas, num_cpus=args.num_cpus, **common)
     else:
-        serve(args.specs, **common)
+        serve(args.specs, log_level=args.log_level, **common)
 
 
 if __name__ == "__main__":

@@ -149,7 +149,8 @@ def test_a_mix_is_normalised_within_each_request_as_in_process(servers, specs):
 
 def test_concurrent_clients_get_their_own_scores_from_shared_batches(servers, local):
     clients = 12
-    requests_of = [(pictures(1 + k % 3, 100 + k), [f"prompt {k} {j}" for j in range(1 + k % 3)]) for k in range(clients)]
+    requests_of = [(pictures(1 + k % 3, 100 + k), [f"prompt {k} {j}" for j in range(1 + k % 3)])
+                   for k in range(clients)]
     answers, start = [None] * clients, threading.Barrier(clients)
 
     def client(k):
@@ -391,7 +392,7 @@ def test_ray_serve_with_two_replicas_scores_as_one_process(specs, local):
             process.wait(60)
         finally:
             process.kill()
-    assert health["engine"] == "ray" and health["replicas"] == 2
+    assert health["engine"] == "ray" and health["replicas"] == 2 and health["spec"] == [specs[0]]
     for k, answer in enumerate(answers):
         assert abs(answer.json()["scores"][0] - local([images[k]], [f"p{k}"])[0].item()) < TOL
     assert_one_line_naming(bad, 400, "images[0]", "not an image")
