@@ -59,6 +59,9 @@ class Refusal(Exception):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers
 
+    def __reduce__(self):  # a scoring replica's refusal crosses to Ray's ingress pickled
+        return Refusal, (self.status, self.message, self.headers)
+
 
 # ---- one request's images, decoded and checked before it joins a batch ---------------------------------------------
 
@@ -215,7 +218,7 @@ def decode_request(prompts, images, tensor, limits):
 
 # ---- scoring: batches of requests, each answered as reward_fn answers it -------------------------------------------
 
-def load_reward(specs, device="cpu", reward_weights=None, reward_norm="none", calibration=None):
+def load_reward(specs, device="cpu", reward_weights=None, reward_norm=None, calibration=None):
     """(reward_fn's callable, whether it is plain): a single spec without normalisation is plain (its scores, info
     {}), anything else reward_fn's mix of {spec: weight}. The server scores with what reward_fn builds."""
     specs = [specs] if isinstance(specs, str) else list(specs)

@@ -75,16 +75,28 @@ def local(specs):
 
 
 @pytest.fixture(scope="module")
-def servers(specs):
-    """Three servers in this process: "main" (batches of up to 64 images, 50 ms to fill), "slow" (a queue of 2
+def calibration(specs, tmp_path_factory):
+    """A calibration.json for the first spec (temperature 20), as compare.py --calibrate writes its entries."""
+    from calibration import calibration_entries
+    path = str(tmp_path_factory.mktemp("calibration") / "calibration.json")
+    with open(path, "w") as f:
+        json.dump(calibration_entries({"ours": {"temperature": 20.0}}, {"ours": specs[0]}), f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def servers(specs, calibration):
+    """Four servers in this process: "main" (batches of up to 64 images, 50 ms to fill), "slow" (a queue of 2
     requests, 1.5 s to fill a batch: overload and clients that leave), "mix" (the two specs, group-normalised,
-    a 1 s request timeout). main and slow share one loaded model."""
+    a 1 s request timeout), "calibrated" (the first spec with its calibration). main and slow share one model."""
     core = ScoringCore(*load_reward(specs[0]), "cpu")
     mix = ScoringCore(*load_reward(specs, reward_norm="group"), "cpu")
+    calibrated = ScoringCore(*load_reward(specs[0], calibration=calibration), "cpu")
     made = {"main": Server(make_app(LocalBackend(core, 64, 50), Limits(max_images=8, max_request_bytes=2**20,
                                                                         max_pixels=512 * 512))),
             "slow": Server(make_app(LocalBackend(core, 256, 1500), Limits(max_queue=2))),
-            "mix": Server(make_app(LocalBackend(mix, 64, 10), Limits(request_timeout=1.0)))}
+            "mix": Server(make_app(LocalBackend(mix, 64, 10), Limits(request_timeout=1.0))),
+            "calibrated": Server(make_app(LocalBackend(calibrated, 64, 10)))}
     yield made
     for server in reversed(made.values()):  # each restores the PIL settings it found (strict_decoding)
         server.stop()
@@ -145,6 +157,19 @@ def test_a_mix_is_normalised_within_each_request_as_in_process(servers, specs):
     assert torch.allclose(ours, expected, atol=TOL)
     assert info.keys() == expected_info.keys() and all(torch.allclose(info[k], expected_info[k], atol=TOL)
                                                        for k in info)
+
+
+def test_a_calibrated_reward_answers_log_odds_and_each_image_s_probability_of_beating_the_median(
+        servers, specs, calibration, local):
+    images, prompts = pictures(3, 20), ["a", "b", "c"]
+    answer = post(servers["calibrated"].url, prompts, [png(i) for i in images]).json()
+    own = local(images, prompts)[0].double()
+    assert torch.allclose(torch.tensor(answer["scores"]).double(), 20 * own, atol=20 * TOL)
+    assert torch.allclose(torch.tensor(answer["raw"][specs[0]]).double(), own, atol=TOL)
+    expected = torch.sigmoid(20 * (own - own.median()))
+    assert torch.allclose(torch.tensor(answer["probabilities"][specs[0]]).double(), expected, atol=1e-4)
+    in_process = reward_fn(specs[0], calibration=calibration)(images, prompts)[0]
+    assert torch.allclose(reward_fn(servers["calibrated"].url)(images, prompts)[0], in_process, atol=20 * TOL)
 
 
 def test_concurrent_clients_get_their_own_scores_from_shared_batches(servers, local):
@@ -391,6 +416,9 @@ def test_ray_serve_with_two_replicas_scores_as_one_process(specs, local):
         [t.start() for t in threads]
         [t.join(120) for t in threads]
         bad = post(url, ["a"], [b"not an image"])
+        nan = torch.rand(1, 3, 64, 64)
+        nan[0, 0, 0, 0] = float("nan")
+        non_finite = requests.post(url + "/score", files=[("prompts", (None, "a"))] + encode_images(nan), timeout=60)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -400,4 +428,5 @@ def test_ray_serve_with_two_replicas_scores_as_one_process(specs, local):
     assert health["engine"] == "ray" and health["replicas"] == 2 and health["spec"] == [specs[0]]
     for k, answer in enumerate(answers):
         assert abs(answer.json()["scores"][0] - local([images[k]], [f"p{k}"])[0].item()) < TOL
-    assert_one_line_naming(bad, 400, "images[0]", "not an image")
+    assert_one_line_naming(bad, 400, "images[0]", "not an image")  # refused by the ingress
+    assert_one_line_naming(non_finite, 422, "non-finite")  # by a scoring replica
