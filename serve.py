@@ -227,8 +227,9 @@ def load_reward(specs, device="cpu", reward_weights=None, reward_norm=None, cali
     reward_norm = reward_norm or ("none" if calibration is None else "calibrated")
     if reward_norm not in REWARD_NORMS:
         raise InputError(f"--reward_norm {reward_norm}: unknown; choose from {', '.join(REWARD_NORMS)}")
-    if len(set(specs)) != len(specs):
-        raise InputError(f"{specs}: a spec given twice")
+    twice = [spec for spec in specs if specs.count(spec) > 1]
+    if twice:
+        raise InputError(f"{twice[0]}: given twice; give each spec once (--reward_weights weighs them)")
     plain = len(specs) == 1 and reward_weights is None and reward_norm == "none"
     spec = specs[0] if plain else dict(zip(specs, reward_weights or [1.0] * len(specs)))
     return reward_fn(spec, device, reward_norm=reward_norm, calibration=calibration), plain

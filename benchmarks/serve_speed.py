@@ -1,8 +1,11 @@
 """Throughput and latency of serve.py on loopback against in-process scoring of the same images in the same run, and
 its behaviour under overload (docs/serving.md).
 
-    python benchmarks/serve_speed.py                                  # tiny and ViT-L/14, 1/8/32 clients, 20 s each
-    python benchmarks/serve_speed.py --seconds 5 --models tiny         # a short run
+    python benchmarks/serve_speed.py --models tiny --threads 1        # 1/8/32 clients, 20 s each, and overload
+    python benchmarks/serve_speed.py --models vit-l-14 --threads 1 --pool 8 --max_batch_size 8 \
+        --images_per_request 1 --overload_models vit-l-14 --overload_clients 16 --overload_queue 4 --append
+    (docs/serving.md's numbers: the same with --seconds 5; ViT-L/14 on a CPU takes seconds an image, hence its
+    smaller pool, batches and requests)
 
 For each model (random weights saved once, so that server and in-process load the same file): the server starts as a
 process of its own (--max_batch_size, --max_wait_ms); 1, 8 and 32 client threads each send requests of
