@@ -259,7 +259,9 @@ class ScoringCore:
             for members in groups.values():
                 prompts = [p for i in members for p in requests[i][1]]
                 images = [requests[i][0] for i in members]
-                images = sum(images, []) if isinstance(images[0], list) else torch.cat(images)
+                # tensors go to the model's device first: their preprocessing then runs there, batched, as it does
+                # in a trainer whose VAE decoded them on its GPU
+                images = sum(images, []) if isinstance(images[0], list) else torch.cat(images).to(self.device)
                 scores = self.mix.scores(images, prompts, check_finite=False)
                 start = 0
                 for i in members:
