@@ -474,7 +474,7 @@ class Metrics:
         self.images.inc(size)
 
 
-REASONS = {503: "queue_full", 413: "too_large", 408: "timeout", 504: "timeout", 499: "client_left"}
+REASONS = {503: "queue_full", 413: "too_large", 408: "timeout", 504: "timeout", 422: "non_finite", 500: "error"}
 
 
 def make_app(backend, limits=None):
@@ -508,7 +508,7 @@ def make_app(backend, limits=None):
     app.state.metrics, app.state.limits = metrics, limits
 
     def refuse(e):
-        metrics.rejections.labels(REASONS.get(e.status, "bad_input")).inc()
+        metrics.rejections.labels(REASONS.get(e.status, "bad_input")).inc()  # bad_input: 400, 415
         metrics.requests.labels(str(e.status)).inc()
         return JSONResponse({"error": e.message}, e.status, headers=e.headers)
 
@@ -573,7 +573,10 @@ def make_app(backend, limits=None):
 def serve(specs, host="127.0.0.1", port=8000, device=None, precision="fp32", reward_weights=None, reward_norm=None,
           calibration=None, max_batch_size=32, max_wait_ms=10.0, limits=None, log_level="info"):
     """Load the reward and serve it with uvicorn until SIGTERM or SIGINT, which finish the requests in flight and
-    refuse new ones (uvicorn stops listening; a request on an open connection gets 503)."""
+    refuse new ones (uvicorn stops listening and closes idle connections), then score what is queued.
+
+        serve("clip:clip_final.pth", port=8000, device="cuda", precision="bf16", max_batch_size=64)
+    """
     import uvicorn
     device = device or default_device()
     core = ScoringCore(*load_reward(specs, device, reward_weights, reward_norm, calibration), device, precision)
@@ -600,14 +603,22 @@ def serve_ray(specs, replicas=2, host="127.0.0.1", port=8000, device=None, preci
     from scorers import check_spec
     for spec in [specs] if isinstance(specs, str) else specs:
         check_spec(spec)  # a mistake in one line here, not in a replica's log
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-    env.update({k: v for k, v in os.environ.items() if k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")})
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
+        # the replicas import this repo's modules: on a cluster they need it on their path (this checkout's path on
+        # each node); a local instance's workers inherit this process's environment, where a runtime_env would
+        # keep them from reusing the workers Ray starts in advance
+        path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+        cluster = os.environ.get("RAY_ADDRESS")
+        if not cluster:
+            os.environ["PYTHONPATH"] = path
+        ray.init(address=cluster, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": path}} if cluster else None)
     per_replica = {"num_gpus": 1} if torch.device(device).type == "cuda" else {"num_cpus": 1}
+    # a stopping replica drains its requests in flight (up to the request timeout), checking every 0.1 s
+    draining = dict(graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=limits.request_timeout)
 
-    @ray_serve.deployment(num_replicas=replicas, ray_actor_options=per_replica, max_ongoing_requests=4 * max_batch_size)
+    @ray_serve.deployment(num_replicas=replicas, ray_actor_options=per_replica, max_ongoing_requests=4 * max_batch_size,
+                          **draining)
     class RewardReplica:
         def __init__(self):
             self.core = ScoringCore(*load_reward(specs, device, reward_weights, reward_norm, calibration), device,
@@ -620,7 +631,8 @@ def serve_ray(specs, replicas=2, host="127.0.0.1", port=8000, device=None, preci
         async def score(self, images, prompts):
             return await asyncio.to_thread(self.core.score_batch, list(zip(images, prompts)))
 
-    @ray_serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=limits.max_queue * 2 + 16)
+    @ray_serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=limits.max_queue * 2 + 16,
+                          **draining)
     @ray_serve.ingress()
     class RewardIngress:
         async def __init__(self, replica):
