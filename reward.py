@@ -348,7 +348,14 @@ def reward_fn(spec, device="cpu", gradient_checkpointing=False, reward_norm=None
 
         fn = reward_fn({"clip:a.pth": 1.0, "pickscore:PickScore_v1": 1.0}, "cuda", reward_norm="group")
         rewards, info = fn(images, prompts, metadata)     # info["pickscore:PickScore_v1"]: PickScore's own scores
+        fn = reward_fn("http://10.0.0.5:8000")            # the same callable on a scoring server (serve.py)
     """
+    if isinstance(spec, str) and spec.startswith(("http://", "https://")):
+        if gradient_checkpointing or reward_norm or calibration:
+            raise InputError(f"{spec}: a server's reward is set where it is served (serve.py --reward_norm, "
+                             f"--calibration) and carries no gradient")
+        from reward_client import remote_reward_fn
+        return remote_reward_fn(spec, device)
     specs = {spec: 1.0} if isinstance(spec, str) else dict(spec)
     reward_norm = reward_norm or ("none" if calibration is None else "calibrated")
     for one in specs:

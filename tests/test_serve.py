@@ -1,0 +1,440 @@
+"""serve.py and reward_client.py: the reward served over HTTP on 127.0.0.1 scores as reward.reward_fn in process, under
+concurrent clients, overload, bad input, clients that leave, SIGTERM, and behind Ray Serve."""
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from conftest import ROOT, TINY_CLIP, save_tiny_init
+from reward import reward_fn
+from reward_client import encode_images
+from serve import Limits, LocalBackend, ScoringCore, load_reward, make_app
+
+TOL = 1e-6
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A uvicorn server of `app` in a thread of this process, on a free port."""
+
+    def __init__(self, app):
+        import uvicorn
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the test server did not start"
+            time.sleep(0.02)
+        self.app = app
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def health(self):
+        return requests.get(self.url + "/health", timeout=10).json()
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory):
+    """Two tiny random CLIPs as clip: specs (the second another seed's init)."""
+    folder = tmp_path_factory.mktemp("serve")
+    first = save_tiny_init(str(folder / "init.pth"))
+    torch.manual_seed(1)
+    from clip_model import load_model
+    second = str(folder / "other.pth")
+    torch.save(load_model(TINY_CLIP, pretrained="none")[0].state_dict(), second)
+    return [f"clip:{first},model={TINY_CLIP}", f"clip:{second},model={TINY_CLIP}"]
+
+
+@pytest.fixture(scope="module")
+def local(specs):
+    """The in-process reward_fn of the first spec: what every remote score is held to."""
+    return reward_fn(specs[0])
+
+
+@pytest.fixture(scope="module")
+def calibration(specs, tmp_path_factory):
+    """A calibration.json for the first spec (temperature 20), as compare.py --calibrate writes its entries."""
+    from calibration import calibration_entries
+    path = str(tmp_path_factory.mktemp("calibration") / "calibration.json")
+    with open(path, "w") as f:
+        json.dump(calibration_entries({"ours": {"temperature": 20.0}}, {"ours": specs[0]}), f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def servers(specs, calibration):
+    """Four servers in this process: "main" (batches of up to 64 images, 50 ms to fill), "slow" (a queue of 2
+    requests, 1.5 s to fill a batch: overload and clients that leave), "mix" (the two specs, group-normalised,
+    a 1 s request timeout), "calibrated" (the first spec with its calibration). main and slow share one model."""
+    core = ScoringCore(*load_reward(specs[0]), "cpu")
+    mix = ScoringCore(*load_reward(specs, reward_norm="group"), "cpu")
+    calibrated = ScoringCore(*load_reward(specs[0], calibration=calibration), "cpu")
+    made = {"main": Server(make_app(LocalBackend(core, 64, 50), Limits(max_images=8, max_request_bytes=2**20,
+                                                                        max_pixels=512 * 512))),
+            "slow": Server(make_app(LocalBackend(core, 256, 1500), Limits(max_queue=2))),
+            "mix": Server(make_app(LocalBackend(mix, 64, 10), Limits(request_timeout=1.0))),
+            "calibrated": Server(make_app(LocalBackend(calibrated, 64, 10)))}
+    yield made
+    for server in reversed(made.values()):  # each restores the PIL settings it found (strict_decoding)
+        server.stop()
+
+
+def pictures(n, seed, size=(64, 64)):
+    generator = np.random.default_rng(seed)
+    return [Image.fromarray(generator.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def post(url, prompts, images, timeout=30):
+    files = [("prompts", (None, p)) for p in prompts] + [("images", (f"{i}.png", data, "image/png"))
+                                                          for i, data in enumerate(images)]
+    return requests.post(url + "/score", files=files, timeout=timeout)
+
+
+def assert_one_line_naming(response, status, *words):
+    assert response.status_code == status, response.text
+    message = response.json()["error"]
+    assert "\n" not in message and all(word in message for word in words), message
+
+
+def metric(server, name):
+    metrics = requests.get(server.url + "/metrics", timeout=10).text
+    return float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith(name + " ")))
+
+
+def images_scored(server):
+    return metric(server, "reward_images_total")
+
+
+def batches_scored(server):
+    return metric(server, "reward_batch_size_count")
+
+
+# ---- scores equal the in-process reward ----------------------------------------------------------------------------
+
+def test_ddpo_style_call_through_a_url_equals_the_in_process_call(servers, local):
+    remote = reward_fn(servers["main"].url)
+    generator = torch.Generator().manual_seed(0)
+    floats = torch.rand(3, 3, 64, 64, generator=generator)
+    uint8 = (torch.rand(2, 80, 72, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    images = pictures(2, 0, (96, 70))
+    for batch, prompts in ((floats, ["a cat", "a dog", "a fox"]), (uint8, ["red", "blue"]), (images, ["x", "y"])):
+        ours, info = remote(batch, prompts, [{}] * len(prompts))
+        expected, expected_info = local(batch, prompts, [{}] * len(prompts))
+        assert info == expected_info == {}
+        assert ours.dtype == torch.float32 and torch.allclose(ours, expected, rtol=0, atol=TOL)
+
+
+def test_json_with_base64_images_scores_as_multipart(servers, local):
+    images = pictures(2, 1)
+    payload = {"prompts": ["a", "b"], "images": [base64.b64encode(png(i)).decode() for i in images]}
+    by_json = requests.post(servers["main"].url + "/score", json=payload, timeout=30).json()["scores"]
+    by_form = post(servers["main"].url, ["a", "b"], [png(i) for i in images]).json()["scores"]
+    expected = local(images, ["a", "b"])[0]
+    assert torch.allclose(torch.tensor(by_json), expected, atol=TOL) and by_json == by_form
+
+
+def test_a_mix_is_normalised_within_each_request_as_in_process(servers, specs):
+    in_process = reward_fn({specs[0]: 1.0, specs[1]: 1.0}, reward_norm="group")
+    remote = reward_fn(servers["mix"].url)
+    images, prompts = pictures(4, 2), ["a", "a", "b", "b"]
+    (ours, info), (expected, expected_info) = remote(images, prompts), in_process(images, prompts)
+    assert torch.allclose(ours, expected, atol=TOL)
+    assert info.keys() == expected_info.keys() and all(torch.allclose(info[k], expected_info[k], atol=TOL)
+                                                       for k in info)
+
+
+def test_a_calibrated_reward_answers_log_odds_and_each_image_s_probability_of_beating_the_median(
+        servers, specs, calibration, local):
+    images, prompts = pictures(3, 20), ["a", "b", "c"]
+    answer = post(servers["calibrated"].url, prompts, [png(i) for i in images]).json()
+    own = local(images, prompts)[0].double()
+    assert torch.allclose(torch.tensor(answer["scores"]).double(), 20 * own, atol=20 * TOL)
+    assert torch.allclose(torch.tensor(answer["raw"][specs[0]]).double(), own, atol=TOL)
+    expected = torch.sigmoid(20 * (own - own.median()))
+    assert torch.allclose(torch.tensor(answer["probabilities"][specs[0]]).double(), expected, atol=1e-4)
+    in_process = reward_fn(specs[0], calibration=calibration)(images, prompts)[0]
+    assert torch.allclose(reward_fn(servers["calibrated"].url)(images, prompts)[0], in_process, atol=20 * TOL)
+
+
+def test_concurrent_clients_get_their_own_scores_from_shared_batches(servers, local):
+    clients = 12
+    requests_of = [(pictures(1 + k % 3, 100 + k), [f"prompt {k} {j}" for j in range(1 + k % 3)])
+                   for k in range(clients)]
+    answers, start = [None] * clients, threading.Barrier(clients)
+    batches_before = batches_scored(servers["main"])
+
+    def client(k):
+        start.wait()
+        images, prompts = requests_of[k]
+        answers[k] = post(servers["main"].url, prompts, [png(i) for i in images]).json()["scores"]
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    for (images, prompts), answer in zip(requests_of, answers):
+        assert torch.allclose(torch.tensor(answer), local(images, prompts)[0], atol=TOL)
+    assert batches_scored(servers["main"]) - batches_before < clients  # some requests shared a batch
+
+
+def test_a_request_whose_image_breaks_the_model_fails_alone_in_its_batch(servers, local):
+    good = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    bad = good.clone()
+    bad[1, 0, 5, 5] = float("nan")  # passes the range check, gives a nan score
+    answers, start = {}, threading.Barrier(3)
+
+    def client(name, batch):
+        start.wait()
+        files = [("prompts", (None, "p")), ("prompts", (None, "q"))] + encode_images(batch)
+        answers[name] = requests.post(servers["main"].url + "/score", files=files, timeout=30)
+    threads = [threading.Thread(target=client, args=args) for args in (("good", good), ("bad", bad), ("also", good))]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert_one_line_naming(answers["bad"], 422, "non-finite", "'q'")
+    for name in ("good", "also"):
+        assert torch.allclose(torch.tensor(answers[name].json()["scores"]), local(good, ["p", "q"])[0], atol=TOL)
+
+
+# ---- bad input: 4xx in one line, and the server goes on ------------------------------------------------------------
+
+def truncated_png():
+    data = png(pictures(1, 5)[0])
+    return data[:len(data) // 2]
+
+
+BAD_INPUTS = {
+    "not_an_image": (lambda url: post(url, ["a"], [b"hello, not a picture"]), 400, "images[0]", "not an image"),
+    "truncated_file": (lambda url: post(url, ["a"], [truncated_png()]), 400, "images[0]", "truncated"),
+    "wrong_json": (lambda url: requests.post(url + "/score", data=b"{prompts: [", timeout=30,
+                                             headers={"content-type": "application/json"}), 400, "not JSON"),
+    "json_of_the_wrong_shape": (lambda url: requests.post(url + "/score", json={"prompts": "a", "images": [3]},
+                                                          timeout=30), 400, "images", "base64"),
+    "not_base64": (lambda url: requests.post(url + "/score", json={"prompts": ["a"], "images": ["@@@"]},
+                                             timeout=30), 400, "images", "base64"),
+    "prompt_count": (lambda url: post(url, ["a", "b", "c"], [png(i) for i in pictures(2, 6)]), 400,
+                     "prompts", "3 for 2 images"),
+    "empty_request": (lambda url: requests.post(url + "/score", json={"prompts": []}, timeout=30), 400,
+                      "empty request"),
+    "too_many_images": (lambda url: post(url, ["a"] * 9, [png(pictures(1, 7)[0])] * 9), 413, "--max_images 8"),
+    "too_many_bytes": (lambda url: post(url, ["a"], [b"\0" * (2**20 + 10)]), 413, "--max_request_bytes"),
+    "too_many_pixels": (lambda url: post(url, ["a"], [png(Image.new("RGB", (1024, 1024)))]), 413,
+                        "images[0]", "1024 x 1024", "--max_pixels"),
+    "values_out_of_range": (lambda url: requests.post(url + "/score", files=[("prompts", (None, "a"))] + encode_images(
+        torch.full((1, 3, 8, 8), 2.0)), timeout=30), 400, "tensor", "[0, 1]"),
+    "unknown_content_type": (lambda url: requests.post(url + "/score", data=b"x", timeout=30,
+                                                       headers={"content-type": "text/plain"}), 415, "text/plain"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_a_4xx_in_one_line_naming_the_fault(servers, case):
+    send, status, *words = BAD_INPUTS[case]
+    assert_one_line_naming(send(servers["main"].url), status, *words)
+    assert post(servers["main"].url, ["a"], [png(pictures(1, 8)[0])]).status_code == 200  # and it goes on
+
+
+# ---- back-pressure, clients that leave, timeouts -------------------------------------------------------------------
+
+def test_overload_answers_503_with_retry_after_at_once_then_recovers(servers, local):
+    url, clients = servers["slow"].url, 6
+    images = pictures(clients, 9)
+    answers, start = [None] * clients, threading.Barrier(clients)
+
+    def client(k):
+        start.wait()
+        response = post(url, [f"p{k}"], [png(images[k])])
+        answers[k] = (response, time.monotonic())
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    scored = [(k, r, t) for k, (r, t) in enumerate(answers) if r.status_code == 200]
+    refused = [(k, r, t) for k, (r, t) in enumerate(answers) if r.status_code == 503]
+    assert len(scored) == 2 and len(refused) == clients - 2  # the queue holds 2; none lost
+    assert all(int(r.headers["Retry-After"]) >= 1 and "--max_queue" in r.json()["error"] for _, r, _ in refused)
+    assert max(t for _, _, t in refused) < min(t for _, _, t in scored)  # refused before the batch was scored
+    for k, r, _ in scored:
+        assert abs(r.json()["scores"][0] - local([images[k]], [f"p{k}"])[0].item()) < TOL
+    assert post(url, ["again"], [png(images[0])]).status_code == 200
+
+
+def test_the_client_retries_a_503_after_its_retry_after(servers, local):
+    url, images = servers["slow"].url, pictures(3, 10)
+    fillers = [threading.Thread(target=post, args=(url, [f"f{k}"], [png(images[k])])) for k in range(2)]
+    [t.start() for t in fillers]
+    deadline = time.monotonic() + 10
+    while servers["slow"].health()["in_flight"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    rewards, _ = reward_fn(url)([images[2]], ["late"])  # refused once (the queue is full), then scored
+    [t.join(60) for t in fillers]
+    assert abs(rewards.item() - local([images[2]], ["late"])[0].item()) < TOL
+    metrics = requests.get(url + "/metrics", timeout=10).text
+    assert 'reward_rejections_total{reason="queue_full"}' in metrics
+
+
+def wait_for(check, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def multipart_request(url, prompts, images):
+    """The raw bytes of a /score request, as a client would send them."""
+    prepared = requests.Request("POST", url + "/score", files=[("prompts", (None, p)) for p in prompts] +
+                                [("images", ("0.png", data, "image/png")) for data in images]).prepare()
+    head = f"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {prepared.headers['Content-Type']}\r\n" \
+           f"Content-Length: {len(prepared.body)}\r\n\r\n"
+    return head.encode() + prepared.body
+
+
+def test_a_client_killed_mid_upload_frees_its_slot(servers):
+    server = servers["slow"]
+    raw = multipart_request(server.url, ["a"], [png(pictures(1, 11)[0])])
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(raw[:len(raw) // 2])  # half the body, then gone
+        wait_for(lambda: server.health()["in_flight"] == 1)
+    wait_for(lambda: server.health()["in_flight"] == 0)
+    assert post(server.url, ["b"], [png(pictures(1, 12)[0])]).status_code == 200
+
+
+
+
+def test_a_client_that_leaves_while_queued_frees_its_slot_and_is_never_scored(servers):
+    server = servers["slow"]
+    before = images_scored(server)
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(multipart_request(server.url, ["a"], [png(pictures(1, 13)[0])]))
+        wait_for(lambda: server.health()["queue_depth"] == 1)
+    wait_for(lambda: server.health()["in_flight"] == 0)
+    time.sleep(1.6)  # past the 1.5 s its batch would have waited
+    assert server.health()["queue_depth"] == 0 and images_scored(server) == before
+
+
+def test_an_upload_slower_than_the_request_timeout_gets_408(servers):
+    server = servers["mix"]
+    raw = multipart_request(server.url, ["a"], [png(pictures(1, 14)[0])])
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(raw[:len(raw) // 2])
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 408") and "--request_timeout 1" in answer
+    assert server.health()["in_flight"] == 0
+
+
+def test_health_names_what_is_served_and_metrics_count_the_requests(servers, specs):
+    health = servers["main"].health()
+    assert health["spec"] == [specs[0]] and health["device"] == "cpu" and health["status"] == "ok"
+    assert {"queue_depth", "in_flight", "max_batch_size", "max_wait_ms"} <= health.keys()
+    metrics = requests.get(servers["main"].url + "/metrics", timeout=10).text
+    for name in ("reward_requests_total", "reward_images_total", "reward_batch_size_bucket",
+                 "reward_request_seconds_bucket", "reward_rejections_total"):
+        assert name in metrics
+
+
+# ---- the server as a process: SIGTERM, restart, Ray Serve ----------------------------------------------------------
+
+def start_process(args, port):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *args, "--port", str(port),
+                                "--device", "cpu"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        assert process.poll() is None, process.stdout.read()
+        try:
+            return requests.get(url + "/health", timeout=2).json()["status"] == "ok"
+        except requests.RequestException:
+            return False
+    wait_for(up, 120)
+    return process, url
+
+
+def test_sigterm_finishes_the_requests_in_flight_and_refuses_new_ones(specs, local):
+    port, images = free_port(), pictures(3, 15)
+    process, url = start_process([specs[0], "--max_wait_ms", "3000"], port)
+    try:
+        answers = [None] * 3
+        threads = [threading.Thread(target=lambda k=k: answers.__setitem__(k, post(url, [f"p{k}"], [png(images[k])])))
+                   for k in range(3)]
+        [t.start() for t in threads]
+        wait_for(lambda: requests.get(url + "/health", timeout=5).json()["in_flight"] == 3)
+        process.send_signal(signal.SIGTERM)  # while the three wait for their batch
+
+        def refused():
+            try:
+                requests.get(url + "/health", timeout=5)
+                return False
+            except requests.ConnectionError:
+                return True
+        wait_for(refused)  # no longer listening ...
+        assert all(answer is None for answer in answers)  # ... while the three are still in flight
+        [t.join(60) for t in threads]
+        process.wait(60)
+    finally:
+        process.kill()
+    for k, answer in enumerate(answers):
+        assert answer.status_code == 200
+        assert abs(answer.json()["scores"][0] - local([images[k]], [f"p{k}"])[0].item()) < TOL
+    process, url = start_process([specs[0]], port)  # restarted: the same scores
+    try:
+        assert abs(post(url, ["p0"], [png(images[0])]).json()["scores"][0] - answers[0].json()["scores"][0]) < TOL
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+
+
+def test_ray_serve_with_two_replicas_scores_as_one_process(specs, local):
+    process, url = start_process([specs[0], "--engine", "ray", "--replicas", "2", "--num_cpus", "2"], free_port())
+    try:
+        health = requests.get(url + "/health", timeout=10).json()
+        images = pictures(8, 16)
+        answers, start = [None] * 8, threading.Barrier(8)
+
+        def client(k):
+            start.wait()
+            answers[k] = post(url, [f"p{k}"], [png(images[k])], timeout=60)
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+        bad = post(url, ["a"], [b"not an image"])
+        nan = torch.rand(1, 3, 64, 64)
+        nan[0, 0, 0, 0] = float("nan")
+        non_finite = requests.post(url + "/score", files=[("prompts", (None, "a"))] + encode_images(nan), timeout=60)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        finally:
+            process.kill()
+    assert health["engine"] == "ray" and health["replicas"] == 2 and health["spec"] == [specs[0]]
+    for k, answer in enumerate(answers):
+        assert abs(answer.json()["scores"][0] - local([images[k]], [f"p{k}"])[0].item()) < TOL
+    assert_one_line_naming(bad, 400, "images[0]", "not an image")  # refused by the ingress
+    assert_one_line_naming(non_finite, 422, "non-finite")  # by a scoring replica
