@@ -359,7 +359,7 @@ def test_health_names_what_is_served_and_metrics_count_the_requests(servers, spe
 
 # ---- the server as a process: SIGTERM, restart, Ray Serve ----------------------------------------------------------
 
-def start_process(args, port):
+def start_process(args, port, start_timeout=120):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *args, "--port", str(port),
                                 "--device", "cpu"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -372,7 +372,7 @@ def start_process(args, port):
             return requests.get(url + "/health", timeout=2).json()["status"] == "ok"
         except requests.RequestException:
             return False
-    wait_for(up, 120)
+    wait_for(up, start_timeout)
     return process, url
 
 
@@ -411,7 +411,9 @@ def test_sigterm_finishes_the_requests_in_flight_and_refuses_new_ones(specs, loc
 
 
 def test_ray_serve_with_two_replicas_scores_as_one_process(specs, local):
-    process, url = start_process([specs[0], "--engine", "ray", "--replicas", "2", "--num_cpus", "2"], free_port())
+    # a local Ray instance starts a dozen processes: 35 s here alone, past 120 s beside the other xdist worker
+    process, url = start_process([specs[0], "--engine", "ray", "--replicas", "2", "--num_cpus", "2"], free_port(),
+                                 start_timeout=400)
     try:
         health = requests.get(url + "/health", timeout=10).json()
         images = pictures(8, 16)
