@@ -79,14 +79,26 @@ def _reconstructor(cls, base, state):  # copyreg's, without calling base's __ini
     return obj
 
 
+def _rebuild_from_type(func, new_type, args, state):
+    """torch's _rebuild_from_type_v2 (a tensor of a subclass, e.g. a buffer of transformers 5's), as a plain tensor when
+    `func` is one of torch's tensor rebuilders; otherwise an inert record."""
+    if func in (torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter):
+        return func(*args)
+    return Pickled(func, new_type, args, state)
+
+
 # what the file may call: torch's tensor rebuilders (as torch.load(weights_only=True) allows), containers, dtypes
 ALLOWED = {("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
            ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
            ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
            ("collections", "OrderedDict"): collections.OrderedDict, ("torch", "Size"): torch.Size,
+           ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type, ("torch", "Tensor"): torch.Tensor,
            ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("copyreg", "_reconstructor"): _reconstructor,
            **{("torch", name): getattr(torch, name) for name in ("float16", "float32", "bfloat16", "float64", "int64",
                                                                  "int32", "uint8", "bool")}}
+
+
+PYTHON2_NAMES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
 class DataUnpickler(pickle.Unpickler):
@@ -94,6 +106,7 @@ class DataUnpickler(pickle.Unpickler):
     classes = {}
 
     def find_class(self, module, name):
+        module = PYTHON2_NAMES.get(module, module)  # torch pickles with protocol 2, which names these the old way
         if (module, name) in ALLOWED:
             return ALLOWED[(module, name)]
         return self.classes.setdefault((module, name), _pickled_class(module, name))
@@ -129,6 +142,9 @@ def module_tensors(record, prefix=""):
     for name, value in state.get("_buffers", {}).items():
         if value is not None and name not in skipped:
             tensors[prefix + name] = value
+    odd = [name for name, value in tensors.items() if not isinstance(value, torch.Tensor)]
+    if odd:
+        raise InputError(f"the pickled module's {odd[0]}: a parameter or buffer that is not a tensor: not an MPS checkpoint")
     for name, child in state.get("_modules", {}).items():
         if isinstance(child, Pickled):
             tensors |= module_tensors(child, f"{prefix}{name}.")
@@ -368,7 +384,9 @@ def load_mps(path, processor, dtype="fp16", device="cpu"):
         model = MPS(clip_config, len(layers), heads, head_dim, ff_width, torch.empty(0, dtype=torch.long))
     model.to(DTYPES[dtype])
     assign_weights(model, tensors, path)
-    model.condition_ids = tokenizer(CONDITION)  # a buffer no file holds
+    model.condition_ids = tokenizer(CONDITION)  # buffers no file holds, made again off the meta device
+    for embeddings in (model.clip.text_model.embeddings, model.clip.vision_model.embeddings):
+        embeddings.position_ids = torch.arange(embeddings.position_ids.shape[-1]).expand(1, -1)
     size, crop, mean, std = image_processor_config(processor)
     model.tensor_preprocess = Preprocess(size, crop, mean, std)
     return model.to(device).eval(), model.tensor_preprocess.pil, tokenizer
