@@ -159,6 +159,7 @@ def save_tiny_hpsv3(folder, corpus, seed=0):
     vocab = max(ids.values()) + 2  # + HPSv3's <|Reward|>, which resize_token_embeddings gives a row
     tensors = random_tensors(hpsv3_shapes(vocab), seed)
     tensors["model.embed_tokens.weight"] *= 2  # tokens of about unit norm into the first RMSNorm, as a trained model's
+    tensors["rm_head.5.weight"] *= 10  # mu spread over tenths between images
     path = os.path.join(folder, "HPSv3.safetensors")
     save_file(tensors, path, metadata={"format": "pt"})
     return path, base, tensors
