@@ -210,3 +210,34 @@ def test_bad_mps_inputs_end_in_one_line_naming_the_culprit(make, spec, expected,
         rank_images("a cat", images[:1], device="cpu", num_workers=0,
                     scorer=spec.format(tmp=tmp_path, path=path, processor=processor))
     assert expected.format(tmp=tmp_path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_compare_sets_hpsv3_and_mps_beside_a_clip_scorer_on_pairs_and_hpd_v2(tiny_mps, shapes_pairs, tiny_init,
+                                                                             tmp_path):
+    import json
+
+    import pandas as pd
+    from conftest import TINY_CLIP
+    from tiny_peers import save_tiny_hpsv3
+
+    from compare import compare
+    from hpsv3 import ASK, INSTRUCTION
+    pairs = shapes_pairs.head(4)
+    pairs.to_parquet(tmp_path / "pairs.parquet")
+    entries = [{"prompt": row.prompt, "image_path": [row.pos_path, row.neg_path, pairs.neg_path.iloc[(i + 1) % 4]],
+                "rank": [1, 2, 3]} for i, row in enumerate(pairs.head(2).itertuples())]
+    (tmp_path / "test.json").write_text(json.dumps(entries))
+    hpsv3_path, base, _ = save_tiny_hpsv3(str(tmp_path / "hpsv3"), [INSTRUCTION + ASK] + list(pairs.prompt))
+    specs = {"ours": f"clip:{tiny_init},model={TINY_CLIP}", "hpsv3": f"hpsv3:{hpsv3_path},base={base},dtype=fp32",
+             "mps": f"mps:{tiny_mps[0]},processor={tiny_mps[1]},dtype=fp32"}
+    compare([str(tmp_path / "pairs.parquet"), str(tmp_path / "test.json")], specs, out=str(tmp_path / "out"),
+            prompts=2, device="cpu", num_workers=0)
+    table = pd.read_csv(tmp_path / "out" / "table.csv")
+    assert list(table.scorer.unique()) == ["ours", "hpsv3", "mps"]
+    assert table["HPD v2 ranking accuracy"].notna().sum() == 3  # one for each scorer on test.json
+    for name in ("hpsv3", "mps"):  # its accuracy is that of its own scores on the pairs
+        scorer = load_scorer(specs[name])
+        pos, neg = (prompt_image_scores(scorer.model, scorer.preprocess, scorer.tokenizer, pairs.prompt, pairs[c],
+                                        "cpu", progress=False) for c in ("pos_path", "neg_path"))
+        row = table[(table.scorer == name) & table.source.str.endswith("pairs.parquet")].iloc[0]
+        assert row.accuracy == pytest.approx(100 * (pos >= neg).float().mean().item())
