@@ -198,7 +198,8 @@ class HPSv3(nn.Module):
         inputs = torch.stack([torch.cat([s, pad.expand(length - len(s), -1)]) for s in sequences])
         mask = torch.stack([torch.arange(length, device=tokens.device) < len(s) for s in sequences]).long()
         hidden = self.language_model(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
-        rewarded = hidden[torch.arange(len(hidden), device=hidden.device), torch.tensor(reward_at, device=hidden.device)]
+        rows = torch.arange(len(hidden), device=hidden.device)
+        rewarded = hidden[rows, torch.tensor(reward_at, device=hidden.device)]
         return self.rm_head(rewarded.float())[:, 0]
 
 

@@ -15,9 +15,7 @@ then taken from those records. `processor` is the folder of laion/CLIP-ViT-H-14-
 preprocessor_config.json), which MPS's scripts load as their processor and tokenizer.
 """
 import collections
-import copyreg
 import json
-import math
 import os
 import pickle
 import re
@@ -34,7 +32,8 @@ from clip_model import InputError, assign_weights
 # the condition MPS's evaluation scores its overall preference with (infer_one_sample's default)
 CONDITION = ("light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, limbs, structure, "
              "instance, texture, quantity, attributes, position, number, location, word, things.")
-CONDITION_THRESHOLD = 0.3  # a prompt token takes part when its best similarity to a condition token is over 0.3 of the best
+# a prompt token takes part when its best similarity to a condition token is over this share of the prompt's best
+CONDITION_THRESHOLD = 0.3
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 CLIP_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
                   "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps", "pad_token_id",
@@ -93,7 +92,8 @@ ALLOWED = {("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_
            ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
            ("collections", "OrderedDict"): collections.OrderedDict, ("torch", "Size"): torch.Size,
            ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type, ("torch", "Tensor"): torch.Tensor,
-           ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("copyreg", "_reconstructor"): _reconstructor,
+           ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
+           ("copyreg", "_reconstructor"): _reconstructor,
            **{("torch", name): getattr(torch, name) for name in ("float16", "float32", "bfloat16", "float64", "int64",
                                                                  "int32", "uint8", "bool")}}
 
@@ -122,7 +122,8 @@ class data_pickle:  # the pickle_module torch.load reads the archive's data.pkl 
 
 
 def read_pickled_module(path):
-    """The root object of a torch.save(module) file, every module in it a Pickled record (no code from the file runs)."""
+    """The root object of a torch.save(module) file, every module in it a Pickled record (no code from the file
+    runs)."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such weights file")
     try:
@@ -144,7 +145,8 @@ def module_tensors(record, prefix=""):
             tensors[prefix + name] = value
     odd = [name for name, value in tensors.items() if not isinstance(value, torch.Tensor)]
     if odd:
-        raise InputError(f"the pickled module's {odd[0]}: a parameter or buffer that is not a tensor: not an MPS checkpoint")
+        raise InputError(f"the pickled module's {odd[0]}: a parameter or buffer that is not a tensor: not an MPS "
+                         f"checkpoint")
     for name, child in state.get("_modules", {}).items():
         if isinstance(child, Pickled):
             tensors |= module_tensors(child, f"{prefix}{name}.")

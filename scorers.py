@@ -1,5 +1,5 @@
-"""Reward models side by side: our CLIP checkpoints, HPS v2, PickScore, the LAION aesthetic predictor, ImageReward, HPSv3
-and MPS, from local files.
+"""Reward models side by side: our CLIP checkpoints, HPS v2, PickScore, the LAION aesthetic predictor, ImageReward,
+HPSv3 and MPS, from local files.
 
     scorer = load_scorer("clip:clip_epoch_4_global_step_final.pth")                  # ours (OpenAI format)
     scorer = load_scorer("clip:openai")                                              # OpenAI's ViT-L/14
@@ -15,8 +15,8 @@ and `model.encode_text(tokens, normalize=True)`, whose row-wise dot product orde
 `preprocess` and `tokenizer`; `score_scale`, which turns that dot product into the model's own score (PickScore's
 logit_scale.exp()); `softmax_scale`, the logit scale of Pick-a-Pic's tie-aware metric; `tensor_preprocess`, the
 preprocessing of a float tensor B x 3 x H x W in [0, 1], differentiable (for a reward's gradient).
-A model whose text encoder attends to the image (ImageReward, HPSv3, MPS) has no encode_text: `encode_image` gives its image tokens
-and `pair_scores(image_features, tokens)` the score of each row; encoding.py scores it pair by pair.
+A model whose text attends to the image (ImageReward, HPSv3, MPS) has no encode_text: `encode_image` gives its image
+tokens and `pair_scores(image_features, tokens)` the score of each row; encoding.py scores it pair by pair.
 """
 import os
 from dataclasses import dataclass

@@ -5,7 +5,6 @@ shard. The numbers mean nothing but that every kind runs through one comparison;
     python benchmarks/compare_all_scorers.py --pairs 12 --out /tmp/all-scorers
 """
 import argparse
-import io
 import json
 import os
 import sys
@@ -44,7 +43,8 @@ def tiny_scorers(folder):
     torch.manual_seed(3)
     mlp = {}
     for index, (n_out, n_in) in zip((0, 2, 4, 6, 7), ((1024, width), (128, 1024), (64, 128), (16, 64), (1, 16))):
-        mlp[f"layers.{index}.weight"], mlp[f"layers.{index}.bias"] = torch.randn(n_out, n_in) / n_in ** 0.5, torch.zeros(n_out)
+        mlp[f"layers.{index}.weight"] = torch.randn(n_out, n_in) / n_in ** 0.5
+        mlp[f"layers.{index}.bias"] = torch.zeros(n_out)
     torch.save(mlp, os.path.join(folder, "aesthetic.pth"))
     from transformers import BertTokenizer
     with open(os.path.join(folder, "vocab.txt"), "w") as f:
@@ -70,8 +70,9 @@ def sources(folder, n_pairs):
     preferred first) and as a Pick-a-Pic shard (the images' bytes, label_0 = 1 for the preferred)."""
     pairs = make_pairs(os.path.join(folder, "images"), n_pairs, seed=0)
     pairs.to_parquet(os.path.join(folder, "pairs.parquet"))
-    entries = [{"prompt": r.prompt, "image_path": [os.path.relpath(r.pos_path, folder), os.path.relpath(r.neg_path, folder)],
-                "rank": [1, 2]} for r in pairs.itertuples()]
+    entries = [{"prompt": r.prompt, "rank": [1, 2],
+                "image_path": [os.path.relpath(r.pos_path, folder), os.path.relpath(r.neg_path, folder)]}
+               for r in pairs.itertuples()]
     with open(os.path.join(folder, "test.json"), "w") as f:
         json.dump(entries, f)
 

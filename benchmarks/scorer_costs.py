@@ -71,14 +71,12 @@ def hpsv3_parts(name, text_tokens, repeats, dtype=torch.bfloat16):
     with torch.no_grad():
         vision_seconds = best_seconds(lambda: vision(patches, grid_thw=grid), repeats)
     vision_params = sum(p.numel() for p in vision.parameters())
-    del vision
     layer = Qwen2VLTextModel(config.text_config).to(dtype).eval()
     length = 256 + text_tokens
     embeds = torch.randn(1, length, sizes["hidden_size"], dtype=dtype)
     with torch.no_grad():
         layer_seconds = best_seconds(lambda: layer(inputs_embeds=embeds, use_cache=False), repeats)
     layer_params = sum(p.numel() for n, p in layer.named_parameters() if n.startswith("layers."))
-    del layer
     layers, width = sizes["num_hidden_layers"], sizes["hidden_size"]
     vision_flops = matmul_flops(vision_params, 1024) + QWEN2_VL_VISION["depth"] * 4 * 1024 ** 2 * 1280
     text_flops = layers * (matmul_flops(layer_params, length) + 4 * length ** 2 * width / 2)  # causal: half the pairs
@@ -127,7 +125,8 @@ def mps_flops():
 
 def clip_flops():
     """OpenAI CLIP ViT-L/14: image tower 24 x 1024 on 257 tokens, text tower 12 x 768 on 77."""
-    return 24 * 12 * 1024 ** 2 * 257 * 2 + 24 * 4 * 257 ** 2 * 1024 + 12 * 12 * 768 ** 2 * 77 * 2 + 12 * 4 * 77 ** 2 * 768
+    return (24 * 12 * 1024 ** 2 * 257 * 2 + 24 * 4 * 257 ** 2 * 1024
+            + 12 * 12 * 768 ** 2 * 77 * 2 + 12 * 4 * 77 ** 2 * 768)
 
 
 def main():
@@ -141,7 +140,8 @@ def main():
     args = parser.parse_args()
     load = os.getloadavg()
     results = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                          f"{torch.get_num_threads()} threads", "date": datetime.datetime.now().isoformat(" ", "seconds"),
+                          f"{torch.get_num_threads()} threads",
+               "date": datetime.datetime.now().isoformat(" ", "seconds"),
                "load_at_start": load[0], "h100_bf16_peak": H100_BF16, "h100_utilisation": UTILISATION, "scorers": {}}
     with tempfile.TemporaryDirectory() as folder:
         images, prompts = make_inputs(folder, args.images)
@@ -168,7 +168,8 @@ def main():
                 print(f"{name}: {rate:.3f} images/s ({1 / rate:.2f} s per image, end to end, fp32)")
             result["h100_ms_at_peak"] = 1e3 * result["flops_per_image"] / H100_BF16
             result["h100_ms_on_paper"] = result["h100_ms_at_peak"] / UTILISATION
-            print(f"  {result['flops_per_image'] / 1e12:.3f} TFLOP per image: H100 {result['h100_ms_at_peak']:.2f} ms at "
+            print(f"  {result['flops_per_image'] / 1e12:.3f} TFLOP per image: "
+                  f"H100 {result['h100_ms_at_peak']:.2f} ms at "
                   f"the bf16 peak, {result['h100_ms_on_paper']:.1f} ms at {UTILISATION:.0%} of it (on paper)")
             results["scorers"][name] = result
     results["load_at_end"] = os.getloadavg()[0]

@@ -44,7 +44,7 @@ def scorer(tiny_hpsv3):
     return load_scorer(f"hpsv3:{path},base={base},dtype=fp32")
 
 
-# ---- HPSv3RewardInferencer.reward rebuilt step by step from its code (hpsv3 1.0.0, qwen-vl-utils, transformers 4.45) --
+# ---- HPSv3RewardInferencer.reward rebuilt step by step from its code (hpsv3 1.0.0, qwen-vl-utils, transformers 4.45)
 
 def peer_size(height, width, factor=28, pixels=256 * 28 * 28):
     """qwen-vl-utils' smart_resize with min_pixels = max_pixels = 256 * 28 * 28 (HPSv3's prepare_batch)."""

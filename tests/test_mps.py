@@ -138,7 +138,8 @@ def test_prompt_tokens_unlike_the_condition_words_are_masked_as_mps_masks_them(t
     path, processor, _ = tiny_mps
     scorer = load_scorer(f"mps:{path},processor={processor},dtype=fp32")
     prompts, paired = [PROMPTS[1]] * 3 + [PROMPTS[2]] * 2, images
-    kept = prompt_image_scores(scorer.model, scorer.preprocess, scorer.tokenizer, prompts, paired, "cpu", progress=False)
+    kept = prompt_image_scores(scorer.model, scorer.preprocess, scorer.tokenizer, prompts, paired, "cpu",
+                               progress=False)
     monkeypatch.setattr("mps.CONDITION_THRESHOLD", 0.75)
     masked = prompt_image_scores(scorer.model, scorer.preprocess, scorer.tokenizer, prompts, paired, "cpu",
                                  progress=False)

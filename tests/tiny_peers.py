@@ -169,7 +169,8 @@ def save_tiny_hpsv3(folder, corpus, seed=0):
 
 # the tiny CLIP: text and vision width 32, 2 layers, 2 heads; patch 32 at 224 px; MPS's condition module at
 # projection width 32, 2 layers, 2 heads of 64 (Cross_model's default head width), feed-forward 4x
-CLIP_WIDTH, CLIP_LAYERS, CLIP_HEADS, PATCH, CONDITION_LAYERS, CONDITION_HEADS, CONDITION_HEAD_DIM = 32, 2, 2, 32, 2, 2, 64
+CLIP_WIDTH, CLIP_LAYERS, CLIP_HEADS, PATCH = 32, 2, 2, 32
+CONDITION_LAYERS, CONDITION_HEADS, CONDITION_HEAD_DIM = 2, 2, 64
 
 
 def write_clip_processor(folder):
