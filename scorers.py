@@ -1,5 +1,5 @@
-"""Reward models side by side: our CLIP checkpoints, HPS v2, PickScore, the LAION aesthetic predictor and ImageReward,
-from local files.
+"""Reward models side by side: our CLIP checkpoints, HPS v2, PickScore, the LAION aesthetic predictor, ImageReward,
+HPSv3 and MPS, from local files.
 
     scorer = load_scorer("clip:clip_epoch_4_global_step_final.pth")                  # ours (OpenAI format)
     scorer = load_scorer("clip:openai")                                              # OpenAI's ViT-L/14
@@ -7,14 +7,16 @@ from local files.
     scorer = load_scorer("pickscore:PickScore_v1/")                                  # transformers CLIPModel folder
     scorer = load_scorer("aesthetic:sac+logos+ava1-l14-linearMSE.pth,clip=ViT-L-14.pt")
     scorer = load_scorer("imagereward:ImageReward.pt,tokenizer=bert-base-uncased/")
+    scorer = load_scorer("hpsv3:HPSv3.safetensors,base=Qwen2-VL-7B-Instruct/")      # Qwen2-VL-7B + HPSv3's head
+    scorer = load_scorer("mps:MPS_overall_checkpoint.pth,processor=CLIP-ViT-H-14-laion2B-s32B-b79K/")
 
 A Scorer is what encoding.py (and so every script) uses of a model: `model.encode_image(images, normalize=True)`
 and `model.encode_text(tokens, normalize=True)`, whose row-wise dot product orders the images as the model does;
 `preprocess` and `tokenizer`; `score_scale`, which turns that dot product into the model's own score (PickScore's
 logit_scale.exp()); `softmax_scale`, the logit scale of Pick-a-Pic's tie-aware metric; `tensor_preprocess`, the
 preprocessing of a float tensor B x 3 x H x W in [0, 1], differentiable (for a reward's gradient).
-A model whose text encoder attends to the image (ImageReward) has no encode_text: `encode_image` gives its image tokens
-and `pair_scores(image_features, tokens)` the score of each row; encoding.py scores it pair by pair.
+A model whose text attends to the image (ImageReward, HPSv3, MPS) has no encode_text: `encode_image` gives its image
+tokens and `pair_scores(image_features, tokens)` the score of each row; encoding.py scores it pair by pair.
 """
 import os
 from dataclasses import dataclass
@@ -33,7 +35,10 @@ from clip_model import DEFAULT_MODEL, InputError, load_model, read_state_dict
 from imagereward import REWARD_STD, load_imagereward
 
 KINDS = {"clip": ("model",), "hpsv2": ("model",), "pickscore": (), "aesthetic": ("clip", "model"),
-         "imagereward": ("tokenizer", "med_config")}
+         "imagereward": ("tokenizer", "med_config"), "hpsv3": ("base", "dtype"), "mps": ("processor", "dtype")}
+# the folder option each of these kinds needs, and what it holds
+FOLDERS = {"hpsv3": ("base", "Qwen2-VL-7B-Instruct's files (config.json, tokenizer, chat template; no weights needed)"),
+           "mps": ("processor", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K's tokenizer and preprocessor_config.json")}
 
 
 @dataclass
@@ -81,6 +86,12 @@ def check_spec(spec):
                          (" (a folder: a PickScore model? use pickscore:)" if os.path.isdir(path) else ""))
     if kind == "imagereward":
         check_imagereward_files(spec, options)
+    if kind in FOLDERS:
+        option, holds = FOLDERS[kind]
+        if option not in options:
+            raise InputError(f"--scorer {spec}: {kind} needs {option}=DIR, {holds}")
+        if not os.path.isdir(options[option]):
+            raise InputError(f"--scorer {spec}: {option}={options[option]}: no such folder ({holds})")
     if kind == "aesthetic" and "clip" not in options:
         raise InputError(f"--scorer {spec}: the aesthetic predictor needs the CLIP it reads: clip=PATH (OpenAI ViT-L/14 "
                          f"weights) or clip=openai")
@@ -149,6 +160,14 @@ def load_scorer(spec, device="cpu"):
         # On tensors, as ImageReward's ReFL feeds its score_gard: Resize(224), CenterCrop(224), Normalize
         return Scorer(model, preprocess, tokenizer, 1.0, REWARD_STD,
                       TensorPreprocess(model.image_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
+    if kind == "hpsv3":  # its score is mu, the first of its head's (mu, sigma); see hpsv3.py
+        from hpsv3 import load_hpsv3
+        model, preprocess, tokenizer = load_hpsv3(path, options["base"], options.get("dtype", "bf16"), device)
+        return Scorer(model, preprocess, tokenizer, 1.0, 1.0, model.tensor_preprocess)
+    if kind == "mps":  # its score is already logit_scale.exp() * cos, which its own softmax reads
+        from mps import load_mps
+        model, preprocess, tokenizer = load_mps(path, options["processor"], options.get("dtype", "fp16"), device)
+        return Scorer(model, preprocess, tokenizer, 1.0, 1.0, model.tensor_preprocess)
     clip, preprocess, tokenizer = load_model(options.get("model", DEFAULT_MODEL), options["clip"], None, device)
     return Scorer(AestheticPredictor(clip, path).to(device).eval(), preprocess, tokenizer, 1.0, 1.0,
                   open_clip_tensor_preprocess(clip.visual.preprocess_cfg))
