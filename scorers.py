@@ -160,8 +160,8 @@ def load_scorer(spec, device="cpu"):
         # On tensors, as ImageReward's ReFL feeds its score_gard: Resize(224), CenterCrop(224), Normalize
         return Scorer(model, preprocess, tokenizer, 1.0, REWARD_STD,
                       TensorPreprocess(model.image_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
-    if kind == "hpsv3":  # its score is mu, the first of its head's (mu, sigma); see hpsv3.py
-        from hpsv3 import load_hpsv3
+    if kind == "hpsv3":  # its score is mu, the first of its head's (mu, sigma); see hpsv3_model.py
+        from hpsv3_model import load_hpsv3
         model, preprocess, tokenizer = load_hpsv3(path, options["base"], options.get("dtype", "bf16"), device)
         return Scorer(model, preprocess, tokenizer, 1.0, 1.0, model.tensor_preprocess)
     if kind == "mps":  # its score is already logit_scale.exp() * cos, which its own softmax reads

@@ -11,7 +11,7 @@ from tiny_peers import HEADS, KV_HEADS, LAYERS, VISION, VISION_DEPTH, VISION_HEA
 
 from clip_model import InputError
 from encoding import prompt_image_scores
-from hpsv3 import ASK, CAPACITY, INSTRUCTION, VisionAngles, smart_resize
+from hpsv3_model import ASK, CAPACITY, INSTRUCTION, VisionAngles, smart_resize
 from scorers import load_scorer
 
 PROMPTS = ["a red cat on the mat", "two dogs in the snow, a painting", "cute chibi anime cartoon fox, smiling"]

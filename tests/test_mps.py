@@ -222,7 +222,7 @@ def test_compare_sets_hpsv3_and_mps_beside_a_clip_scorer_on_pairs_and_hpd_v2(tin
     from tiny_peers import save_tiny_hpsv3
 
     from compare import compare
-    from hpsv3 import ASK, INSTRUCTION
+    from hpsv3_model import ASK, INSTRUCTION
     pairs = shapes_pairs.head(4)
     pairs.to_parquet(tmp_path / "pairs.parquet")
     entries = [{"prompt": row.prompt, "image_path": [row.pos_path, row.neg_path, pairs.neg_path.iloc[(i + 1) % 4]],
