@@ -125,7 +125,8 @@ def main():
     parser.add_argument("--image_root", default=None,
                         help="the image folder of an HPD v2 or ImageReward json (default: beside the json)")
     parser.add_argument("--scorer", default=None, help="another reward model, KIND:PATH[,key=value]: clip:, hpsv2:, "
-                        "pickscore:, aesthetic:, imagereward: (see scorers.py); default: --model, --pretrained, --checkout_path")
+                        "pickscore:, aesthetic:, imagereward:, hpsv3:, mps: (see scorers.py); default: --model, "
+                        "--pretrained, --checkout_path")
     parser.add_argument("--tie_threshold", type=float, default=0.0,
                         help="Pick-a-Pic: predict a tie when the two images' probabilities differ by at most this")
     parser.add_argument("--calibrate", default=None, metavar="FILE", help="also fit the model's temperature and "
