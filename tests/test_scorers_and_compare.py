@@ -147,7 +147,7 @@ def test_a_killed_compare_resumes_without_rescoring(shapes_pairs, tiny_init, tmp
     assert not (tmp_path / "out" / "table.csv").exists()
     os.chmod(tiny_init, 0)  # scorer a's weights can no longer be read: a rerun must not load them
     try:
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        result = run_script(*command[1:])
     finally:
         os.chmod(tiny_init, 0o644)
     assert result.returncode == 0, result.stderr[-2000:]
