@@ -180,7 +180,7 @@ def test_bad_scorers_end_in_one_line_naming_the_spec(make, scorer, expected, sha
 
 def test_the_demo_shows_the_fine_tuned_model_ahead_and_enhancing_generators(tmp_path, capsys):
     from demo import run_demo
-    result = run_demo(str(tmp_path / "demo"), n_train=400, n_val=60, n_epochs=3)
+    result = run_demo(str(tmp_path / "demo"), n_train=400, n_val=60, n_epochs=2)
     table = pd.read_csv(tmp_path / "demo" / "comparison" / "table.csv").set_index("scorer")
     assert table.accuracy["after"] > table.accuracy["before"]
     assert table.accuracy["after"] == pytest.approx(100 * result["after"])
