@@ -1,5 +1,7 @@
 """Every scoring script under torchrun on two CPU processes prints and writes what one process does: each process
-encodes a share of the images and prompts (encoding.across_processes), the main process alone writes and prints."""
+encodes a share of the images and prompts (encoding.across_processes), the main process alone writes and prints.
+The five scripts' two-process runs share one torchrun launch (a launch costs three interpreters importing torch),
+each script run there as its command line runs (conftest.run_script: its own __main__)."""
 import json
 import os
 import subprocess
@@ -7,10 +9,26 @@ import sys
 
 import numpy as np
 import pandas as pd
-from conftest import ROOT, TINY_CLIP, run_script
+import pytest
+from conftest import ROOT, TINY_CLIP, run_script, save_tiny_init
+from demo import make_pairs
 from test_shard_order import write_shard
 
 TWO_PROCESSES = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port: tests run side by side
+SCRIPTS = ("validate.py", "score.py", "compare.py", "evaluate_generators.py", "best_of_n.py")
+
+# run by each of torchrun's two processes: every (script, args) in turn, each process's stdout into its own file
+SCRIPTS_ON_TWO_PROCESSES = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+from conftest import run_script
+for script, args, stdout in json.load(open(sys.argv[1])):
+    result = run_script(script, *args)
+    with open(f"{{stdout}}.rank{{os.environ['RANK']}}", "w") as f:
+        f.write(result.stdout)
+    if result.returncode:
+        sys.exit(f"{{script}} on rank {{os.environ['RANK']}}: {{result.stderr[-3000:]}}")
+"""
 
 
 def run(launcher, script, *args, own_process=False):
@@ -25,13 +43,63 @@ def run(launcher, script, *args, own_process=False):
     return result.stdout
 
 
-def one_and_two(script, flags, tmp_path):
-    """The script's printed lines on one process and on two, each writing into its own --out (one/, two/); the two
-    must print the same, their --out folders aside."""
-    one = run([], script, *flags, "--out", tmp_path / "one")
-    two = run(TWO_PROCESSES, script, *flags, "--out", tmp_path / "two")
-    assert two.replace(str(tmp_path / "two"), "OUT") == one.replace(str(tmp_path / "one"), "OUT")
-    return one
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The files every script reads: tiny_init's weights, shapes_pairs' 24 pairs, two Pick-a-Pic shards."""
+    folder = tmp_path_factory.mktemp("inputs")
+    pairs = make_pairs(str(folder / "images"), 24, seed=0)
+    return {"folder": folder, "init": save_tiny_init(str(folder / "init.pth")), "pairs": pairs,
+            "shards": [write_shard(folder / "a.parquet", 0, 10, 4), write_shard(folder / "b.parquet", 10, 7, 3)]}
+
+
+def command_lines(inputs, side):
+    """{script: its flags} for one side ("one" or "two"): the same inputs, each script's outputs in SIDE/SCRIPT/."""
+    init, pairs, folder = inputs["init"], inputs["pairs"], inputs["folder"]
+    out = {script: folder / side / script for script in SCRIPTS}
+    clip = ["--model", TINY_CLIP, "--pretrained", "none", "--checkout_path", init, "--device", "cpu"]
+    pairs.to_parquet(folder / "pairs.parquet")
+    pd.DataFrame({"generator": ["a"] * 12 + ["b"] * 12, "prompt": list(pairs.prompt[:12]) * 2,
+                  "image": list(pairs.pos_path[:12]) + list(pairs.neg_path[:12])}).to_parquet(folder / "generations.parquet")
+    pd.DataFrame({"prompt": list(pairs.prompt[:6]) * 2,
+                  "image": list(pairs.pos_path[:6]) + list(pairs.neg_path[:6])}).to_parquet(folder / "candidates.parquet")
+    images = list(pairs.pos_path[:7]) + list(pairs.neg_path[:6])  # 13 images: shares of 6 and 7
+    scorer = f"clip:{init},model={TINY_CLIP}"
+    return {
+        "validate.py": [*inputs["shards"], *clip, "--scores_out", out["validate.py"] / "scores.csv"],  # 34 images
+        "score.py": ["--prompt", "three blue squares", *images, *clip, "--output", out["score.py"] / "scores.csv"],
+        "compare.py": [folder / "pairs.parquet", "--scorer", f"a={scorer}", "--device", "cpu", "--out",
+                       out["compare.py"]],
+        "evaluate_generators.py": [folder / "generations.parquet", "--scorer", f"ours={scorer}", "--device", "cpu",
+                                   "--out", out["evaluate_generators.py"]],
+        "best_of_n.py": [folder / "candidates.parquet", "--scorer", scorer, "--device", "cpu", "--out",
+                         out["best_of_n.py"]]}
+
+
+@pytest.fixture(scope="module")
+def two_processes(inputs):
+    """Every script's command line on two processes, in one torchrun launch: {script: (rank 0's stdout, rank 1's)}."""
+    folder = inputs["folder"]
+    scripts = [(script, [str(a) for a in flags], str(folder / f"{script}.stdout"))
+               for script, flags in command_lines(inputs, "two").items()]
+    for script in ("validate.py", "score.py"):  # the two that write a file, not a folder
+        (folder / "two" / script).mkdir(parents=True)
+    (folder / "scripts.json").write_text(json.dumps(scripts))
+    (folder / "driver.py").write_text(SCRIPTS_ON_TWO_PROCESSES.format(tests=os.path.join(ROOT, "tests")))
+    run(TWO_PROCESSES, str(folder / "driver.py"), folder / "scripts.json")
+    return {script: tuple(open(f"{stdout}.rank{rank}").read() for rank in (0, 1)) for script, _, stdout in scripts}
+
+
+def one_and_two(script, inputs, two_processes):
+    """The script's printed lines on one process (this one) and on two (the main process prints, the other nothing):
+    the same, their output folders (one/, two/) aside."""
+    one_out, two_out = inputs["folder"] / "one" / script, inputs["folder"] / "two" / script
+    if script in ("validate.py", "score.py"):
+        one_out.mkdir(parents=True)
+    one = run([], script, *command_lines(inputs, "one")[script])
+    two, other = two_processes[script]
+    assert two.replace(str(two_out), "OUT") == one.replace(str(one_out), "OUT")
+    assert other == ""
+    return one, one_out, two_out
 
 
 def assert_same_table(path_one, path_two):
@@ -44,60 +112,46 @@ def assert_same_table(path_one, path_two):
             assert one[column].equals(two[column]), column
 
 
-def test_validate_on_two_processes_prints_and_writes_what_one_does(tiny_init, tmp_path):
-    shards = [write_shard(tmp_path / "a.parquet", 0, 10, 4), write_shard(tmp_path / "b.parquet", 10, 7, 3)]
-    flags = ["--model", TINY_CLIP, "--pretrained", "none", "--checkout_path", tiny_init, "--device", "cpu"]
-    one = run([], "validate.py", *shards, *flags, "--scores_out", tmp_path / "one.csv")
-    two = run(TWO_PROCESSES, "validate.py", *shards, *flags, "--scores_out", tmp_path / "two.csv")
-    assert "Pick-a-Pic accuracy" in one and two == one
-    assert_same_table(tmp_path / "one.csv", tmp_path / "two.csv")  # every image's score, 34 images in shares of 17
+def test_validate_on_two_processes_prints_and_writes_what_one_does(inputs, two_processes):
+    printed, one, two = one_and_two("validate.py", inputs, two_processes)
+    assert "Pick-a-Pic accuracy" in printed
+    assert_same_table(one / "scores.csv", two / "scores.csv")  # every image's score, 34 images in shares of 17
 
 
-def test_score_on_two_processes_prints_and_writes_the_ranking_one_does(shapes_pairs, tiny_init, tmp_path):
-    images = list(shapes_pairs.pos_path[:7]) + list(shapes_pairs.neg_path[:6])  # 13 images: shares of 6 and 7
-    flags = ["--prompt", "three blue squares", *images, "--model", TINY_CLIP, "--pretrained", "none",
-             "--checkout_path", tiny_init, "--device", "cpu"]
-    one = run([], "score.py", *flags, "--output", tmp_path / "one.csv")
-    two = run(TWO_PROCESSES, "score.py", *flags, "--output", tmp_path / "two.csv")
-    assert len(one.splitlines()) == 13 and two == one
-    assert_same_table(tmp_path / "one.csv", tmp_path / "two.csv")
+def test_score_on_two_processes_prints_and_writes_the_ranking_one_does(inputs, two_processes):
+    printed, one, two = one_and_two("score.py", inputs, two_processes)
+    assert len(printed.splitlines()) == 13
+    assert_same_table(one / "scores.csv", two / "scores.csv")
 
 
-def test_compare_on_two_processes_keeps_and_writes_what_one_does(shapes_pairs, tiny_init, tmp_path):
-    shapes_pairs.to_parquet(tmp_path / "pairs.parquet")
-    flags = [tmp_path / "pairs.parquet", "--scorer", f"a=clip:{tiny_init},model={TINY_CLIP}", "--device", "cpu"]
-    assert "a: scoring" in one_and_two("compare.py", flags, tmp_path)
+def test_compare_on_two_processes_keeps_and_writes_what_one_does(inputs, two_processes):
+    printed, one, two = one_and_two("compare.py", inputs, two_processes)
+    assert "a: scoring" in printed
     for name in ("table.csv", "agreement.csv"):
-        assert_same_table(tmp_path / "one" / name, tmp_path / "two" / name)
-    assert (tmp_path / "one" / "table.md").read_text() == (tmp_path / "two" / "table.md").read_text()
+        assert_same_table(one / name, two / name)
+    assert (one / "table.md").read_text() == (two / "table.md").read_text()
     # the kept scores: written by the main process alone, a part a flush
-    kept_one, kept_two = (sorted(os.listdir(tmp_path / out / "scores")) for out in ("one", "two"))
+    kept_one, kept_two = (sorted(os.listdir(out / "scores")) for out in (one, two))
     assert kept_one == kept_two and len(kept_two) == 1
-    scores_one, scores_two = (pd.read_parquet(tmp_path / out / "scores" / kept_one[0]) for out in ("one", "two"))
+    scores_one, scores_two = (pd.read_parquet(out / "scores" / kept_one[0]) for out in (one, two))
     assert scores_one.prompt.equals(scores_two.prompt) and scores_one.image.equals(scores_two.image)
     np.testing.assert_allclose(scores_two.score, scores_one.score, rtol=0, atol=1e-6)
-    assert not list((tmp_path / "two" / "scores").glob("*.tmp"))
+    assert not list((two / "scores").glob("*.tmp"))
 
 
-def test_evaluate_generators_on_two_processes_writes_what_one_does(shapes_pairs, tiny_init, tmp_path):
-    generations = pd.DataFrame({"generator": ["a"] * 12 + ["b"] * 12, "prompt": list(shapes_pairs.prompt[:12]) * 2,
-                                "image": list(shapes_pairs.pos_path[:12]) + list(shapes_pairs.neg_path[:12])})
-    generations.to_parquet(tmp_path / "generations.parquet")
-    flags = [tmp_path / "generations.parquet", "--scorer", f"ours=clip:{tiny_init},model={TINY_CLIP}", "--device", "cpu"]
-    assert "ours: scoring 24" in one_and_two("evaluate_generators.py", flags, tmp_path)
+def test_evaluate_generators_on_two_processes_writes_what_one_does(inputs, two_processes):
+    printed, one, two = one_and_two("evaluate_generators.py", inputs, two_processes)
+    assert "ours: scoring 24" in printed
     for name in ("leaderboard.csv", "winrates.csv"):
-        assert_same_table(tmp_path / "one" / name, tmp_path / "two" / name)
-    one_scores, two_scores = (pd.read_parquet(tmp_path / out / "scores.parquet") for out in ("one", "two"))
+        assert_same_table(one / name, two / name)
+    one_scores, two_scores = (pd.read_parquet(out / "scores.parquet") for out in (one, two))
     np.testing.assert_allclose(two_scores.score, one_scores.score, rtol=0, atol=1e-6)
 
 
-def test_best_of_n_on_two_processes_keeps_what_one_does(shapes_pairs, tiny_init, tmp_path):
-    candidates = pd.DataFrame({"prompt": list(shapes_pairs.prompt[:6]) * 2,
-                               "image": list(shapes_pairs.pos_path[:6]) + list(shapes_pairs.neg_path[:6])})
-    candidates.to_parquet(tmp_path / "candidates.parquet")
-    flags = [tmp_path / "candidates.parquet", "--scorer", f"clip:{tiny_init},model={TINY_CLIP}", "--device", "cpu"]
-    assert "mean score" in one_and_two("best_of_n.py", flags, tmp_path)
-    metadata = [[json.loads(line) for line in open(tmp_path / out / "metadata.jsonl")] for out in ("one", "two")]
+def test_best_of_n_on_two_processes_keeps_what_one_does(inputs, two_processes):
+    printed, one, two = one_and_two("best_of_n.py", inputs, two_processes)
+    assert "mean score" in printed
+    metadata = [[json.loads(line) for line in open(out / "metadata.jsonl")] for out in (one, two)]
     assert [m["file_name"] for m in metadata[0]] == [m["file_name"] for m in metadata[1]]
     np.testing.assert_allclose([m["score"] for m in metadata[1]], [m["score"] for m in metadata[0]], rtol=0, atol=1e-6)
 
