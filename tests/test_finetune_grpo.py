@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import ROOT, TINY_CLIP
+from grpo_learning import LEARNING_RATES
 from safetensors.torch import load_file
 
 from clip_model import InputError, load_model
@@ -162,48 +163,27 @@ def test_a_grpo_update_raises_the_log_probability_of_the_high_advantage_trajecto
     assert change[advantages > 0].mean() > 0 > change[advantages < 0].mean()
 
 
-def save_tiny_pickscore_like(folder, seed=3):
-    """A tiny random transformers CLIPModel (PickScore_v1's layout) whose scores sit near 72: logit_scale e^4.6 = 100
-    and the image and text embeddings sharing one direction, cosines near 0.72 (PickScore's scores sit near 20,
-    ImageReward's near 0: an offset far from both, and a random CLIP unlike the suite's tiny init)."""
-    import math
-    from transformers import CLIPConfig, CLIPModel
-    torch.manual_seed(seed)
-    config = CLIPConfig(text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=2, max_position_embeddings=77, vocab_size=49408),
-                        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=32)
-    model = CLIPModel(config)
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(100.0))
-        shared = torch.randn(32)
-        for norm, projection in ((model.vision_model.post_layernorm, model.visual_projection),
-                                 (model.text_model.final_layer_norm, model.text_projection)):
-            norm.bias[0] = 1.4
-            projection.weight[:, 0] = shared
-    model.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def pickscore_like(tmp_path_factory):
+    """A tiny random transformers CLIPModel read by pickscore:, its scores near 72 (PickScore's sit near 20,
+    ImageReward's near 0): a random CLIP unlike the suite's tiny init, and an offset far from 0."""
+    from grpo_learning import save_tiny_pickscore_like
     return f"pickscore:{save_tiny_pickscore_like(tmp_path_factory.mktemp('pickscore') / 'pickscore')}"
 
 
-# the GRPO flags at their defaults; what the tiny pipelines need of every method: small images, few steps, a learning
-# rate for random 16-wide layers (DRaFT's and ReFL's tests above take 2e-2 and 3e-2 too)
+# the GRPO flags at their defaults (benchmarks/grpo_learning.py's runs); what the tiny pipelines need of every method:
+# small images, few steps, a learning rate for random 16-wide layers (the ReFL test above takes 3e-2)
 TINY_DEFAULTS = dict(method="grpo", sampling_steps=6, resolution=16, train_batch_size=2, group_size=8, seed=0)
 
 
-@pytest.mark.parametrize("family, learning_rate, steps", [("sd", 2e-2, 40), ("sd3", 4e-2, 40)])
-def test_grpo_with_its_defaults_raises_a_pickscore_like_reward_and_beats_its_base(family, learning_rate, steps,
-                                                                                  tiny_pipelines, files, pickscore_like,
-                                                                                  tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_grpo_with_its_defaults_raises_a_pickscore_like_reward_and_beats_its_base(family, tiny_pipelines, files,
+                                                                                  pickscore_like, tmp_path):
     from evaluate_generators import evaluate_generators
     from generate import generate
     pipeline = tiny_pipelines(family)
-    final = finetune(pipeline, files["prompts"], f"pick={pickscore_like}", learning_rate=learning_rate,
-                     max_train_steps=steps, checkpointing_steps=steps, validation_prompts=files["prompts"],
+    final = finetune(pipeline, files["prompts"], f"pick={pickscore_like}", learning_rate=LEARNING_RATES[family],
+                     max_train_steps=40, checkpointing_steps=40, validation_prompts=files["prompts"],
                      output_dir=str(tmp_path / "run"), **TINY_DEFAULTS)
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert list(metrics.columns) == ["step", "loss", "reward", "val_reward", "policy_loss", "kl", "clipped", "adv_mean",
