@@ -139,8 +139,8 @@ def main():
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or
               platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
               "load_average": [load, os.getloadavg()], "command": " ".join(sys.argv), "rows": rows,
-              "config": f"tiny pipelines, {RUN}, {args.steps} steps, kl_beta {args.kl_beta}, LOW_NOISE {grpo.LOW_NOISE}, "
-                        f"{args.samples} evaluation samples a prompt"}
+              "config": f"tiny pipelines, {RUN}, {args.steps} steps, kl_beta {args.kl_beta}, "
+                        f"LOW_NOISE {grpo.LOW_NOISE}, {args.samples} evaluation samples a prompt"}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

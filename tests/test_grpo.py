@@ -9,7 +9,7 @@ from torch.distributions import Normal, kl_divergence
 
 from clip_model import InputError
 from grpo import (check_noisy_sampler, clipped_policy_loss, group_advantages, kl_to_reference, noisy_step, step_std,
-                  train_on_trajectory, trained_steps)
+                  trained_steps)
 
 
 def sd_ddim(**overrides):
@@ -170,7 +170,8 @@ def test_trained_steps_leave_out_the_near_deterministic_steps_at_the_end():
         # 0.38 and more; the flow's last, sigma 0.003 -> 0: 0.006 against 0.4 and more) and their log-probability is
         # the most sensitive to the model's output: its gradient there is mostly noise (x' - mean) / std^2
         stds = [step_std(scheduler, i, torch.zeros(1, 1), 0.7 if scheduler is flow else 1.0).item() for i in range(6)]
-        assert all(stds[i] >= 0.1 * max(stds) for i in kept) and all(stds[i] < 0.1 * max(stds) for i in range(len(kept), 6))
+        assert all(stds[i] >= 0.1 * max(stds) for i in kept)
+        assert all(stds[i] < 0.1 * max(stds) for i in range(len(kept), 6))
         sensitivity = []
         for i in range(6):
             output = torch.zeros(1, 64, requires_grad=True)
