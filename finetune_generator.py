@@ -13,9 +13,11 @@ Methods (--method):
          (ReFL's 30-39 of 40), predict the clean image from it in one step with gradient, decode,
          loss = relu(2 - reward) * 1e-3 for imagereward: scorers, -reward * 1e-3 for any other (docs/generators.md).
   grpo   GRPO (DDPO, Black et al. 2023; Flow-GRPO, Liu et al. 2025): --group_size images a prompt sampled with noise
-         injected (DDIM eta > 0, or the flow sampler's SDE), scored without gradient; advantages standardised within
-         each group; a clipped importance-ratio loss over a --timestep_fraction of the steps, plus --kl_beta times
-         the KL to the base (the LoRA switched off).
+         injected (DDIM eta > 0, or the flow sampler's SDE) at the trained steps (grpo.trained_steps: the first
+         --timestep_fraction of the steps that inject noise; the near-deterministic last ones, and any left out,
+         take the deterministic step), scored without gradient; advantages standardised within each group; a
+         clipped importance-ratio loss over the trained steps, plus --kl_beta times the KL to the base (the LoRA
+         switched off). metrics.csv and the progress bar show its diagnostics (GRPO_METRICS).
 Each scorer is normalised by --reward_norm (none, group, prompt, calibrated: reward.py) before --reward_weights
 combine them.
 The result is diffusers LoRA weights, alpha in their metadata: `pipeline.load_lora_weights(output_dir)`. Devices,
@@ -38,16 +40,23 @@ from tqdm import tqdm
 
 from clip_model import InputError, check_free_space, run_cli
 from diffusers.optimization import get_scheduler
-from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, check_size, conditioning, decode,
+from generators import (LORA_WEIGHTS, STEPS, add_lora, check_pipeline_folder, check_size, conditioning, decode,
                         default_size, denoise, denoiser, generate_images, load_pipeline, noise_seed, read_prompts,
                         sample_latents, save_lora, schedule, set_lora_state_dict, start_noise, take_aliases, to_pil)
-from grpo import check_noisy_sampler, group_advantages, noisy_step, train_on_trajectory, trained_steps
+from grpo import (ADVANTAGE_CLIP, check_noisy_sampler, group_advantages, noisy_step, train_on_trajectory,
+                  trained_steps)
 from reward import REWARD_NORMS, RewardMix
 from run_state import MetricsLog, save_state_whole
 
 METHODS = ("draft", "refl", "grpo")
+# --learning_rate by method: diffusers' LoRA scripts' 1e-4; GRPO's score-function gradient is far noisier than
+# DRaFT's or ReFL's (docs/generators.md), and DDPO and Flow-GRPO train it at 3e-4
+LEARNING_RATES = {"draft": 1e-4, "refl": 1e-4, "grpo": 3e-4}
 METRICS = ("step", "loss", "reward", "val_reward")
-GRPO_METRICS = ("kl", "clipped")  # the KL to the base, the fraction of clipped ratios
+# GRPO's diagnostics, per optimizer step: the clipped surrogate alone, the KL to the base, the share of ratios
+# clipped, the advantages' mean and spread (after the clamp), the mean within-group std of the total reward (the
+# signal the advantages standardise) and the LoRA gradient's norm before clipping
+GRPO_METRICS = ("policy_loss", "kl", "clipped", "adv_mean", "adv_std", "reward_std", "grad_norm")
 REFL_MARGIN, REFL_GRAD_SCALE = 2.0, 1e-3  # ReFL.py: loss = relu(2 - reward).mean() * grad_scale (1e-3)
 
 
@@ -134,19 +143,23 @@ def refl_loss(rewards, normalised):
 
 
 def grpo_sample(model, pipeline, rewards, prompts, keys, group_size, sampling_steps, guidance_scale, size,
-                noise_level, gather=None):
-    """GRPO's sampling half, without gradient: `group_size` images of each prompt, noise injected at every step
-    (each image's start and step noise keyed by its key, the sample number and the step), decoded and scored.
-    Returns (the group's prompts, the latents before each step and the last, log_probs T x B, raw scores by scorer,
-    the normalised total)."""
+                noise_level, gather=None, noisy_steps=None):
+    """GRPO's sampling half, without gradient: `group_size` images of each prompt, noise injected at the
+    `noisy_steps` (default every step; each image's start and step noise keyed by its key, the sample number and the
+    step) and the family's deterministic step at the others, decoded and scored. Returns (the group's prompts, the
+    latents before each step and the last, log_probs T x B (0 at a deterministic step), raw scores by scorer, the
+    normalised total)."""
     prompts = [p for p in prompts for _ in range(group_size)]
     keys = [(*key, k) for key in keys for k in range(group_size)]
     device = pipeline._execution_device
     start = start_noise(pipeline, keys, size, device)
     cond = conditioning(pipeline, prompts, guidance_scale, size)
+    noisy = set(range(sampling_steps) if noisy_steps is None else noisy_steps)
     steps = []
 
     def step_fn(plan, i, output, latents):
+        if i not in noisy:  # a step not trained: its noise would only add variance to the advantages
+            return {**STEPS[plan.kind](plan, i, output, latents), "log_prob": torch.zeros(len(latents), device=device)}
         noise = start_noise(pipeline, [key + (i,) for key in keys], size, device)
         return noisy_step(plan.scheduler, output, i, latents, noise_level, noise=noise)._asdict()
     with torch.no_grad():
@@ -154,16 +167,20 @@ def grpo_sample(model, pipeline, rewards, prompts, keys, group_size, sampling_st
                                trajectory=steps)
         raw = rewards.scores(decode(pipeline.vae, final), prompts, check_finite=False)
         total = rewards.combine(rewards.normalize(raw, prompts, gather))
-    latents = [start.float()] + [step["prev_sample"] for step in steps]
+    latents = [start.float()] + [step["prev_sample"].float() for step in steps]
     return prompts, cond, latents, torch.stack([step["log_prob"] for step in steps]), raw, total
 
 
 def grpo_train(accelerator, model, pipeline, cond, latents, log_probs, total, group_size, sampling_steps,
                guidance_scale, noise_level, steps, clip_range, kl_beta):
     """GRPO's training half: group advantages of the total reward, the clipped ratio loss (and the KL to the base:
-    the same denoiser, its LoRA switched off) over the trained steps, each back-propagated at once."""
+    the same denoiser, its LoRA switched off) over the trained steps, each back-propagated at once. Returns
+    train_on_trajectory's means and the advantages' mean and std, the mean within-group std of the total reward."""
     plan = schedule(pipeline, sampling_steps, latents[0])
     advantages = group_advantages(total, group_size)
+    used = advantages.clamp(-ADVANTAGE_CLIP, ADVANTAGE_CLIP)
+    spread = {"adv_mean": used.mean().item(), "adv_std": used.std(unbiased=False).item(),
+              "reward_std": total.float().view(-1, group_size).std(1, unbiased=False).mean().item()}
     inner = accelerator.unwrap_model(model)
 
     @contextlib.contextmanager
@@ -176,8 +193,8 @@ def grpo_train(accelerator, model, pipeline, cond, latents, log_probs, total, gr
 
     def predict(x, i):
         return denoise(pipeline, model, x, plan.timesteps[i], cond, guidance_scale)
-    return train_on_trajectory(predict, plan.scheduler, latents, log_probs, advantages, steps, clip_range, kl_beta,
-                               accelerator.backward, lora_off, noise_level)
+    return {**train_on_trajectory(predict, plan.scheduler, latents, log_probs, advantages, steps, clip_range, kl_beta,
+                                  accelerator.backward, lora_off, noise_level), **spread}
 
 
 def nonfinite_guard(accelerator, save_folder, skip_nonfinite_loss):
@@ -349,13 +366,13 @@ ALIASES = {"pretrained_model": "pretrained_model_name_or_path", "save_folder": "
 
 def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=None, reward_weights=None,
                        method="draft", sampling_steps=50, grad_steps=1, guidance_scale=None, resolution=None,
-                       height=None, width=None, train_batch_size=1, learning_rate=1e-4, lr_scheduler="constant",
+                       height=None, width=None, train_batch_size=1, learning_rate=None, lr_scheduler="constant",
                        lr_warmup_steps=0, max_grad_norm=1.0, max_train_steps=1000, rank=4, lora_alpha=None,
                        output_dir="./generator_lora", checkpointing_steps=100, checkpoints_total_limit=None,
                        validation_prompts=None, validation_batch_size=8, seed=42, gradient_accumulation_steps=None,
                        gradient_checkpointing=False, mixed_precision=None, resume_from_checkpoint=None,
                        skip_nonfinite_loss=False, report_to=None, group_size=8, clip_range=1e-4,
-                       timestep_fraction=1.0, kl_beta=0.04, noise_level=None, reward_norm="none", calibration=None,
+                       timestep_fraction=1.0, kl_beta=0.0, noise_level=None, reward_norm="none", calibration=None,
                        **aliases):
     """Fine-tune LoRA adapters of a pipeline folder of any supported family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) to
     raise the reward of its images; writes checkpoint-STEP folders, metrics.csv, validation grids and
@@ -380,6 +397,7 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
     train_prompts = read_prompts(prompts, "--prompts")
     val_prompts = read_prompts(validation_prompts, "--validation_prompts") if validation_prompts else []
     lora_alpha = rank if lora_alpha is None else lora_alpha
+    learning_rate = LEARNING_RATES[method] if learning_rate is None else learning_rate
 
     accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps or 1,
                               mixed_precision=mixed_precision, log_with=report_to, project_dir=output_dir,
@@ -420,7 +438,9 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
         pipeline.vae.enable_gradient_checkpointing()
     rewards = RewardMix.load(scorers, accelerator.device, reward_norm, calibration, gradient_checkpointing)
     if method == "grpo":
-        check_noisy_sampler(schedule(pipeline, sampling_steps, start_noise(pipeline, [()], size)).scheduler, noise_level)
+        sampler = schedule(pipeline, sampling_steps, start_noise(pipeline, [()], size)).scheduler
+        check_noisy_sampler(sampler, noise_level)
+        grpo_steps = trained_steps(sampler, timestep_fraction, noise_level)
     optimizer = torch.optim.AdamW(lora_params, lr=learning_rate)
     # as diffusers' scripts: the prepared scheduler steps once per process each optimizer step
     scheduler = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=lr_warmup_steps * accelerator.num_processes,
@@ -459,16 +479,15 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
                 if method == "grpo":
                     group_prompts, cond, latents, log_probs, raw, reward = grpo_sample(
                         model, pipeline, rewards, prompts_batch, keys, group_size, sampling_steps, guidance_scale,
-                        size, noise_level, gather)
+                        size, noise_level, gather, grpo_steps)
                     finite = loss_is_finite(accelerator.gather(reward.sum()[None]), step, prompts_batch,
                                             rewards.nonfinite_message(raw, group_prompts))
                     if finite:
                         stats = grpo_train(accelerator, model, pipeline, cond, latents, log_probs, reward, group_size,
-                                           sampling_steps, guidance_scale, noise_level,
-                                           trained_steps(sampling_steps, timestep_fraction, noise_seed("grpo", seed, step)),
-                                           clip_range, kl_beta)
+                                           sampling_steps, guidance_scale, noise_level, grpo_steps, clip_range,
+                                           kl_beta)
                         loss = torch.tensor(stats["loss"], device=accelerator.device)
-                        extra.append(accelerator.gather(torch.tensor([stats["kl"], stats["clipped"]],
+                        extra.append(accelerator.gather(torch.tensor([stats[k] for k in GRPO_METRICS[:-1]],
                                                                      device=accelerator.device)[None]).mean(0))
                 else:
                     loss, reward, raw = method_loss(method, model, pipeline, rewards, prompts_batch,
@@ -487,9 +506,12 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
                     window_ok = False
             if not accelerator.sync_gradients:
                 continue
+            grad_norm = None
             if window_ok:
                 if max_grad_norm and max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(lora_params, max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(lora_params, max_grad_norm)
+                elif method == "grpo":
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in lora_params if p.grad is not None])
                 optimizer.step()
                 scheduler.step()
             else:
@@ -499,13 +521,14 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
             done = step == max_train_steps
             val_reward = validate(step) if step % checkpointing_steps == 0 or done else None
             means = torch.stack(batch_rewards).mean(0).tolist() if window_ok else [None] * (1 + len(rewards.names))
-            grpo_means = dict(zip(GRPO_METRICS, torch.stack(extra).mean(0).tolist())) if window_ok and extra else {}
+            grpo_means = dict(zip(GRPO_METRICS, torch.stack(extra).mean(0).tolist() + [float(grad_norm)])) if (
+                window_ok and extra) else {}
             metrics.log(step=step, loss=torch.stack(losses).mean().item() if window_ok else None, reward=means[0],
                         val_reward=val_reward, **grpo_means,
                         **{f"reward_{name}": value for name, value in zip(rewards.names, means[1:])})
             bar.update(1)
             if window_ok:
-                bar.set_postfix(loss=f"{losses[-1].item():.4f}")
+                bar.set_postfix(loss=f"{losses[-1].item():.4f}", **{k: f"{v:.3g}" for k, v in grpo_means.items()})
             losses, batch_rewards, window_ok, extra = [], [], True, []
             if step % checkpointing_steps == 0 or done:
                 save_checkpoint(accelerator, output_dir, {**progress, "run": run, "order": order,
@@ -537,8 +560,10 @@ def main():
     parser.add_argument("--calibration", default=None, help="a calibration.json for --reward_norm calibrated")
     parser.add_argument("--group_size", type=int, default=8, help="grpo: images a prompt (--train_batch_size counts prompts)")
     parser.add_argument("--clip_range", type=float, default=1e-4, help="grpo: PPO's clip of the importance ratio")
-    parser.add_argument("--timestep_fraction", type=float, default=1.0, help="grpo: the share of sampling steps trained")
-    parser.add_argument("--kl_beta", type=float, default=0.04, help="grpo: weight of the KL to the base (LoRA off)")
+    parser.add_argument("--timestep_fraction", type=float, default=1.0,
+                        help="grpo: the first share of the steps that inject noise (grpo.trained_steps) to train")
+    parser.add_argument("--kl_beta", type=float, default=0.0,
+                        help="grpo: weight of the KL to the base (LoRA off); 0.004 is Flow-GRPO's 0.04 in these units")
     parser.add_argument("--noise_level", type=float, default=None,
                         help="grpo: DDIM's eta (default 1.0) or the flow SDE's noise level (default 0.7)")
     parser.add_argument("--sampling_steps", "--num_inference_steps", type=int, default=50)
@@ -551,7 +576,8 @@ def main():
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--train_batch_size", "--batch_size", type=int, default=1, help="prompts per process and batch")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=None)
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--learning_rate", type=float, default=None, help="default 1e-4 (grpo: 3e-4, DDPO's and "
+                        "Flow-GRPO's)")
     parser.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
     parser.add_argument("--lr_warmup_steps", type=int, default=0)
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0: none)")

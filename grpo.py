@@ -8,6 +8,7 @@ group-standardised advantages, the clipped importance-ratio loss and the KL pena
     step_fn = lambda plan, i, output, x: noisy_step(plan.scheduler, output, i, x, noise=noise(i))._asdict()
     final = generators.sample_latents(pipeline, model, latents, cond, steps, 1.0, step_fn=step_fn, trajectory=taken)
     advantages = group_advantages(rewards, group_size)            # rewards: [prompts * group_size], prompt-major
+    trained = trained_steps(plan.scheduler, timestep_fraction)      # the steps that inject noise (noise there only)
     step = noisy_step(plan.scheduler, output_now, i, x_i, prev_sample=x_next)   # the same step under the LoRA now
     loss = clipped_policy_loss(step.log_prob, old_log_prob_i, advantages, clip_range)
     loss = loss + kl_beta * kl_to_reference(step.mean, reference_mean, step.std).mean()
@@ -18,7 +19,6 @@ A step's log-probability is the mean over the latent's elements of the Gaussian 
 DDPO and Flow-GRPO take it), so ratios and clip ranges are per element (both use a clip range of 1e-4).
 """
 import math
-import random
 from typing import NamedTuple
 
 import torch
@@ -28,6 +28,7 @@ from clip_model import InputError
 # the noise each sampler injects by default: DDPO's eta, Flow-GRPO's noise_level
 DEFAULT_NOISE_LEVEL = {"DDIMScheduler": 1.0, "FlowMatchEulerDiscreteScheduler": 0.7}
 ADVANTAGE_CLIP = 5.0  # DDPO's and Flow-GRPO's adv_clip_max
+LOW_NOISE = 0.1  # a step whose std is under this share of the largest step's is not trained (trained_steps)
 
 
 class NoisyStep(NamedTuple):
@@ -135,7 +136,11 @@ def group_advantages(rewards, group_size):
     if group_size < 2 or len(rewards) % group_size:
         raise InputError(f"--group_size {group_size}: {len(rewards)} rewards do not divide into groups of "
                          f"{group_size} (a group needs at least 2 images of one prompt)")
-    return standardize(rewards, torch.arange(len(rewards)) // group_size)
+    # each group's mean taken out in float64 first: a score far from 0 (PickScore-like, near 72: float32's ulp there
+    # is 8e-6) keeps its within-group spread's digits through the standardisation
+    wide = rewards.double().view(-1, group_size)
+    centred = (wide - wide.mean(1, keepdim=True)).flatten().to(rewards.dtype)
+    return standardize(centred, torch.arange(len(rewards)) // group_size)
 
 
 def clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range, advantage_clip=ADVANTAGE_CLIP):
@@ -149,16 +154,29 @@ def clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range, advantag
 def kl_to_reference(mean, reference_mean, std):
     """KL(N(mean, std^2) || N(reference_mean, std^2)) per element, averaged over each sample's elements: [B]. The
     reference is the model with its LoRA switched off on the same latents (Flow-GRPO divides by the flow step's s^2
-    rather than the step's own variance s^2 (-dt); this is the KL of the two step distributions)."""
+    rather than the step's own variance s^2 (-dt); this is the KL of the two step distributions, so Flow-GRPO's beta
+    is about beta x |dt| here: its 0.04 at 10 steps, 0.004)."""
     kl = (mean - reference_mean.detach()) ** 2 / (2 * std ** 2)
     return kl.mean(dim=tuple(range(1, mean.dim())))
 
 
-def trained_steps(sampling_steps, timestep_fraction, seed):
-    """The step indices one optimizer step trains on: a random `timestep_fraction` of the steps (at least one),
-    drawn from `seed`, in sampling order (DDPO trains a random subset of each trajectory's steps)."""
-    count = max(1, round(sampling_steps * timestep_fraction))
-    return sorted(random.Random(seed).sample(range(sampling_steps), count))
+def trained_steps(scheduler, timestep_fraction=1.0, noise_level=None):
+    """The step indices GRPO trains on (scheduler after set_timesteps): the steps whose std is at least LOW_NOISE
+    times the largest step's, and of those the first `timestep_fraction` (at least one), in sampling order as
+    Flow-GRPO takes them (`range(int(num_steps * timestep_fraction))`).
+
+    A step's log-probability gradient is (x' - mean) / std^2 times the mean's gradient: its noise grows as 1 / std
+    while what it says about the reward does not, so the near-deterministic steps at the end (the flow sampler's last,
+    sigma 0.003 -> 0; DDIM's two into t = 1 and t = 0) carry most of the gradient's noise and little of its signal
+    (docs/generators.md). Flow-GRPO's timestep_fraction 0.99 leaves out exactly that last step of its 10.
+
+        trained_steps(scheduler, 1.0)  # e.g. [0, 1, 2, 3] of DDIM's 6 steps, [0, 1, 2, 3, 4] of the flow's 6
+    """
+    kind = sampler_kind(scheduler)
+    level = DEFAULT_NOISE_LEVEL[kind] if noise_level is None else noise_level
+    stds = [float(step_std(scheduler, i, torch.zeros(1, 1), level)) for i in range(len(scheduler.timesteps))]
+    noisy = [i for i, std in enumerate(stds) if std >= LOW_NOISE * max(stds)]
+    return noisy[:max(1, int(len(noisy) * timestep_fraction + 1e-9))]
 
 
 # ---- the training half, for any family: `predict(latents, i)` is its denoiser at step i (guidance included) ------
@@ -168,12 +186,12 @@ def train_on_trajectory(predict, scheduler, trajectory, old_log_probs, advantage
     """The GRPO loss of a sampled batch over the trained `steps`, each step's share (1 / len(steps)) back-propagated
     at once through `backward` (accelerator.backward) so that one step's graph is alive at a time. reference (a
     context manager switching the LoRA off) gives the KL's reference model when kl_beta > 0. Returns the mean loss,
-    KL and the fraction of clipped ratios (floats)."""
-    totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
+    policy loss, KL and fraction of clipped ratios (floats)."""
+    totals = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clipped": 0.0}
     for i in steps:
         step = noisy_step(scheduler, predict(trajectory[i], i), i, trajectory[i], noise_level,
                           prev_sample=trajectory[i + 1])
-        loss = clipped_policy_loss(step.log_prob, old_log_probs[i], advantages, clip_range)
+        loss = policy_loss = clipped_policy_loss(step.log_prob, old_log_probs[i], advantages, clip_range)
         kl = torch.zeros(())
         if kl_beta > 0:
             with torch.no_grad(), reference():
@@ -184,6 +202,7 @@ def train_on_trajectory(predict, scheduler, trajectory, old_log_probs, advantage
         backward(loss / len(steps))
         ratio = torch.exp(step.log_prob.detach() - old_log_probs[i])
         totals["loss"] += loss.item() / len(steps)
+        totals["policy_loss"] += policy_loss.item() / len(steps)
         totals["kl"] += kl.item() / len(steps)
         totals["clipped"] += ((ratio - 1).abs() > clip_range).float().mean().item() / len(steps)
     return totals

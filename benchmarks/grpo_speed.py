@@ -6,8 +6,8 @@
 Each configuration runs in its own process and calls finetune_generator() as a user's run does: the tests' tiny
 pipeline of the family (generators.make_tiny_pipeline) at 32 px, 8 sampling steps, no guidance, 2 prompts a step,
 the tiny CLIP as the reward, one thread. DRaFT-1 makes 2 images a step; GRPO makes 2 groups of --group_size
-(default 8), trains every step (--timestep_fraction 1) and the KL to the base (--kl_beta 0.04, one more forward a
-trained step). A step's time is between two optimizer steps (median; the first, a warm-up, left out), wall clock
+(default 8), trains every step that injects noise (--timestep_fraction 1: 6 of DDIM's 8 steps, 7 of the flow's) and
+the KL to the base (--kl_beta 0.04, one more forward a trained step). A step's time is between two optimizer steps (median; the first, a warm-up, left out), wall clock
 and the process's CPU seconds.
 """
 import argparse

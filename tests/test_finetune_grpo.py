@@ -1,4 +1,5 @@
 """GRPO, ReFL under any reward and normalised rewards in finetune_generator.py, on the tiny pipelines."""
+import contextlib
 import json
 import os
 import shutil
@@ -9,15 +10,17 @@ import pandas as pd
 import pytest
 import torch
 from conftest import ROOT, TINY_CLIP
+from grpo_learning import LEARNING_RATES
 from safetensors.torch import load_file
 
 from clip_model import InputError, load_model
 from finetune_generator import finetune_generator as finetune, grpo_sample, grpo_train
-from generators import LORA_WEIGHTS, add_lora, denoiser, load_pipeline
+from generators import LORA_WEIGHTS, add_lora, denoise, denoiser, load_pipeline, schedule
+from grpo import group_advantages, noisy_step, trained_steps
 from reward import RewardMix
 
 PROMPTS = ["a red circle", "two blue squares"]
-# 32 px images, 4 steps, no guidance; GRPO: 2 prompts x a group of 8, every step trained
+# 32 px images, 4 steps, no guidance; GRPO: 2 prompts x a group of 8
 TINY_GRPO = dict(method="grpo", sampling_steps=4, resolution=32, guidance_scale=1.0, learning_rate=2e-2, seed=0,
                  train_batch_size=2, group_size=8, kl_beta=0.0)
 
@@ -60,16 +63,145 @@ def test_refl_under_a_reward_far_from_0_moves_the_lora_and_raises_the_reward(tin
     assert metrics.val_reward.iloc[-1] > metrics.val_reward.iloc[0]
 
 
-@pytest.mark.parametrize("family", ["sd", "flux"])
-def test_grpo_raises_the_reward_of_a_unet_and_a_flow_family(family, tiny_pipelines, files, tmp_path):
-    steps = {"sd": 15, "flux": 10}[family]
-    finetune(tiny_pipelines(family), files["prompts"], f"ours={files['clip']}", max_train_steps=steps,
-             checkpointing_steps=steps, validation_prompts=files["prompts"], output_dir=str(tmp_path / family),
-             **TINY_GRPO)
-    metrics = pd.read_csv(tmp_path / family / "metrics.csv")
-    assert list(metrics.columns) == ["step", "loss", "reward", "val_reward", "kl", "clipped", "reward_ours"]
-    assert (metrics.clipped[1:] == 0).all()  # one update per sampled batch: the ratio is 1 at every trained step
-    assert metrics.val_reward.iloc[-1] > metrics.val_reward.iloc[0] + 1e-3
+class Accelerator:  # what grpo_train uses of accelerate
+    backward = staticmethod(lambda loss: loss.backward())
+    unwrap_model = staticmethod(lambda model: model)
+
+
+def lora_b(pipeline):
+    return {n: p.detach().clone() for n, p in denoiser(pipeline).named_parameters() if "lora_B" in n}
+
+
+@contextlib.contextmanager
+def restored(params):
+    """The parameters put back as they were afterwards (the module's sampled batch stays on-policy)."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in zip(params, saved):
+                param.copy_(value)
+                param.grad = None
+
+
+@pytest.fixture(scope="module")
+def sampled(tiny_sd, files):
+    """A tiny SD with a LoRA already moved (B random, so the adapter matters), and one GRPO batch of it: 2 prompts x
+    a group of 4 at 16 px, 6 DDIM steps with guidance."""
+    pipeline = load_pipeline(tiny_sd)
+    lora_params = add_lora(pipeline, 4, 4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in denoiser(pipeline).named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    rewards = RewardMix.load([("ours", files["clip"], 1.0)])
+    batch = grpo_sample(denoiser(pipeline), pipeline, rewards, PROMPTS, [(0, 0), (0, 1)], 4, 6, 7.5, (16, 16), None)
+    return pipeline, lora_params, batch
+
+
+def test_each_group_is_one_prompt_sampled_with_independent_noise(sampled):
+    pipeline, _, (prompts, cond, latents, log_probs, raw, total) = sampled
+    assert prompts == [PROMPTS[0]] * 4 + [PROMPTS[1]] * 4
+    embeddings = cond["encoder_hidden_states"][8:]  # the conditional half (the empty prompt's first)
+    for group in (slice(0, 4), slice(4, 8)):
+        assert all(torch.equal(e, embeddings[group][0]) for e in embeddings[group])
+    assert not torch.equal(embeddings[0], embeddings[4])
+    plan = schedule(pipeline, 6, latents[0])
+    for i in [None] + trained_steps(plan.scheduler):  # the start noise, then the noise each trained step injected
+        if i is None:
+            noise = latents[0]
+        else:
+            with torch.no_grad():
+                step = noisy_step(plan.scheduler, denoise(pipeline, denoiser(pipeline), latents[i], plan.timesteps[i],
+                                                          cond, 7.5), i, latents[i], prev_sample=latents[i + 1])
+            noise = (latents[i + 1] - step.mean) / step.std
+        flat = noise.flatten(1)
+        correlation = torch.corrcoef(flat)
+        # independent draws of 256 elements: correlations within +-0.3 (the same noise twice would give 1)
+        assert (correlation - torch.eye(8)).abs().max() < 0.3, i
+        assert abs(flat.std().item() - 1) < 0.1
+    assert total.view(2, 4).std(1).min() > 0  # so every group has advantages
+
+
+def test_the_ratio_is_exactly_1_at_the_first_update_and_the_update_gets_through(sampled):
+    pipeline, lora_params, (prompts, cond, latents, log_probs, raw, total) = sampled
+    plan = schedule(pipeline, 6, latents[0])
+    steps = trained_steps(plan.scheduler)
+    with torch.no_grad():  # the sampling log-probabilities recomputed under the same weights, bit for bit
+        for i in steps:
+            again = noisy_step(plan.scheduler, denoise(pipeline, denoiser(pipeline), latents[i], plan.timesteps[i],
+                                                       cond, 7.5), i, latents[i], prev_sample=latents[i + 1])
+            assert torch.equal(again.log_prob, log_probs[i]), i
+    before = lora_b(pipeline)
+    with restored(lora_params):
+        stats = grpo_train(Accelerator, denoiser(pipeline), pipeline, cond, latents, log_probs, total, 4, 6, 7.5, None,
+                           steps, 1e-4, 0.0)
+        assert stats["clipped"] == 0 and abs(stats["adv_mean"]) < 1e-6 and abs(stats["adv_std"] - 1) < 1e-3
+        assert torch.nn.utils.get_total_norm([p.grad for p in lora_params]) > 0 and stats["reward_std"] > 0
+        torch.optim.AdamW(lora_params, lr=1e-3).step()
+        after = lora_b(pipeline)
+    assert all((after[n] - before[n]).abs().max() > 5e-4 for n in before)  # Adam's first step: lr where grad != 0
+
+
+def test_a_grpo_update_raises_the_log_probability_of_the_high_advantage_trajectories(sampled):
+    pipeline, lora_params, (prompts, cond, latents, log_probs, raw, total) = sampled
+    plan = schedule(pipeline, 6, latents[0])
+    steps = trained_steps(plan.scheduler)
+    advantages = group_advantages(total, 4)
+    with restored(lora_params), torch.no_grad():
+        with torch.enable_grad():
+            grpo_train(Accelerator, denoiser(pipeline), pipeline, cond, latents, log_probs, total, 4, 6, 7.5, None,
+                       steps, 1e-4, 0.0)
+        torch.optim.SGD(lora_params, lr=1.0).step()
+        change = sum(noisy_step(plan.scheduler, denoise(pipeline, denoiser(pipeline), latents[i], plan.timesteps[i],
+                                                        cond, 7.5), i, latents[i], prev_sample=latents[i + 1]).log_prob
+                     - log_probs[i] for i in steps)
+    # the trajectories with a positive advantage became more likely, those with a negative one less
+    assert (advantages * change).sum() > 0
+    assert change[advantages > 0].mean() > 0 > change[advantages < 0].mean()
+
+
+@pytest.fixture(scope="module")
+def pickscore_like(tmp_path_factory):
+    """A tiny random transformers CLIPModel read by pickscore:, its scores near 72 (PickScore's sit near 20,
+    ImageReward's near 0): a random CLIP unlike the suite's tiny init, and an offset far from 0."""
+    from grpo_learning import save_tiny_pickscore_like
+    return f"pickscore:{save_tiny_pickscore_like(tmp_path_factory.mktemp('pickscore') / 'pickscore')}"
+
+
+# the GRPO flags at their defaults (benchmarks/grpo_learning.py's runs); what the tiny pipelines need of every method:
+# small images, few steps, a learning rate for random 16-wide layers (the ReFL test above takes 3e-2)
+TINY_DEFAULTS = dict(method="grpo", sampling_steps=6, resolution=16, train_batch_size=2, group_size=8, seed=0)
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_grpo_with_its_defaults_raises_a_pickscore_like_reward_and_beats_its_base(family, tiny_pipelines, files,
+                                                                                  pickscore_like, tmp_path):
+    from evaluate_generators import evaluate_generators
+    from generate import generate
+    pipeline = tiny_pipelines(family)
+    final = finetune(pipeline, files["prompts"], f"pick={pickscore_like}", learning_rate=LEARNING_RATES[family],
+                     max_train_steps=40, checkpointing_steps=40, validation_prompts=files["prompts"],
+                     output_dir=str(tmp_path / "run"), **TINY_DEFAULTS)
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(metrics.columns) == ["step", "loss", "reward", "val_reward", "policy_loss", "kl", "clipped", "adv_mean",
+                                     "adv_std", "reward_std", "grad_norm", "reward_pick"]
+    logged = metrics[1:]
+    assert (logged.clipped == 0).all() and (logged.kl == 0).all() and (logged.grad_norm > 0).all()
+    assert logged.adv_mean.abs().max() < 1e-6 and (logged.adv_std - 1).abs().max() < 1e-3
+    assert logged.reward_pick.between(60, 85).all() and (logged.reward_std > 0).all()
+    assert metrics.val_reward.iloc[-1] > metrics.val_reward.iloc[0]
+    # under evaluate_generators.py, image for image from the same noise: 2 prompts x 8 samples each
+    out = str(tmp_path / "generations")
+    for name, lora in (("base", None), ("grpo", os.path.dirname(final))):
+        generate(pipeline, files["prompts"], name, out, samples=8, lora=lora, resolution=16, num_inference_steps=6)
+    board, rates = evaluate_generators(os.path.join(out, "generations.parquet"), {"pick": pickscore_like},
+                                       str(tmp_path / "table"), device="cpu", num_workers=0)
+    rate = rates[(rates.generator == "grpo") & (rates.other == "base") & (rates["style"] == "all")].win_rate.item()
+    means = board[board["style"] == "all"].set_index("generator")["mean"]
+    assert rate > 0.5 and means["grpo"] > means["base"], (rate, means.to_dict())
 
 
 def test_grpo_never_differentiates_the_reward(tiny_sd, files):
@@ -80,10 +212,6 @@ def test_grpo_never_differentiates_the_reward(tiny_sd, files):
     score = rewards.scores
     rewards.scores = lambda images, prompts, **kw: seen.append((images.requires_grad, torch.is_grad_enabled())) or \
         score(images, prompts, **kw)
-
-    class Accelerator:  # what grpo_train uses of accelerate
-        backward = staticmethod(lambda loss: loss.backward())
-        unwrap_model = staticmethod(lambda model: model)
     prompts, cond, latents, log_probs, raw, total = grpo_sample(
         denoiser(pipeline), pipeline, rewards, PROMPTS, [(0,), (1,)], 4, 4, 1.0, (32, 32), None)
     assert seen == [(False, False)] and not total.requires_grad and not any(x.requires_grad for x in latents)

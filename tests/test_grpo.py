@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscr
 from torch.distributions import Normal, kl_divergence
 
 from clip_model import InputError
-from grpo import (check_noisy_sampler, clipped_policy_loss, group_advantages, kl_to_reference, noisy_step,
+from grpo import (check_noisy_sampler, clipped_policy_loss, group_advantages, kl_to_reference, noisy_step, step_std,
                   trained_steps)
 
 
@@ -106,8 +106,13 @@ def test_group_advantages_equal_a_hand_computation():
     expected = torch.tensor([-2, -1, 0, 3, -1 / 3 ** 0.5 * 1, -1 / 3 ** 0.5, -1 / 3 ** 0.5, 3 / 3 ** 0.5])
     expected[:4] /= 3.5 ** 0.5
     assert torch.allclose(group_advantages(rewards, 4), expected, atol=1e-5)
-    # any reward scale and offset gives the same advantages
-    assert torch.allclose(group_advantages(rewards * 0.01 + 65, 4), expected, atol=1e-3)
+    # any reward scale and offset gives the same advantages, to the float32 rounding of the rewards themselves: the
+    # standardisation adds none (float32 arithmetic at 65 would lose 1e-4 of the spread's digits)
+    far = rewards * 0.01 + 65
+    assert torch.allclose(group_advantages(far, 4), expected, atol=1e-3)
+    wide = far.double().view(2, 4)
+    exact = ((wide - wide.mean(1, keepdim=True)) / (wide.std(1, unbiased=False, keepdim=True) + 1e-6)).flatten()
+    assert torch.allclose(group_advantages(far, 4).double(), exact, atol=1e-6, rtol=0)
     assert torch.equal(group_advantages(torch.full((4,), 7.0), 2), torch.zeros(4))
     for size, count in ((1, 4), (3, 8)):
         with pytest.raises(InputError, match=f"--group_size {size}: {count} rewards do not divide into groups"):
@@ -156,10 +161,24 @@ def test_a_sampler_that_cannot_inject_noise_ends_in_one_line():
             check_noisy_sampler(scheduler, 0)
 
 
-def test_trained_steps_are_a_seeded_fraction_in_order():
-    steps = trained_steps(10, 0.5, seed=3)
-    assert len(steps) == 5 and steps == sorted(set(steps)) and steps == trained_steps(10, 0.5, seed=3)
-    assert trained_steps(10, 0.01, seed=3) and trained_steps(4, 1.0, seed=0) == [0, 1, 2, 3]
+def test_trained_steps_leave_out_the_near_deterministic_steps_at_the_end():
+    ddim, flow = sd_ddim(), FlowMatchEulerDiscreteScheduler(shift=3.0)
+    for scheduler, kept in ((ddim, [0, 1, 2, 3]), (flow, [0, 1, 2, 3, 4])):
+        scheduler.set_timesteps(6)
+        assert trained_steps(scheduler) == kept
+        # the steps left out inject under a tenth of the largest std (DDIM's into t = 1 and t = 0: 0.04, 0.02 against
+        # 0.38 and more; the flow's last, sigma 0.003 -> 0: 0.006 against 0.4 and more) and their log-probability is
+        # the most sensitive to the model's output: its gradient there is mostly noise (x' - mean) / std^2
+        stds = [step_std(scheduler, i, torch.zeros(1, 1), 0.7 if scheduler is flow else 1.0).item() for i in range(6)]
+        assert all(stds[i] >= 0.1 * max(stds) for i in kept)
+        assert all(stds[i] < 0.1 * max(stds) for i in range(len(kept), 6))
+        sensitivity = []
+        for i in range(6):
+            output = torch.zeros(1, 64, requires_grad=True)
+            step = noisy_step(scheduler, output, i, gaussian((1, 64), 0), prev_sample=gaussian((1, 64), 1))
+            sensitivity.append(torch.autograd.grad(step.log_prob.sum(), output)[0].norm().item())
+        assert max(sensitivity[len(kept):]) > 3 * max(sensitivity[:len(kept)])
+    assert trained_steps(ddim, 0.5) == [0, 1] and trained_steps(flow, 0.01) == [0]
 
 
 def sample(predict, scheduler, latents, noise):
