@@ -12,6 +12,7 @@ refused or dropped connection with a growing back-off, up to `retries` times; an
 (InputError) carrying the server's message.
 """
 import io
+import math
 import time
 
 import numpy as np
@@ -66,7 +67,8 @@ def score_remote(url, images, prompts, session=None, retries=8, timeout=120.0, b
             return response.json()
         message = _message(response)
         if response.status_code == 503 and attempt < retries:
-            time.sleep(_retry_after(response, wait))
+            time.sleep(retry_after(response, wait))
+            wait = min(wait * 2, 30.0)  # a 503 without Retry-After (a proxy's) backs off as a lost connection does
             continue
         raise InputError(f"{url}: {response.status_code}: {message}")
 
@@ -78,11 +80,14 @@ def _message(response):
         return response.text.strip().splitlines()[0][:200] if response.text.strip() else response.reason
 
 
-def _retry_after(response, default):
+def retry_after(response, default):
+    """The seconds a 503's Retry-After asks for, between 0 and 60; `default` when it has none, or none that is a
+    number of seconds (an HTTP date, "-1", "nan")."""
     try:
-        return min(float(response.headers.get("Retry-After", default)), 60.0)
+        seconds = float(response.headers.get("Retry-After", default))
     except ValueError:
         return default
+    return min(seconds, 60.0) if 0 <= seconds < math.inf else default
 
 
 def remote_reward_fn(url, device="cpu", retries=8, timeout=120.0):

@@ -50,6 +50,10 @@ class Limits:
     max_request_bytes: int = 64 * 2**20  # body bytes of one request (413)
     max_pixels: int = 4096 * 4096  # decoded pixels of one image, PIL's decompression-bomb limit (413)
     request_timeout: float = 60.0  # seconds from admission to the answer (408 while uploading, 504 after)
+    # decoded pixels of one request's images, counted on their headers before any is decoded (413), and of all the
+    # requests decoded and not yet answered (503 beyond): a small PNG of a blank 4096 x 4096 image decodes to 48 MB
+    max_request_pixels: int = 64 * 2**20
+    max_pixels_in_flight: int = 256 * 2**20
 
 
 class Refusal(Exception):
@@ -78,38 +82,87 @@ def strict_decoding(max_pixels):
         ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = before
 
 
-def decode_image(data, where, max_pixels):
-    """An uploaded image's bytes -> a loaded PIL image; Refusal 400 (not an image, truncated) or 413 (too many
-    pixels: checked on the header, before anything is decoded)."""
-    try:
+class PixelBudget:
+    """Decoded pixels held by the requests in the server (--max_pixels_in_flight): a request takes its share before
+    its images are decoded and gives it back once answered; one that does not fit is answered 503 at once."""
+
+    def __init__(self, limit):
+        self.limit, self.held, self.lock = limit, 0, threading.Lock()
+
+    def take(self, pixels):
+        with self.lock:
+            if self.held + pixels > self.limit:
+                raise Refusal(503, f"{self.held} decoded pixels in the server, {pixels} more would pass "
+                                   f"--max_pixels_in_flight {self.limit}; retry later", {"Retry-After": "1"})
+            self.held += pixels
+
+    def give_back(self, pixels):
+        with self.lock:
+            self.held -= pixels
+
+
+def image_errors(where, data, max_pixels):
+    """A context mapping PIL's errors on an upload to the Refusal naming it."""
+    @contextlib.contextmanager
+    def mapped():
+        try:
+            yield
+        except Image.DecompressionBombError:
+            raise Refusal(413, f"{where}: more pixels than --max_pixels {max_pixels}") from None
+        except UnidentifiedImageError:
+            raise Refusal(400, f"{where}: not an image ({len(data)} bytes PIL cannot identify)") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise Refusal(400, f"{where}: cannot decode the image ({first_line(e)})") from None
+    return mapped()
+
+
+def open_image(data, where, max_pixels):
+    """An uploaded image's bytes -> a PIL image read as far as its header (nothing decoded yet); Refusal 400 (not an
+    image) or 413 (more pixels than `max_pixels`)."""
+    with image_errors(where, data, max_pixels):
         image = Image.open(io.BytesIO(data))
         if image.width * image.height > max_pixels:  # PIL only warns between its limit and twice that
             raise Refusal(413, f"{where}: {image.width} x {image.height} pixels, more than --max_pixels {max_pixels}")
-        image.load()
         return image
-    except Image.DecompressionBombError:
-        raise Refusal(413, f"{where}: more pixels than --max_pixels {max_pixels}") from None
-    except UnidentifiedImageError:
-        raise Refusal(400, f"{where}: not an image ({len(data)} bytes PIL cannot identify)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise Refusal(400, f"{where}: cannot decode the image ({first_line(e)})") from None
+
+
+def decode_image(data, where, max_pixels):
+    """An uploaded image's bytes -> a loaded PIL image; Refusal 400 (not an image, truncated) or 413 (too many
+    pixels: checked on the header, before anything is decoded)."""
+    image = open_image(data, where, max_pixels)
+    with image_errors(where, data, max_pixels):
+        image.load()
+    return image
 
 
 def decode_tensor(data, limits):
     """An uploaded .npy batch (float B x 3 x H x W in [0, 1], or uint8 B x H x W x 3) -> the float tensor
-    reward.as_image_tensor makes of it, which is what an in-process call scores."""
+    reward.as_image_tensor makes of it, which is what an in-process call scores. Its header is checked (dtype,
+    shape, size against the body) before anything is allocated."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f".npy format version {version[0]}.{version[1]}; np.save writes 1.0")
+        shape, _, dtype = read_header[version](stream)
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise Refusal(400, f"tensor: not a .npy array ({first_line(e)})") from None
+    if dtype not in (np.uint8, np.float16, np.float32) or len(shape) != 4:
+        raise Refusal(400, f"tensor: expected float32 B x 3 x H x W or uint8 B x H x W x 3, got {dtype} of "
+                           f"shape {shape}")
+    if shape[0] > limits.max_images:
+        raise Refusal(413, f"tensor: {shape[0]} images in one request, more than --max_images {limits.max_images}")
+    height, width = shape[1:3] if dtype == np.uint8 else shape[2:]
+    if height * width > limits.max_pixels:
+        raise Refusal(413, f"tensor: {width} x {height} pixels an image, more than --max_pixels {limits.max_pixels}")
+    if math.prod(shape) * dtype.itemsize != len(data) - stream.tell():
+        raise Refusal(400, f"tensor: its header says {dtype} of shape {shape}, {len(data) - stream.tell()} bytes "
+                           f"follow it")
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise Refusal(400, f"tensor: not a .npy array ({first_line(e)})") from None
-    if array.dtype not in (np.uint8, np.float16, np.float32) or array.ndim != 4:
-        raise Refusal(400, f"tensor: expected float32 B x 3 x H x W or uint8 B x H x W x 3, got {array.dtype} of "
-                           f"shape {array.shape}")
-    if len(array) > limits.max_images:
-        raise Refusal(413, f"tensor: {len(array)} images in one request, more than --max_images {limits.max_images}")
-    height, width = array.shape[1:3] if array.dtype == np.uint8 else array.shape[2:]
-    if height * width > limits.max_pixels:
-        raise Refusal(413, f"tensor: {width} x {height} pixels an image, more than --max_pixels {limits.max_pixels}")
     try:
         return as_image_tensor(torch.from_numpy(array.copy()))
     except InputError as e:
@@ -170,7 +223,7 @@ async def parse_request(request, body, limits):
     if kind == "application/json":
         try:
             payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise Refusal(400, f"body: not JSON ({first_line(e)})") from None
         if not isinstance(payload, dict):
             raise Refusal(400, f"body: a JSON {type(payload).__name__}; send an object with prompts and images")
@@ -198,8 +251,10 @@ async def parse_request(request, body, limits):
     raise Refusal(415, f"content-type {kind or 'none'}: send multipart/form-data or application/json")
 
 
-def decode_request(prompts, images, tensor, limits):
-    """Check a parsed request and decode its images: (PIL images or a float tensor, prompts), or Refusal 4xx."""
+def decode_request(prompts, images, tensor, limits, budget=None):
+    """Check a parsed request and decode its images: (PIL images or a float tensor, prompts, the pixels taken from
+    `budget`, a PixelBudget, which the caller gives back once the request is answered), or Refusal 4xx or 503. The
+    pixels are counted on the images' headers, and taken, before any image is decoded."""
     if images is not None and tensor is not None:
         raise Refusal(400, "images and tensor: send one of them")
     if images is None and tensor is None:
@@ -207,13 +262,34 @@ def decode_request(prompts, images, tensor, limits):
                            f"image")
     if images is not None and len(images) > limits.max_images:
         raise Refusal(413, f"images: {len(images)} in one request, more than --max_images {limits.max_images}")
-    decoded = (decode_tensor(tensor, limits) if tensor is not None else
-               [decode_image(data, f"images[{i}]", limits.max_pixels) for i, data in enumerate(images)])
-    if len(decoded) == 0:
+    if tensor is not None:
+        decoded = decode_tensor(tensor, limits)
+        pixels = len(decoded) * decoded.shape[-1] * decoded.shape[-2]  # within --max_request_bytes already
+    else:
+        opened = [open_image(data, f"images[{i}]", limits.max_pixels) for i, data in enumerate(images)]
+        pixels = sum(image.width * image.height for image in opened)
+        if pixels > limits.max_request_pixels:
+            raise Refusal(413, f"images: {pixels} pixels decoded in one request, more than --max_request_pixels "
+                               f"{limits.max_request_pixels}")
+    count = len(decoded) if tensor is not None else len(opened)
+    if count == 0:
         raise Refusal(400, "empty request: no images; send images or tensor, one prompt an image")
-    if len(prompts) != len(decoded):
-        raise Refusal(400, f"prompts: {len(prompts)} for {len(decoded)} images; give one prompt per image")
-    return decoded, prompts
+    if len(prompts) != count:
+        raise Refusal(400, f"prompts: {len(prompts)} for {count} images; give one prompt per image")
+    if budget is not None:
+        budget.take(pixels)
+    try:
+        if tensor is None:
+            decoded = []
+            for i, (image, data) in enumerate(zip(opened, images)):
+                with image_errors(f"images[{i}]", data, limits.max_pixels):
+                    image.load()
+                decoded.append(image)
+    except BaseException:
+        if budget is not None:
+            budget.give_back(pixels)
+        raise
+    return decoded, prompts, (pixels if budget is not None else 0)
 
 
 # ---- scoring: batches of requests, each answered as reward_fn answers it -------------------------------------------
@@ -314,9 +390,16 @@ def refusal(error):
     """The Refusal an error in scoring one request answers: 4xx for the request's fault, else 500."""
     if isinstance(error, Refusal):
         return error
-    if isinstance(error, InputError):
+    if isinstance(error, InputError) and not device_error(error.__context__):
         return Refusal(400, str(error).strip().splitlines()[-1])
+    if isinstance(error, InputError):  # the device failed, not the request
+        error = error.__context__
     return Refusal(500, f"scoring failed ({type(error).__name__}: {first_line(error)})")
+
+
+def device_error(error):
+    """Whether an error is the accelerator's (a CUDA error): the server's fault, never the request's."""
+    return isinstance(error, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(error)
 
 
 def first_line(error):
@@ -493,6 +576,7 @@ def make_app(backend, limits=None):
     limits = limits or Limits()
     metrics = Metrics()
     state = {"admitted": 0, "stopping": False}
+    budget = PixelBudget(limits.max_pixels_in_flight)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -526,11 +610,12 @@ def make_app(backend, limits=None):
                                   {"Retry-After": str(max(1, math.ceil(seconds)))}))
         state["admitted"] += 1
         metrics.in_flight.inc()
-        started = time.monotonic()
+        started, pixels = time.monotonic(), 0
         try:
             body = await read_body(request, limits, started)
             prompts, images, tensor = await parse_request(request, body, limits)
-            images, prompts = await asyncio.to_thread(decode_request, prompts, images, tensor, limits)
+            del body
+            images, prompts, pixels = await asyncio.to_thread(decode_request, prompts, images, tensor, limits, budget)
             scoring = asyncio.ensure_future(backend.score(images, prompts))
             left = asyncio.ensure_future(until_disconnected(request))
             try:
@@ -550,6 +635,7 @@ def make_app(backend, limits=None):
             metrics.rejections.labels("client_left").inc()
             return Response(status_code=499)  # nobody reads it
         finally:
+            budget.give_back(pixels)
             state["admitted"] -= 1
             metrics.in_flight.dec()
         metrics.latency.observe(time.monotonic() - started)
@@ -687,6 +773,9 @@ class RayBackend:
         except asyncio.CancelledError:
             response.cancel()
             raise
+        except Exception as e:  # a replica answers every request's fault as a Refusal: this is Ray's (a dead replica)
+            raise Refusal(503, f"no scoring replica answered ({type(e).__name__}: {first_line(e)}); retry later",
+                          {"Retry-After": "1"}) from None
         finally:
             self.pending -= 1
         self.on_batch(len(prompts))  # batched in the replica: Ray Serve's own metrics have its batch sizes
@@ -718,6 +807,10 @@ def main():
     parser.add_argument("--max_request_bytes", type=int, default=defaults.max_request_bytes, help="bytes a request")
     parser.add_argument("--max_pixels", type=int, default=defaults.max_pixels,
                         help="decoded pixels an image: PIL's decompression-bomb limit (413)")
+    parser.add_argument("--max_request_pixels", type=int, default=defaults.max_request_pixels,
+                        help="decoded pixels of a request's images, counted on their headers (413)")
+    parser.add_argument("--max_pixels_in_flight", type=int, default=defaults.max_pixels_in_flight,
+                        help="decoded pixels of all the requests not yet answered; beyond, 503 with Retry-After")
     parser.add_argument("--request_timeout", type=float, default=defaults.request_timeout,
                         help="seconds from admission to answer (408 uploading, 504 scoring)")
     parser.add_argument("--engine", default="uvicorn", choices=ENGINES)
@@ -725,10 +818,14 @@ def main():
     parser.add_argument("--num_cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
     parser.add_argument("--log_level", default="info", help="uvicorn's (warning: no line a request)")
     args = parser.parse_args()
-    for flag in ("max_batch_size", "max_queue", "max_images", "max_request_bytes", "max_pixels", "replicas"):
+    for flag in ("max_batch_size", "max_queue", "max_images", "max_request_bytes", "max_pixels", "max_request_pixels",
+                 "max_pixels_in_flight", "replicas"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    limits = Limits(args.max_queue, args.max_images, args.max_request_bytes, args.max_pixels, args.request_timeout)
+    if args.max_request_pixels > args.max_pixels_in_flight:
+        raise InputError(f"--max_request_pixels {args.max_request_pixels}: more than --max_pixels_in_flight "
+                         f"{args.max_pixels_in_flight}, so such a request could never be scored")
+    limits = Limits(**{field: getattr(args, field) for field in Limits.__dataclass_fields__})
     common = dict(host=args.host, port=args.port, device=args.device, precision=args.precision,
                   reward_weights=args.reward_weights, reward_norm=args.reward_norm, calibration=args.calibration,
                   max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, limits=limits)

@@ -86,15 +86,18 @@ def calibration(specs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(specs, calibration):
-    """Four servers in this process: "main" (batches of up to 64 images, 50 ms to fill), "slow" (a queue of 2
-    requests, 1.5 s to fill a batch: overload and clients that leave), "mix" (the two specs, group-normalised,
-    a 1 s request timeout), "calibrated" (the first spec with its calibration). main and slow share one model."""
+    """Five servers in this process: "main" (batches of up to 64 images, 50 ms to fill), "slow" (a queue of 2
+    requests, 1.5 s to fill a batch: overload and clients that leave), "tight" (as slow, but room for the decoded
+    pixels of two 64 x 64 images), "mix" (the two specs, group-normalised, a 1 s request timeout), "calibrated" (the
+    first spec with its calibration). main, slow and tight share one model."""
     core = ScoringCore(*load_reward(specs[0]), "cpu")
     mix = ScoringCore(*load_reward(specs, reward_norm="group"), "cpu")
     calibrated = ScoringCore(*load_reward(specs[0], calibration=calibration), "cpu")
     made = {"main": Server(make_app(LocalBackend(core, 64, 50), Limits(max_images=8, max_request_bytes=2**20,
-                                                                        max_pixels=512 * 512))),
+                                                                        max_pixels=512 * 512,
+                                                                        max_request_pixels=3 * 512 * 512))),
             "slow": Server(make_app(LocalBackend(core, 256, 1500), Limits(max_queue=2))),
+            "tight": Server(make_app(LocalBackend(core, 256, 1500), Limits(max_pixels_in_flight=2 * 64 * 64))),
             "mix": Server(make_app(LocalBackend(mix, 64, 10), Limits(request_timeout=1.0))),
             "calibrated": Server(make_app(LocalBackend(calibrated, 64, 10)))}
     yield made
@@ -229,6 +232,13 @@ def truncated_png():
     return data[:len(data) // 2]
 
 
+def npy_header(shape):
+    """The bytes of a float32 .npy file of `shape` cut after its header."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
 BAD_INPUTS = {
     "not_an_image": (lambda url: post(url, ["a"], [b"hello, not a picture"]), 400, "images[0]", "not an image"),
     "truncated_file": (lambda url: post(url, ["a"], [truncated_png()]), 400, "images[0]", "truncated"),
@@ -246,6 +256,15 @@ BAD_INPUTS = {
     "too_many_bytes": (lambda url: post(url, ["a"], [b"\0" * (2**20 + 10)]), 413, "--max_request_bytes"),
     "too_many_pixels": (lambda url: post(url, ["a"], [png(Image.new("RGB", (1024, 1024)))]), 413,
                         "images[0]", "1024 x 1024", "--max_pixels"),
+    # four blank 512 x 512 PNGs: 8 KB of body, 3 MB decoded; refused on their headers, before any is decoded
+    "too_many_pixels_in_one_request": (lambda url: post(url, ["a"] * 4, [png(Image.new("RGB", (512, 512)))] * 4),
+                                       413, "images", "1048576 pixels", "--max_request_pixels"),
+    "deeply_nested_json": (lambda url: requests.post(url + "/score", data=b"[" * 200000, timeout=30,
+                                                     headers={"content-type": "application/json"}), 400, "not JSON"),
+    # a .npy header claiming 8 x 3 x 512 x 512 floats (24 MB) with no data after it: refused before any allocation
+    "npy_header_without_its_data": (lambda url: requests.post(url + "/score", files=[("prompts", (None, "a"))] * 8 + [
+        ("tensor", ("t.npy", npy_header((8, 3, 512, 512)), "application/octet-stream"))], timeout=30), 400,
+        "tensor", "(8, 3, 512, 512)", "0 bytes follow"),
     "values_out_of_range": (lambda url: requests.post(url + "/score", files=[("prompts", (None, "a"))] + encode_images(
         torch.full((1, 3, 8, 8), 2.0)), timeout=30), 400, "tensor", "[0, 1]"),
     "unknown_content_type": (lambda url: requests.post(url + "/score", data=b"x", timeout=30,
@@ -282,6 +301,27 @@ def test_overload_answers_503_with_retry_after_at_once_then_recovers(servers, lo
     for k, r, _ in scored:
         assert abs(r.json()["scores"][0] - local([images[k]], [f"p{k}"])[0].item()) < TOL
     assert post(url, ["again"], [png(images[0])]).status_code == 200
+
+
+def test_decoded_pixels_past_the_servers_budget_get_503_at_once_and_are_given_back(servers, local):
+    url, images = servers["tight"].url, pictures(4, 12)
+    fillers = [threading.Thread(target=post, args=(url, [f"f{k}"], [png(images[k])])) for k in range(2)]
+    [t.start() for t in fillers]
+    deadline = time.monotonic() + 10
+    while servers["tight"].health()["in_flight"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # both decoded, waiting 1.5 s for their batch to fill
+    started = time.monotonic()
+    refused = post(url, ["late"], [png(images[2])])
+    assert time.monotonic() - started < 1.0
+    assert_one_line_naming(refused, 503, "--max_pixels_in_flight", "8192 decoded pixels")
+    assert int(refused.headers["Retry-After"]) >= 1
+    [t.join(60) for t in fillers]
+    # a broken upload gives its pixels back too: then two images fill the whole budget and are scored
+    assert post(url, ["a"], [truncated_png()]).status_code == 400
+    answer = post(url, ["p", "q"], [png(images[2]), png(images[3])])
+    assert answer.status_code == 200, answer.text
+    assert torch.allclose(torch.tensor(answer.json()["scores"]), local(images[2:], ["p", "q"])[0], atol=TOL)
 
 
 def test_the_client_retries_a_503_after_its_retry_after(servers, local):
@@ -440,3 +480,32 @@ def test_ray_serve_with_two_replicas_scores_as_one_process(specs, local):
         assert abs(answer.json()["scores"][0] - local([images[k]], [f"p{k}"])[0].item()) < TOL
     assert_one_line_naming(bad, 400, "images[0]", "not an image")  # refused by the ingress
     assert_one_line_naming(non_finite, 422, "non-finite")  # by a scoring replica
+
+
+def test_a_device_error_in_scoring_is_the_servers_fault_not_the_requests():
+    from clip_model import InputError
+    from serve import refusal
+
+    def failed(message):
+        try:
+            try:
+                raise RuntimeError(message)
+            except RuntimeError:
+                raise InputError("--scorer ours: fails on the generator's images (2 images): ...") from None
+        except InputError as e:
+            return refusal(e)
+    assert failed("mat1 and mat2 shapes cannot be multiplied").status == 400
+    answer = failed("CUDA error: an illegal memory access was encountered")
+    assert answer.status == 500 and "CUDA error" in answer.message
+
+
+def test_the_client_reads_retry_after_as_seconds_between_0_and_60_or_backs_off():
+    from reward_client import retry_after
+
+    def answer(value):
+        response = requests.Response()
+        if value is not None:
+            response.headers["Retry-After"] = value
+        return response
+    assert [retry_after(answer(v), 0.5) for v in ("3", "600", "-1", "nan", "inf", "Wed, 21 Oct 2026 07:28:00 GMT",
+                                                    None)] == [3.0, 60.0, 0.5, 0.5, 0.5, 0.5, 0.5]
