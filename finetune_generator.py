@@ -300,7 +300,8 @@ def check_data_order(checkpoint, progress, order):
                              f"{value}: the prompts that come next would differ; resume with {key} {saved[key]}")
 
 
-RUN_DEFAULTS = {"reward_norm": "none", "calibration": None}  # flags newer than some checkpoints: what those ran
+# flags newer than some checkpoints: what those ran (GRPO trained a seeded random subset of its steps, then)
+RUN_DEFAULTS = {"reward_norm": "none", "calibration": None, "grpo_steps": "random subset"}
 
 
 def find_checkpoint(resume_from_checkpoint, save_folder, run):
@@ -419,7 +420,7 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
            "calibration": calibration and os.path.abspath(calibration)}
     if method == "grpo":
         run.update(group_size=group_size, clip_range=clip_range, timestep_fraction=timestep_fraction,
-                   kl_beta=kl_beta, noise_level=noise_level)
+                   kl_beta=kl_beta, noise_level=noise_level, grpo_steps="the noisy steps (grpo.trained_steps)")
     run = json.loads(json.dumps(run))  # as progress.json holds it (lists, not tuples)
     # what decides which prompts come next, and the arithmetic: a resume must keep them
     order = {"num_processes": accelerator.num_processes,
@@ -521,14 +522,16 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
             done = step == max_train_steps
             val_reward = validate(step) if step % checkpointing_steps == 0 or done else None
             means = torch.stack(batch_rewards).mean(0).tolist() if window_ok else [None] * (1 + len(rewards.names))
-            grpo_means = dict(zip(GRPO_METRICS, torch.stack(extra).mean(0).tolist() + [float(grad_norm)])) if (
-                window_ok and extra) else {}
+            # (DeepSpeed's clip_grad_norm_ returns None: the column is then empty)
+            grpo_means = dict(zip(GRPO_METRICS, torch.stack(extra).mean(0).tolist() + [
+                None if grad_norm is None else float(grad_norm)])) if window_ok and extra else {}
             metrics.log(step=step, loss=torch.stack(losses).mean().item() if window_ok else None, reward=means[0],
                         val_reward=val_reward, **grpo_means,
                         **{f"reward_{name}": value for name, value in zip(rewards.names, means[1:])})
             bar.update(1)
             if window_ok:
-                bar.set_postfix(loss=f"{losses[-1].item():.4f}", **{k: f"{v:.3g}" for k, v in grpo_means.items()})
+                bar.set_postfix(loss=f"{losses[-1].item():.4f}", **{k: f"{v:.3g}" for k, v in grpo_means.items()
+                                                                     if v is not None})
             losses, batch_rewards, window_ok, extra = [], [], True, []
             if step % checkpointing_steps == 0 or done:
                 save_checkpoint(accelerator, output_dir, {**progress, "run": run, "order": order,

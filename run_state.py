@@ -44,7 +44,9 @@ class MetricsLog:
         if accelerator.is_main_process:
             if resumed_step is not None and os.path.exists(self.path):
                 rows = pd.read_csv(self.path)
-                rows[rows.step <= resumed_step].to_csv(self.path, index=False)
+                # a run saved by an older version may lack some of today's columns: the file gets them, empty
+                self.columns = list(columns) + [c for c in rows.columns if c not in columns]
+                rows[rows.step <= resumed_step].reindex(columns=self.columns).to_csv(self.path, index=False)
             else:
                 with open(self.path, "w", newline="") as f:
                     csv.writer(f).writerow(columns)

@@ -225,10 +225,27 @@ def test_a_grpo_run_resumed_ends_on_the_uninterrupted_lora_and_prompt_buffers(ti
     run = dict(TINY_GRPO, group_size=4, reward_norm="prompt", max_train_steps=4, checkpointing_steps=2)
     whole = finetune(tiny_sd, files["prompts"], files["clip"], output_dir=str(tmp_path / "whole"), **run)
     shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    # the metrics.csv of a version that logged fewer columns: the resumed file gets them, empty in the old rows
+    rows = pd.read_csv(tmp_path / "whole" / "metrics.csv")
+    rows[rows.step <= 2].drop(columns=["grad_norm", "adv_std"]).to_csv(tmp_path / "resumed" / "metrics.csv",
+                                                                        index=False)
     resumed = finetune(tiny_sd, files["prompts"], files["clip"], output_dir=str(tmp_path / "resumed"),
                        resume_from_checkpoint="latest", **run)
     expected, ours = load_file(whole), load_file(resumed)
     assert all(torch.equal(expected[k], ours[k]) for k in expected)
+    logged = pd.read_csv(tmp_path / "resumed" / "metrics.csv")
+    assert sorted(logged.columns) == sorted(rows.columns) and logged.step.tolist() == rows.step.tolist()
+    assert logged.grad_norm.isna().tolist() == [step <= 2 for step in rows.step]
+    assert torch.allclose(torch.tensor(logged.policy_loss.values), torch.tensor(rows.policy_loss.values), atol=1e-6,
+                          equal_nan=True)
+    # a checkpoint of the version that trained a random subset of the steps is not resumed by this one
+    old = shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "old" / "checkpoint-2")
+    progress = json.load(open(old / "progress.json"))
+    del progress["run"]["grpo_steps"]
+    json.dump(progress, open(old / "progress.json", "w"))
+    with pytest.raises(InputError, match="--grpo_steps random subset there"):
+        finetune(tiny_sd, files["prompts"], files["clip"], output_dir=str(tmp_path / "old"),
+                 resume_from_checkpoint="latest", **run)
     buffers = [json.load(open(tmp_path / name / "checkpoint-4" / "progress.json"))["prompt_stats"]
                for name in ("whole", "resumed")]
     assert buffers[0] == buffers[1] and len(buffers[0]["clip"]["buffers"]["a red circle"]) == 16
