@@ -153,6 +153,21 @@ def module_tensors(record, prefix=""):
     return tensors
 
 
+def cached_rotary_tables(root):
+    """{condition layer: the rotary table its ParallelTransformerBlock cached} for the layers whose pickled
+    `cross_model.layers.N.1.fn` holds a pos_emb tensor."""
+    layers = root.__dict__.get("_modules", {}).get("cross_model")
+    layers = layers.__dict__.get("_modules", {}).get("layers") if isinstance(layers, Pickled) else None
+    tables = {}
+    for index, layer in (layers.__dict__.get("_modules", {}).items() if isinstance(layers, Pickled) else ()):
+        residual = layer.__dict__.get("_modules", {}).get("1") if isinstance(layer, Pickled) else None
+        block = residual.__dict__.get("_modules", {}).get("fn") if isinstance(residual, Pickled) else None
+        table = block.__dict__.get("_buffers", {}).get("pos_emb") if isinstance(block, Pickled) else None
+        if isinstance(table, torch.Tensor):
+            tables[int(index)] = table
+    return tables
+
+
 def config_values(record, keys):
     """The given attributes of a pickled transformers config (a Pickled record, or a dict)."""
     values = record if isinstance(record, dict) else getattr(record, "__dict__", {})
@@ -191,6 +206,9 @@ class ConditionLayer(nn.Module):
         self.attn_out = nn.Linear(inner, dim, bias=False)
         self.self_ff_out = nn.Linear(ff_width, dim, bias=False)
         self.inv_freq = nn.Buffer(torch.empty(head_dim // 2))
+        # the rotary table MPS's ParallelTransformerBlock caches (its non-persistent pos_emb) when the module ran
+        # before it was pickled: MPS then reads that table, not one made again from inv_freq, and so does this
+        self.register_buffer("cached_angles", None, persistent=False)
 
     def _heads(self, x):
         return x.view(*x.shape[:2], self.heads, self.head_dim).transpose(1, 2)
@@ -209,9 +227,12 @@ class ConditionLayer(nn.Module):
         h = self.self_norm(x)
         q, k, v, ff = self.fused(h).split([self.heads * self.head_dim, self.head_dim, self.head_dim,
                                           2 * self.ff_width], dim=-1)
-        positions = torch.arange(x.shape[1], device=x.device, dtype=self.inv_freq.dtype)
-        angles = torch.outer(positions, self.inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)
+        if self.cached_angles is not None and self.cached_angles.shape[-2] >= x.shape[1]:
+            angles = self.cached_angles[:x.shape[1]]
+        else:
+            positions = torch.arange(x.shape[1], device=x.device, dtype=self.inv_freq.dtype)
+            angles = torch.outer(positions, self.inv_freq)
+            angles = torch.cat([angles, angles], dim=-1)
         q, k = ((t * angles.cos() + rotate_half(t) * angles.sin()) for t in (self._heads(q), k))
         attention = ((q * scale) @ k[:, None].transpose(-1, -2)).softmax(dim=-1)
         return x + self.attn_out(self._merge(attention @ v[:, None])) + self.self_ff_out(swiglu(ff))
@@ -365,12 +386,17 @@ def load_mps(path, processor, dtype="fp16", device="cpu"):
         raise InputError(f"processor={processor}: no such folder (laion/CLIP-ViT-H-14-laion2B-s32B-b79K's tokenizer "
                          f"and preprocessor_config.json)")
     root = read_pickled_module(path)
-    clip = getattr(root, "__dict__", {}).get("_modules", {}).get("model") if isinstance(root, Pickled) else None
-    config = getattr(clip, "__dict__", {}).get("config") if isinstance(clip, Pickled) else None
-    if config is None:
-        raise InputError(f"{path}: not an MPS checkpoint (a pickled trainer.models.clip_model.CLIPModel, whose .model "
-                         f"is a transformers CLIPModel with its config)")
-    tensors = {our_name(k): v for k, v in module_tensors(root).items() if our_name(k)}
+    try:
+        clip = getattr(root, "__dict__", {}).get("_modules", {}).get("model") if isinstance(root, Pickled) else None
+        config = getattr(clip, "__dict__", {}).get("config") if isinstance(clip, Pickled) else None
+        if config is None:
+            raise InputError(f"{path}: not an MPS checkpoint (a pickled trainer.models.clip_model.CLIPModel, whose "
+                             f".model is a transformers CLIPModel with its config)")
+        tensors = {our_name(k): v for k, v in module_tensors(root).items() if our_name(k)}
+        tables = cached_rotary_tables(root)
+    except (RecursionError, AttributeError, TypeError, ValueError) as e:  # modules in a cycle, records of odd types
+        raise InputError(f"{path}: not an MPS checkpoint (its pickled modules are malformed: {type(e).__name__})"
+                         ) from None
     layers = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("condition.")})
     if not layers or "clip.logit_scale" not in tensors:
         raise InputError(f"{path}: not an MPS checkpoint (no cross_model.layers.* and model.logit_scale tensors)")
@@ -387,6 +413,9 @@ def load_mps(path, processor, dtype="fp16", device="cpu"):
     model.to(DTYPES[dtype])
     assign_weights(model, tensors, path)
     model.condition_ids = tokenizer(CONDITION)  # buffers no file holds, made again off the meta device
+    for index, table in tables.items():
+        if index < len(model.condition):
+            model.condition[index].cached_angles = table.to(DTYPES[dtype])
     for embeddings in (model.clip.text_model.embeddings, model.clip.vision_model.embeddings):
         embeddings.position_ids = torch.arange(embeddings.position_ids.shape[-1]).expand(1, -1)
     size, crop, mean, std = image_processor_config(processor)

@@ -47,8 +47,9 @@ def peer_clip(tensors):
     return clip.eval()
 
 
-def cross_model(t, image, text, mask):
-    """Cross_model.forward: per layer, Residual(CrossAttention) then Residual(ParallelTransformerBlock)."""
+def cross_model(t, image, text, mask, tables=None):
+    """Cross_model.forward: per layer, Residual(CrossAttention) then Residual(ParallelTransformerBlock), whose
+    get_rotary_embedding reads the table it cached (`tables`: {layer: its pos_emb}) when it holds enough positions."""
     heads, head = CONDITION_HEADS, CONDITION_HEAD_DIM
 
     def norm(x, name):
@@ -76,6 +77,8 @@ def cross_model(t, image, text, mask):
         q = q.reshape(*h.shape[:2], heads, head).permute(0, 2, 1, 3)
         freqs = torch.einsum("i,j->ij", torch.arange(h.shape[1]).float(), t[p + "rotary_emb.inv_freq"])
         positions = torch.cat((freqs, freqs), dim=-1)
+        if tables and i in tables and tables[i].shape[-2] >= h.shape[1]:
+            positions = tables[i][:h.shape[1]].float()
         q, k = (u * positions.cos() + rotate_half(u) * positions.sin() for u in (q, k))
         sim = torch.einsum("bhid,bjd->bhij", q * head ** -0.5, k)
         attention = (sim - sim.amax(dim=-1, keepdim=True)).softmax(dim=-1)
@@ -85,7 +88,7 @@ def cross_model(t, image, text, mask):
     return x
 
 
-def peer_scores(tiny_mps, prompts, paths, threshold=0.3):
+def peer_scores(tiny_mps, prompts, paths, threshold=0.3, tables=None):
     from transformers import AutoTokenizer
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     _, processor, tensors = tiny_mps
@@ -111,7 +114,7 @@ def peer_scores(tiny_mps, prompts, paths, threshold=0.3):
             sim = torch.einsum("bid,bjd->bji", text_f, condition_f).max(dim=1, keepdim=True)[0]
             sim = sim / sim.max()
             mask = torch.where(sim > threshold, 0, float("-inf")).repeat(1, image_f.shape[1], 1)
-            image = cross_model(t, image_f, text_f, mask)[:, 0, :]
+            image = cross_model(t, image_f, text_f, mask, tables)[:, 0, :]
             image, text = image / image.norm(dim=-1, keepdim=True), text_pooled / text_pooled.norm(dim=-1, keepdim=True)
             scores.append((t["model.logit_scale"].exp() * text @ image.T)[0, 0])
     return torch.stack(scores)
@@ -130,6 +133,24 @@ def test_scores_equal_mps_infer_one_sample_rebuilt_step_by_step(tiny_mps, images
     assert torch.allclose(ours, expected, atol=1e-5, rtol=0), (ours - expected).abs().max()
     for start in range(0, len(images) * len(PROMPTS), len(images)):  # each prompt ranks its images the same way
         assert torch.equal(ours[start:start + 5].argsort(), expected[start:start + 5].argsort())
+
+
+def test_a_rotary_table_cached_in_the_pickle_is_read_as_mps_reads_it(tiny_mps, images, tmp_path):
+    """A module that ran before torch.save holds each ParallelTransformerBlock's pos_emb, and MPS's own code reads that
+    table rather than one made again from inv_freq. Here layer 0 caches a table unlike its inv_freq's (the angles
+    half again as large, over more positions than the image has tokens), layer 1 one too short to be read."""
+    inv_freq = tiny_mps[2]["cross_model.layers.0.1.fn.rotary_emb.inv_freq"].float()
+    freqs = torch.outer(torch.arange(300).float(), inv_freq)
+    tables = {0: 1.5 * torch.cat((freqs, freqs), dim=-1), 1: torch.zeros(3, 2 * len(inv_freq))}
+    path, processor, tensors = save_tiny_mps(str(tmp_path), rotary_tables=tables)
+    scorer = load_scorer(f"mps:{path},processor={processor},dtype=fp32")
+    prompts = PROMPTS[:1] * len(images)
+    ours = prompt_image_scores(scorer.model, scorer.preprocess, scorer.tokenizer, prompts, images, "cpu",
+                               batch_size=2, progress=False)
+    cached = {i: table.half() for i, table in tables.items()}  # as pickled, in the module's half precision
+    expected = peer_scores((path, processor, tensors), prompts, images, tables=cached)
+    assert torch.allclose(ours, expected, atol=1e-5, rtol=0), (ours - expected).abs().max()
+    assert (ours - peer_scores((path, processor, tensors), prompts, images)).abs().max() > 1e-3  # the table mattered
 
 
 def test_prompt_tokens_unlike_the_condition_words_are_masked_as_mps_masks_them(tiny_mps, images, monkeypatch):
@@ -196,6 +217,7 @@ def test_as_a_reward_it_scores_pil_images_as_score_does_and_passes_gradients_to_
     ("safetensors", "mps:{tmp}/HPSv3.safetensors,processor={processor}", "HPSv3.safetensors: not an MPS checkpoint"),
     ("empty", "mps:{path},processor={tmp}/empty", "processor={tmp}/empty: not a tokenizer folder"),
     (None, "mps:{path},processor={processor},dtype=int8", "dtype=int8: choose from fp16, fp32"),
+    ("cycle", "mps:{tmp}/cycle/MPS_overall_checkpoint.pth,processor={processor}", "its pickled modules are malformed"),
 ])
 def test_bad_mps_inputs_end_in_one_line_naming_the_culprit(make, spec, expected, tiny_mps, images, tmp_path):
     from score import rank_images
@@ -207,6 +229,12 @@ def test_bad_mps_inputs_end_in_one_line_naming_the_culprit(make, spec, expected,
         save_file({"visual.patch_embed.proj.weight": torch.zeros(2)}, tmp_path / "HPSv3.safetensors")
     if make == "empty":
         (tmp_path / "empty").mkdir()
+    if make == "cycle":  # a module among its own children
+        from tiny_peers import mps_layout_classes
+        model = mps_layout_classes()[0](tiny_clip_config())
+        model.cross_model._modules["loop"] = model.cross_model
+        os.makedirs(tmp_path / "cycle")
+        torch.save(model, tmp_path / "cycle" / "MPS_overall_checkpoint.pth")
     with pytest.raises(InputError) as error:  # run_cli prints it as "error: <message>", exit status 2
         rank_images("a cat", images[:1], device="cpu", num_workers=0,
                     scorer=spec.format(tmp=tmp_path, path=path, processor=processor))

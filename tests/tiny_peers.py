@@ -290,9 +290,10 @@ def mps_layout_classes():
     return named(CLIPModel, cm), named(XCLIPModel, cm)
 
 
-def save_tiny_mps(folder, seed=0, dtype=torch.float16):
+def save_tiny_mps(folder, seed=0, dtype=torch.float16, rotary_tables=None):
     """(MPS_overall_checkpoint.pth, the processor folder, its tensors): a tiny random MPS, its module pickled whole in
-    half precision as MPS's is, under MPS's class names."""
+    half precision as MPS's is, under MPS's class names. rotary_tables: {layer: table} cached in those layers'
+    ParallelTransformerBlock.pos_emb, as a module that ran before it was saved holds them."""
     os.makedirs(folder, exist_ok=True)
     processor = write_clip_processor(os.path.join(folder, "CLIP-ViT-H-14-laion2B-s32B-b79K"))
     mps_class, _ = mps_layout_classes()
@@ -306,6 +307,8 @@ def save_tiny_mps(folder, seed=0, dtype=torch.float16):
             tensors[key] = tensors[key] * 0.5 / tensors[key].std()
     model.load_state_dict(tensors, strict=False)
     model = model.to(dtype).eval()
+    for index, table in (rotary_tables or {}).items():
+        model.cross_model.layers[index][1].fn.pos_emb = table.to(dtype)
     path = os.path.join(folder, "MPS_overall_checkpoint.pth")
     torch.save(model, path)
     return path, processor, {k: v.to(dtype) for k, v in model.state_dict().items()}
