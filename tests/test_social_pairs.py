@@ -174,6 +174,26 @@ def test_duckdb_takes_its_memory_limit_and_threads_from_the_machine_unless_told(
     assert 1 <= machine_threads() <= os.cpu_count()
 
 
+@pytest.mark.parametrize("files, threads, memory", [
+    ({}, 8, 8 * 512),  # no cgroup files: the cores and the per-thread share
+    ({"cpu.max": "200000 100000\n", "memory.max": "1073741824\n"}, 2, 256),  # v2: 2 cores, a quarter of 1 GB
+    ({"cpu.max": "max 100000\n", "memory.max": "max\n"}, 8, 8 * 512),
+    ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n",
+      "memory/memory.limit_in_bytes": "2147483648\n"}, 1, 512),  # v1: 1.5 cores round down, a quarter of 2 GB
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "memory/memory.limit_in_bytes": "9223372036854771712\n"}, 8, 8 * 512),
+])
+def test_the_machines_threads_and_memory_come_from_its_cgroup_v2_or_v1(files, threads, memory, tmp_path, monkeypatch):
+    import social_rule
+    for name, text in files.items():
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(social_rule, "CGROUP", str(tmp_path))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "sysconf", {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 64 * 2**30 // 4096}.__getitem__)
+    assert social_rule.machine_threads() == threads
+    assert social_rule.machine_memory_limit(social_rule.machine_threads()) == f"{memory}MB"
+
+
 def test_mined_pairs_agree_with_hidden_quality_and_train_a_better_reward_than_popularity_pairs(tmp_path, one_thread,
                                                                                                micro_init):
     posts, events = make_community(str(tmp_path / "images"), n_creators=150, seed=0)
