@@ -33,16 +33,36 @@ def run_script(script, *args, env=None):
     run here). An exception that escapes is a traceback on stderr and status 1, as Python's. `env`: variables set for
     the run. What needs a process of its own (a signal, torchrun, a launcher's environment) runs as one.
 
+    What a fresh process would not inherit is kept out, and what the run changes for the rest of the process is
+    undone: its warnings go to its stderr under Python's default filters, each shown once per run (not pytest's
+    filters and record); logging's stderr handlers write to its stderr; accelerate's process-wide state starts and
+    ends empty; and the C library's memory setting (clip_model.keep_freed_memory, which run_cli applies for a
+    script's own process) is not applied to this one.
+
         result = run_script("validate.py", pairs_file, "--batch_size", "0")
         assert result.returncode == 2 and result.stderr.startswith("error:")
     """
+    import warnings
+
+    import clip_model
     stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
-    saved = sys.argv, os.getcwd(), {name: os.environ.get(name) for name in env or {}}
+    saved = sys.argv, os.getcwd(), {name: os.environ.get(name) for name in env or {}}, clip_model.keep_freed_memory
     sys.argv = [script, *map(str, args)]
     os.environ.update(env or {})
     os.chdir(ROOT)
+    clip_model.keep_freed_memory = lambda: None
+    reset_accelerate_state()
+    streams = stderr_handlers()
     try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.resetwarnings()  # also forgets which warnings were shown already
+            for category in (ResourceWarning, ImportWarning, PendingDeprecationWarning, DeprecationWarning):
+                warnings.simplefilter("ignore", category)  # Python's defaults, as a script's process has them
+            warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+            warnings.showwarning = (lambda message, category, filename, lineno, file=None, line=None:
+                                    stderr.write(warnings.formatwarning(message, category, filename, lineno, line)))
+            for handler in streams:
+                handler.stream = stderr  # not setStream: it flushes the old stream, maybe a closed capture file
             try:
                 runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
             except SystemExit as e:
@@ -57,7 +77,30 @@ def run_script(script, *args, env=None):
         os.chdir(saved[1])
         for name, value in saved[2].items():
             os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+        clip_model.keep_freed_memory = saved[3]
+        reset_accelerate_state()
+        for handler in stderr_handlers():  # those made during the run, too
+            if handler.stream is stderr:
+                handler.stream = sys.stderr
     return subprocess.CompletedProcess([script, *map(str, args)], returncode, stdout.getvalue(), stderr.getvalue())
+
+
+def stderr_handlers():
+    """logging's plain stream handlers (transformers', diffusers', a script's basicConfig), which a library binds to
+    the sys.stderr of the moment it made them; pytest's own capture handlers are subclasses, left alone."""
+    import logging
+    loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    return [handler for logger in loggers for handler in logger.handlers if type(handler) is logging.StreamHandler]
+
+
+def reset_accelerate_state():
+    """accelerate's singletons (the process's Accelerator state, gradient accumulation's) back to empty, as in a
+    fresh process; nothing when accelerate is not imported yet."""
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 @pytest.fixture
