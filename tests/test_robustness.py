@@ -244,3 +244,25 @@ def test_the_training_state_holds_no_second_copy_of_the_weights(shapes_pairs, ti
     (state,) = glob.glob(str(tmp_path / "run" / "training_state_step_*"))
     largest = max(os.path.getsize(f) for f in glob.glob(os.path.join(state, "*")))
     assert largest < os.path.getsize(tiny_init) / 10  # optimizer state of the trained block, RNG, position
+
+
+RUN_TWICE = """
+import logging, warnings
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+print(AcceleratorState._shared_state == {})  # a fresh process's accelerate holds no state
+Accelerator(cpu=True)
+logger = logging.getLogger("a_library")  # a library's handler, made once per process at its first import
+if not logger.handlers:
+    logger.addHandler(logging.StreamHandler())
+logger.warning("logged")
+warnings.warn("careful")
+"""
+
+
+def test_run_script_gives_each_run_a_fresh_processs_state_and_its_own_warnings_and_logs(tmp_path):
+    (tmp_path / "twice.py").write_text(RUN_TWICE)
+    for _ in range(2):
+        result = run_script(str(tmp_path / "twice.py"))
+        assert result.returncode == 0 and result.stdout == "True\n", result.stderr
+        assert "logged" in result.stderr and "UserWarning: careful" in result.stderr, result.stderr
