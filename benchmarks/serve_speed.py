@@ -6,6 +6,10 @@ its behaviour under overload (docs/serving.md).
         --images_per_request 1 --overload_models vit-l-14 --overload_clients 16 --overload_queue 4 --append
     (docs/serving.md's numbers: the same with --seconds 5; ViT-L/14 on a CPU takes seconds an image, hence its
     smaller pool, batches and requests)
+    pip install litserve==0.2.19     # not in requirements.txt: for this comparison only
+    python benchmarks/serve_speed.py --models tiny --threads 1 --body json --overload_models --append
+    python benchmarks/serve_speed.py --models tiny --threads 1 --engine litserve --overload_models --append
+    (the same model, images and JSON bodies behind LitServe's batching: benchmarks/litserve_server.py)
 
 For each model (random weights saved once, so that server and in-process load the same file): the server starts as a
 process of its own (--max_batch_size, --max_wait_ms); 1, 8 and 32 client threads each send requests of
@@ -17,11 +21,13 @@ against the in-process score of its image and prompt. Overload: --overload_clien
 answered 200 or 503) or answered wrongly.
 """
 import argparse
+import base64
 import io
 import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -80,11 +86,13 @@ def in_process(fn, pngs, prompts, batch_size, seconds):
     return done / (time.perf_counter() - start), expected.tolist()
 
 
-def start_server(spec, port, flags, threads=None):
+def start_server(spec, port, flags, threads=None, engine="serve"):
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), spec, "--port", str(port),
-                                "--device", "cpu", "--log_level", "warning", *flags], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = ([os.path.join(ROOT, "serve.py"), spec, "--device", "cpu", "--log_level", "warning"] if engine == "serve"
+               else [os.path.join(ROOT, "benchmarks", "litserve_server.py"), spec])
+    process = subprocess.Popen([sys.executable, *command, "--port", str(port), *flags], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # LitServe's workers: a process group to stop together
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while True:
@@ -100,17 +108,39 @@ def start_server(spec, port, flags, threads=None):
         time.sleep(0.2)
 
 
+def group_peak_rss_mb(pgid):
+    """The sum of the peak RSS of the processes in process group `pgid` (serve.py is one; LitServe several)."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[2]) != pgid:
+                    continue
+            with open(f"/proc/{pid}/status") as f:
+                total += int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1))
+        except (OSError, AttributeError):
+            continue
+    return total / 1024
+
+
 def stop_server(process):
-    with open(f"/proc/{process.pid}/status") as f:
-        peak = int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) / 1024
-    process.terminate()
-    process.wait(120)
+    peak = group_peak_rss_mb(process.pid)
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(120)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # what is left of the group
+        except ProcessLookupError:
+            pass
     return peak
 
 
 def batch_histogram(url):
-    """{upper bound: batches with at most that many images} (cumulative, as Prometheus keeps it)."""
-    text = requests.get(url + "/metrics", timeout=10).text
+    """{upper bound: batches with at most that many images} (cumulative, as Prometheus keeps it); {} for a server
+    without serve.py's /metrics (LitServe)."""
+    response = requests.get(url + "/metrics", timeout=10)
+    text = response.text if response.status_code == 200 else ""
     return {bound: float(count) for bound, count in re.findall(r'reward_batch_size_bucket\{le="([^"]+)"\} (\S+)', text)}
 
 
@@ -161,11 +191,16 @@ def run_clients(url, bodies, clients, seconds, expected, images_per_request):
     return records, time.perf_counter() - start
 
 
-def prepared_bodies(pngs, prompts, images_per_request):
-    """Multipart bodies of consecutive pool images, made once (the clients then spend no time encoding)."""
+def prepared_bodies(pngs, prompts, images_per_request, body="multipart"):
+    """Multipart or base64 JSON bodies of consecutive pool images, made once (the clients then spend no time
+    encoding)."""
     bodies = []
     for first in range(0, len(pngs), images_per_request):
         idx = [(first + j) % len(pngs) for j in range(images_per_request)]
+        if body == "json":
+            bodies.append((json.dumps({"prompts": [prompts[i] for i in idx], "images": [
+                base64.b64encode(pngs[i]).decode() for i in idx]}).encode(), "application/json"))
+            continue
         request = requests.Request("POST", "http://x/score", files=[("prompts", (None, prompts[i])) for i in idx] +
                                    [("images", (f"{i}.png", pngs[i], "image/png")) for i in idx]).prepare()
         bodies.append((request.body, request.headers["Content-Type"]))
@@ -189,11 +224,17 @@ def bench_model(name, folder, args, port):
     fn = reward_fn(spec)
     local_rate, expected = in_process(fn, pngs, prompts, args.max_batch_size, args.seconds)
     print(f"{name}: in process {local_rate:.1f} images/s (batches of {args.max_batch_size})", flush=True)
-    bodies = prepared_bodies(pngs, prompts, args.images_per_request)
-    batching = ["--max_batch_size", str(args.max_batch_size), "--max_wait_ms", str(args.max_wait_ms)]
-    batching += ["--request_timeout", "3600"]  # a benchmark's slow answer is measured, not refused
-    process, url = start_server(spec, port, batching + ["--max_queue", "1024"], args.threads)
-    result = {"spec_model": MODELS[name], "in_process_images_per_second": local_rate, "clients": {}}
+    bodies = prepared_bodies(pngs, prompts, args.images_per_request, args.body)
+    if args.engine == "litserve":  # LitServe batches requests, not images: the same images a batch
+        batching = ["--max_batch_size", str(max(1, args.max_batch_size // args.images_per_request)),
+                    "--max_wait_ms", str(args.max_wait_ms)]
+    else:
+        batching = ["--max_batch_size", str(args.max_batch_size), "--max_wait_ms", str(args.max_wait_ms),
+                    "--request_timeout", "3600"]  # a benchmark's slow answer is measured, not refused
+    process, url = start_server(spec, port, batching + (["--max_queue", "1024"] if args.engine == "serve" else []),
+                                args.threads, args.engine)
+    result = {"spec_model": MODELS[name], "engine": args.engine, "body": args.body,
+              "in_process_images_per_second": local_rate, "clients": {}}
     try:
         for clients in args.clients:
             before = batch_histogram(url)
@@ -245,10 +286,18 @@ def main():
     parser.add_argument("--overload_queue", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads, in process and in the server "
                         "(default torch's; 1 on a machine others load: idle threads spin)")
+    parser.add_argument("--engine", default="serve", choices=["serve", "litserve"],
+                        help="serve.py, or the same model behind LitServe (benchmarks/litserve_server.py; JSON bodies)")
+    parser.add_argument("--body", default=None, choices=["multipart", "json"],
+                        help="the requests' encoding (default multipart; JSON for LitServe)")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results-serve.json"))
     parser.add_argument("--append", action="store_true", help="add this run to the --json file's runs")
     args = parser.parse_args()
+    args.body = args.body or ("json" if args.engine == "litserve" else "multipart")
+    if args.engine == "litserve" and (args.body != "json" or args.overload_models):
+        parser.error("--engine litserve: JSON bodies, and no overload run (LitServe has no bounded queue): "
+                     "--body json --overload_models")
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {"command": " ".join(["python benchmarks/serve_speed.py", *sys.argv[1:]]),
