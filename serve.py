@@ -59,12 +59,12 @@ class Limits:
 class Refusal(Exception):
     """A request the server answers with `status` and a one-line message naming the fault."""
 
-    def __init__(self, status, message, headers=None):
+    def __init__(self, status, message, headers=None, reason=None):
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
+        self.status, self.message, self.headers, self.reason = status, message, headers, reason  # reason: /metrics'
 
     def __reduce__(self):  # a scoring replica's refusal crosses to Ray's ingress pickled
-        return Refusal, (self.status, self.message, self.headers)
+        return Refusal, (self.status, self.message, self.headers, self.reason)
 
 
 # ---- one request's images, decoded and checked before it joins a batch ---------------------------------------------
@@ -93,7 +93,8 @@ class PixelBudget:
         with self.lock:
             if self.held + pixels > self.limit:
                 raise Refusal(503, f"{self.held} decoded pixels in the server, {pixels} more would pass "
-                                   f"--max_pixels_in_flight {self.limit}; retry later", {"Retry-After": "1"})
+                                   f"--max_pixels_in_flight {self.limit}; retry later", {"Retry-After": "1"},
+                              "pixels_in_flight")
             self.held += pixels
 
     def give_back(self, pixels):
@@ -135,10 +136,9 @@ def decode_image(data, where, max_pixels):
     return image
 
 
-def decode_tensor(data, limits):
-    """An uploaded .npy batch (float B x 3 x H x W in [0, 1], or uint8 B x H x W x 3) -> the float tensor
-    reward.as_image_tensor makes of it, which is what an in-process call scores. Its header is checked (dtype,
-    shape, size against the body) before anything is allocated."""
+def tensor_size(data, limits):
+    """An uploaded .npy batch's (images, decoded pixels: images x height x width), from its header, checked (dtype, shape,
+    the size of the data after it) before anything is allocated; Refusal 400 or 413."""
     stream = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(stream)
@@ -146,7 +146,7 @@ def decode_tensor(data, limits):
         if version not in read_header:
             raise ValueError(f".npy format version {version[0]}.{version[1]}; np.save writes 1.0")
         shape, _, dtype = read_header[version](stream)
-    except (ValueError, OSError, EOFError, SyntaxError) as e:
+    except (ValueError, OSError, EOFError, SyntaxError, MemoryError, RecursionError) as e:  # literal_eval's too
         raise Refusal(400, f"tensor: not a .npy array ({first_line(e)})") from None
     if dtype not in (np.uint8, np.float16, np.float32) or len(shape) != 4:
         raise Refusal(400, f"tensor: expected float32 B x 3 x H x W or uint8 B x H x W x 3, got {dtype} of "
@@ -159,6 +159,12 @@ def decode_tensor(data, limits):
     if math.prod(shape) * dtype.itemsize != len(data) - stream.tell():
         raise Refusal(400, f"tensor: its header says {dtype} of shape {shape}, {len(data) - stream.tell()} bytes "
                            f"follow it")
+    return shape[0], shape[0] * height * width
+
+
+def decode_tensor(data):
+    """An uploaded .npy batch (float B x 3 x H x W in [0, 1], or uint8 B x H x W x 3; its header checked by
+    tensor_size) -> the float tensor reward.as_image_tensor makes of it, which is what an in-process call scores."""
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -263,28 +269,26 @@ def decode_request(prompts, images, tensor, limits, budget=None):
     if images is not None and len(images) > limits.max_images:
         raise Refusal(413, f"images: {len(images)} in one request, more than --max_images {limits.max_images}")
     if tensor is not None:
-        decoded = decode_tensor(tensor, limits)
-        pixels = len(decoded) * decoded.shape[-1] * decoded.shape[-2]  # within --max_request_bytes already
+        (count, pixels), field = tensor_size(tensor, limits), "tensor"
     else:
         opened = [open_image(data, f"images[{i}]", limits.max_pixels) for i, data in enumerate(images)]
-        pixels = sum(image.width * image.height for image in opened)
-        if pixels > limits.max_request_pixels:
-            raise Refusal(413, f"images: {pixels} pixels decoded in one request, more than --max_request_pixels "
-                               f"{limits.max_request_pixels}")
-    count = len(decoded) if tensor is not None else len(opened)
+        count, pixels, field = len(opened), sum(image.width * image.height for image in opened), "images"
     if count == 0:
         raise Refusal(400, "empty request: no images; send images or tensor, one prompt an image")
     if len(prompts) != count:
         raise Refusal(400, f"prompts: {len(prompts)} for {count} images; give one prompt per image")
+    limit = min(limits.max_request_pixels, budget.limit if budget is not None else math.inf)
+    if pixels > limit:
+        flag = "--max_request_pixels" if limit == limits.max_request_pixels else "--max_pixels_in_flight"
+        raise Refusal(413, f"{field}: {pixels} pixels decoded in one request, more than {flag} {limit}")
     if budget is not None:
         budget.take(pixels)
     try:
-        if tensor is None:
-            decoded = []
-            for i, (image, data) in enumerate(zip(opened, images)):
-                with image_errors(f"images[{i}]", data, limits.max_pixels):
-                    image.load()
-                decoded.append(image)
+        decoded = decode_tensor(tensor) if tensor is not None else []
+        for i, (image, data) in enumerate(zip(opened, images) if tensor is None else ()):
+            with image_errors(f"images[{i}]", data, limits.max_pixels):
+                image.load()
+            decoded.append(image)
     except BaseException:
         if budget is not None:
             budget.give_back(pixels)
@@ -592,9 +596,21 @@ def make_app(backend, limits=None):
     app.state.metrics, app.state.limits = metrics, limits
 
     def refuse(e):
-        metrics.rejections.labels(REASONS.get(e.status, "bad_input")).inc()  # bad_input: 400, 415
+        metrics.rejections.labels(e.reason or REASONS.get(e.status, "bad_input")).inc()  # bad_input: 400, 415
         metrics.requests.labels(str(e.status)).inc()
         return JSONResponse({"error": e.message}, e.status, headers=e.headers)
+
+    async def decoded(prompts, images, tensor):
+        """decode_request in a thread. A request cancelled meanwhile (its client gone, Ray's ingress, a shutdown)
+        leaves the thread running: the pixels it takes are given back when it ends."""
+        decoding = asyncio.get_running_loop().run_in_executor(None, decode_request, prompts, images, tensor, limits,
+                                                              budget)
+        try:
+            return await asyncio.shield(decoding)
+        except asyncio.CancelledError:
+            decoding.add_done_callback(lambda done: done.cancelled() or done.exception() is not None or
+                                       budget.give_back(done.result()[2]))
+            raise
 
     async def until_disconnected(request):
         while (await request.receive())["type"] != "http.disconnect":
@@ -615,7 +631,7 @@ def make_app(backend, limits=None):
             body = await read_body(request, limits, started)
             prompts, images, tensor = await parse_request(request, body, limits)
             del body
-            images, prompts, pixels = await asyncio.to_thread(decode_request, prompts, images, tensor, limits, budget)
+            images, prompts, pixels = await decoded(prompts, images, tensor)
             scoring = asyncio.ensure_future(backend.score(images, prompts))
             left = asyncio.ensure_future(until_disconnected(request))
             try:
@@ -645,7 +661,8 @@ def make_app(backend, limits=None):
     @app.get("/health")
     async def health():
         return {"status": "stopping" if state["stopping"] else "ok", **backend.describe(),
-                "queue_depth": backend.waiting(), "in_flight": state["admitted"], "max_queue": limits.max_queue}
+                "queue_depth": backend.waiting(), "in_flight": state["admitted"], "max_queue": limits.max_queue,
+                "pixels_in_flight": budget.held, "max_pixels_in_flight": budget.limit}
 
     @app.get("/metrics")
     async def prometheus():

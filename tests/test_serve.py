@@ -308,15 +308,19 @@ def test_decoded_pixels_past_the_servers_budget_get_503_at_once_and_are_given_ba
     fillers = [threading.Thread(target=post, args=(url, [f"f{k}"], [png(images[k])])) for k in range(2)]
     [t.start() for t in fillers]
     deadline = time.monotonic() + 10
-    while servers["tight"].health()["in_flight"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.2)  # both decoded, waiting 1.5 s for their batch to fill
+    while servers["tight"].health()["pixels_in_flight"] < 2 * 64 * 64 and time.monotonic() < deadline:
+        time.sleep(0.02)  # both decoded, waiting 1.5 s for their batch to fill
     started = time.monotonic()
     refused = post(url, ["late"], [png(images[2])])
     assert time.monotonic() - started < 1.0
     assert_one_line_naming(refused, 503, "--max_pixels_in_flight", "8192 decoded pixels")
     assert int(refused.headers["Retry-After"]) >= 1
+    # a request that could never fit is refused for good (413), before anything of it is decoded
+    assert_one_line_naming(requests.post(url + "/score", files=[("prompts", (None, "big"))] + encode_images(
+        torch.rand(1, 3, 96, 96)), timeout=30), 413, "tensor", "9216 pixels", "--max_pixels_in_flight 8192")
     [t.join(60) for t in fillers]
+    assert servers["tight"].health()["pixels_in_flight"] == 0
+    assert 'reward_rejections_total{reason="pixels_in_flight"} 1.0' in requests.get(url + "/metrics", timeout=10).text
     # a broken upload gives its pixels back too: then two images fill the whole budget and are scored
     assert post(url, ["a"], [truncated_png()]).status_code == 400
     answer = post(url, ["p", "q"], [png(images[2]), png(images[3])])
