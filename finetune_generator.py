@@ -300,8 +300,9 @@ def check_data_order(checkpoint, progress, order):
                              f"{value}: the prompts that come next would differ; resume with {key} {saved[key]}")
 
 
-# flags newer than some checkpoints: what those ran (GRPO trained a seeded random subset of its steps, then)
-RUN_DEFAULTS = {"reward_norm": "none", "calibration": None, "grpo_steps": "random subset"}
+# flags newer than some checkpoints: what those ran
+RUN_DEFAULTS = {"reward_norm": "none", "calibration": None}
+NOISY_STEPS = "the noisy steps (grpo.trained_steps)"  # what GRPO trains on; before 2026-12-03, a seeded random subset
 
 
 def find_checkpoint(resume_from_checkpoint, save_folder, run):
@@ -319,10 +320,21 @@ def find_checkpoint(resume_from_checkpoint, save_folder, run):
     with open(path) as f:
         progress = json.load(f)
     saved = {**RUN_DEFAULTS, **progress.get("run", {})}  # a checkpoint from before a flag existed ran its default
+    if saved.get("method") == "grpo" and "grpo_steps" not in saved:
+        # the first version to train the noisy steps saved no grpo_steps, but it logged policy_loss, which the
+        # random-subset versions before it did not
+        try:
+            with open(os.path.join(os.path.dirname(os.path.abspath(resume_from_checkpoint)), "metrics.csv")) as f:
+                header = f.readline().strip().split(",")
+        except OSError:
+            header = []
+        saved["grpo_steps"] = NOISY_STEPS if "policy_loss" in header else "a seeded random subset of the steps"
     for flag in run:
         if saved.get(flag) != run[flag]:
+            what = (f"GRPO trained {saved.get(flag)} there, {run[flag]} here: start a new run" if flag == "grpo_steps"
+                    else f"--{flag} {saved.get(flag)} there, {run[flag]} here")
             raise InputError(f"--resume_from_checkpoint {resume_from_checkpoint}: a checkpoint of another run "
-                             f"(--{flag} {saved.get(flag)} there, {run[flag]} here)")
+                             f"({what})")
     return resume_from_checkpoint, progress
 
 
@@ -420,7 +432,7 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
            "calibration": calibration and os.path.abspath(calibration)}
     if method == "grpo":
         run.update(group_size=group_size, clip_range=clip_range, timestep_fraction=timestep_fraction,
-                   kl_beta=kl_beta, noise_level=noise_level, grpo_steps="the noisy steps (grpo.trained_steps)")
+                   kl_beta=kl_beta, noise_level=noise_level, grpo_steps=NOISY_STEPS)
     run = json.loads(json.dumps(run))  # as progress.json holds it (lists, not tuples)
     # what decides which prompts come next, and the arithmetic: a resume must keep them
     order = {"num_processes": accelerator.num_processes,

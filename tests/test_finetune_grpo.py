@@ -238,13 +238,18 @@ def test_a_grpo_run_resumed_ends_on_the_uninterrupted_lora_and_prompt_buffers(ti
     assert logged.grad_norm.isna().tolist() == [step <= 2 for step in rows.step]
     assert torch.allclose(torch.tensor(logged.policy_loss.values), torch.tensor(rows.policy_loss.values), atol=1e-6,
                           equal_nan=True)
-    # a checkpoint of the version that trained a random subset of the steps is not resumed by this one
-    old = shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "old" / "checkpoint-2")
-    progress = json.load(open(old / "progress.json"))
-    del progress["run"]["grpo_steps"]
-    json.dump(progress, open(old / "progress.json", "w"))
-    with pytest.raises(InputError, match="--grpo_steps random subset there"):
-        finetune(tiny_sd, files["prompts"], files["clip"], output_dir=str(tmp_path / "old"),
+    # a checkpoint saved without grpo_steps: the first noisy-steps version (it logged policy_loss) resumes, a
+    # random-subset one (it did not) is refused
+    for name, columns in (("first", rows.columns), ("older", [c for c in rows.columns if c != "policy_loss"])):
+        old = shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / name / "checkpoint-2")
+        progress = json.load(open(old / "progress.json"))
+        del progress["run"]["grpo_steps"]
+        json.dump(progress, open(old / "progress.json", "w"))
+        rows[rows.step <= 2][columns].to_csv(tmp_path / name / "metrics.csv", index=False)
+    assert load_file(finetune(tiny_sd, files["prompts"], files["clip"], output_dir=str(tmp_path / "first"),
+                              resume_from_checkpoint="latest", **run)).keys() == expected.keys()
+    with pytest.raises(InputError, match="GRPO trained a seeded random subset of the steps there"):
+        finetune(tiny_sd, files["prompts"], files["clip"], output_dir=str(tmp_path / "older"),
                  resume_from_checkpoint="latest", **run)
     buffers = [json.load(open(tmp_path / name / "checkpoint-4" / "progress.json"))["prompt_stats"]
                for name in ("whole", "resumed")]
