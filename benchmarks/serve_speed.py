@@ -108,23 +108,26 @@ def start_server(spec, port, flags, threads=None, engine="serve"):
         time.sleep(0.2)
 
 
-def group_peak_rss_mb(pgid):
-    """The sum of the peak RSS of the processes in process group `pgid` (serve.py is one; LitServe several)."""
+def group_memory_mb(pgid, file, field):
+    """The sum of `field` (kB) in /proc/PID/`file` over the processes in process group `pgid` (serve.py is one
+    process; LitServe several)."""
     total = 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 if int(f.read().rsplit(")", 1)[1].split()[2]) != pgid:
                     continue
-            with open(f"/proc/{pid}/status") as f:
-                total += int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1))
+            with open(f"/proc/{pid}/{file}") as f:
+                total += int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1))
         except (OSError, AttributeError):
             continue
     return total / 1024
 
 
 def stop_server(process):
-    peak = group_peak_rss_mb(process.pid)
+    """Stop the server's process group: its peak RSS (each process's peak, summed: pages a forked process shares
+    with its parent count in both) and its PSS at the end (shared pages split between the processes sharing them)."""
+    peak = group_memory_mb(process.pid, "status", "VmHWM"), group_memory_mb(process.pid, "smaps_rollup", "Pss")
     os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(120)
@@ -248,7 +251,7 @@ def bench_model(name, folder, args, port):
                   f"({one['vs_in_process']:.2f}x in process), p50 {one['p50_latency_s']:.3f} s, "
                   f"p99 {one['p99_latency_s']:.3f} s, wrong {one['wrong']}", flush=True)
     finally:
-        result["server_peak_rss_mb"] = stop_server(process)
+        result["server_peak_rss_mb"], result["server_pss_mb_at_end"] = stop_server(process)
     if name in args.overload_models:
         process, url = start_server(spec, port, batching + ["--max_queue", str(args.overload_queue)], args.threads)
         try:

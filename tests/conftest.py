@@ -89,7 +89,7 @@ def stderr_handlers():
     """logging's plain stream handlers (transformers', diffusers', a script's basicConfig), which a library binds to
     the sys.stderr of the moment it made them; pytest's own capture handlers are subclasses, left alone."""
     import logging
-    loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
+    loggers = [logging.getLogger()] + [logger for logger in list(logging.Logger.manager.loggerDict.values())
                                        if isinstance(logger, logging.Logger)]
     return [handler for logger in loggers for handler in logger.handlers if type(handler) is logging.StreamHandler]
 
