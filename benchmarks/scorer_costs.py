@@ -111,17 +111,23 @@ FLOPS = {  # per (prompt, image) pair; the text towers on 77 tokens
     + 12 * (2 * 2 * 768 ** 2 * 35 + 2 * 2 * 1024 * 768 * 197 + 4 * 35 * 197 * 768)}
 
 
+def vit_h14_clip_config():
+    """transformers' CLIPConfig of laion's CLIP-ViT-H-14 (PickScore's and MPS's sizes)."""
+    from transformers import CLIPConfig
+    return CLIPConfig(text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, hidden_act="gelu", projection_dim=1024),
+                      vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                         num_attention_heads=16, patch_size=14, hidden_act="gelu", projection_dim=1024),
+                      projection_dim=1024)
+
+
 def pickscore_random(folder):
     """PickScore's layout at its real size (laion CLIP-ViT-H-14 as transformers' CLIPModel) with random weights, saved
     to `folder` and loaded as `pickscore:FOLDER` loads it."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
     from scorers import load_scorer
-    config = CLIPConfig(text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                         num_attention_heads=16, hidden_act="gelu", projection_dim=1024),
-                        vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                           num_attention_heads=16, patch_size=14, hidden_act="gelu",
-                                           projection_dim=1024), projection_dim=1024)
+    config = vit_h14_clip_config()
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
     return load_scorer(f"pickscore:{folder}")
@@ -164,7 +170,6 @@ def random_scorer(name, folder):
 def mps_random(folder):
     """A full-size MPS (laion CLIP-ViT-H-14: vision 32 x 1280, text 24 x 1024; the condition module 4 layers of 1024, 16
     heads of 64) with random weights, its preprocessing and CLIP's tokenizer."""
-    from transformers import CLIPConfig
 
     from clip_model import write_clip_tokenizer_files
     from mps import MPS, MPSTokenizer, Preprocess
@@ -172,11 +177,7 @@ def mps_random(folder):
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"model_max_length": 77, "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}, f)
     tokenizer = MPSTokenizer(folder)
-    config = CLIPConfig(text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                         num_attention_heads=16, hidden_act="gelu", projection_dim=1024),
-                        vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                           num_attention_heads=16, patch_size=14, hidden_act="gelu",
-                                           projection_dim=1024), projection_dim=1024)
+    config = vit_h14_clip_config()
     torch.manual_seed(0)
     model = MPS(config, 4, 16, 64, 4096, tokenizer("light, color, clarity")).eval()
     for layer in model.condition:

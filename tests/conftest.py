@@ -109,6 +109,22 @@ def shapes_pairs(tmp_path):
     return make_pairs(str(tmp_path / "images"), 24, seed=0)
 
 
+# sizes and modes a scorer's preprocessing must take: RGB larger and smaller than 224, palette, RGBA, a strip, 1-bit
+MIXED_IMAGES = [((300, 260), "RGB"), ((120, 200), "P"), ((230, 230), "RGBA"), ((500, 90), "RGB"), ((260, 240), "1")]
+
+
+def mixed_mode_images(folder, kinds=MIXED_IMAGES):
+    """PNGs of noise, one of each (size, mode) in `kinds`, written to `folder`; their paths."""
+    from PIL import Image
+    paths = []
+    for i, (size, mode) in enumerate(kinds):
+        image = Image.merge("RGB", [Image.effect_noise(size, 40 + 10 * c + i) for c in range(3)])
+        image = image.quantize(16) if mode == "P" else image.convert(mode)
+        paths.append(os.path.join(folder, f"{i}.png"))
+        image.save(paths[-1])
+    return paths
+
+
 def save_tiny_init(path, model=TINY_CLIP):
     """A random-init tiny CLIP (seed 0) saved at `path` as an OpenAI-format state dict; returns the path."""
     torch.manual_seed(0)

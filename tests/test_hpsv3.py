@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from conftest import mixed_mode_images
 from tiny_peers import HEADS, KV_HEADS, LAYERS, VISION, VISION_DEPTH, VISION_HEADS, WIDTH, save_tiny_hpsv3
 
 from clip_model import InputError
@@ -28,14 +29,8 @@ def tiny_hpsv3(tmp_path_factory):
 def images(tmp_path_factory):
     """Images of several sizes and modes: RGB larger and smaller than HPSv3's 448 x 448, palette, RGBA, 1-bit, a strip
     of ratio 45 (about 256 tokens each, more for the strip)."""
-    folder, paths = tmp_path_factory.mktemp("images"), []
-    for i, (size, mode) in enumerate([((300, 260), "RGB"), ((120, 200), "P"), ((230, 230), "RGBA"), ((900, 20), "RGB"),
-                                      ((640, 480), "1")]):
-        image = Image.merge("RGB", [Image.effect_noise(size, 40 + 10 * c + i) for c in range(3)])
-        image = image.quantize(16) if mode == "P" else image.convert(mode)
-        paths.append(str(folder / f"{i}.png"))
-        image.save(paths[-1])
-    return paths
+    return mixed_mode_images(str(tmp_path_factory.mktemp("images")), [
+        ((300, 260), "RGB"), ((120, 200), "P"), ((230, 230), "RGBA"), ((900, 20), "RGB"), ((640, 480), "1")])
 
 
 @pytest.fixture(scope="module")

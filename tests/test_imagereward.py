@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, TINY_CLIP
+from conftest import ROOT, TINY_CLIP, mixed_mode_images
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
@@ -103,14 +103,7 @@ def tiny_imagereward(tmp_path, bert_folder):
 @pytest.fixture
 def images(tmp_path):
     """Images of several sizes and modes: RGB larger and smaller than 224, a palette image, an RGBA one, a 1-bit one."""
-    paths = []
-    for i, (size, mode) in enumerate([((300, 260), "RGB"), ((120, 200), "P"), ((230, 230), "RGBA"), ((500, 90), "RGB"),
-                                      ((260, 240), "1")]):
-        image = Image.merge("RGB", [Image.effect_noise(size, 40 + 10 * c + i) for c in range(3)])
-        image = image.quantize(16) if mode == "P" else image.convert(mode)
-        paths.append(str(tmp_path / f"{i}.png"))
-        image.save(paths[-1])
-    return paths
+    return mixed_mode_images(str(tmp_path))
 
 
 def imagereward_forward(tensors, pixels, input_ids, attention_mask):

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from conftest import mixed_mode_images
 from tiny_peers import CONDITION_HEAD_DIM, CONDITION_HEADS, CONDITION_LAYERS, save_tiny_mps, tiny_clip_config
 
 from clip_model import InputError
@@ -26,14 +27,7 @@ def tiny_mps(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """Images of several sizes and modes: RGB larger and smaller than 224, palette, RGBA, 1-bit."""
-    folder, paths = tmp_path_factory.mktemp("images"), []
-    for i, (size, mode) in enumerate([((300, 260), "RGB"), ((120, 200), "P"), ((230, 230), "RGBA"), ((500, 90), "RGB"),
-                                      ((260, 240), "1")]):
-        image = Image.merge("RGB", [Image.effect_noise(size, 40 + 10 * c + i) for c in range(3)])
-        image = image.quantize(16) if mode == "P" else image.convert(mode)
-        paths.append(str(folder / f"{i}.png"))
-        image.save(paths[-1])
-    return paths
+    return mixed_mode_images(str(tmp_path_factory.mktemp("images")))
 
 
 # ---- MPS's infer_one_sample (eval_overall_mps_on_hpdv2.py) rebuilt step by step, in float32 -----------------------
