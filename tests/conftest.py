@@ -125,6 +125,19 @@ def mixed_mode_images(folder, kinds=MIXED_IMAGES):
     return paths
 
 
+def tensor_with_grad(path):
+    """An image file's pixels as the 1 x 3 x H x W float tensor in [0, 1] a generator hands a reward, requiring grad."""
+    import numpy as np
+    from PIL import Image
+    return (torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)[None].float() / 255).requires_grad_(True)
+
+
+def assert_gradient_reaches_the_pixels(reward, pixels, prompt):
+    """The reward of `pixels` (tensor_with_grad) back-propagates to them: what ReFL and DRaFT need of a scorer."""
+    reward(pixels, [prompt]).sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+
+
 def save_tiny_init(path, model=TINY_CLIP):
     """A random-init tiny CLIP (seed 0) saved at `path` as an OpenAI-format state dict; returns the path."""
     torch.manual_seed(0)

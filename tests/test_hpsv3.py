@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from conftest import mixed_mode_images
+from conftest import assert_gradient_reaches_the_pixels, mixed_mode_images, tensor_with_grad
 from tiny_peers import HEADS, KV_HEADS, LAYERS, VISION, VISION_DEPTH, VISION_HEADS, WIDTH, save_tiny_hpsv3
 
 from clip_model import InputError
@@ -215,13 +215,12 @@ def test_as_a_reward_it_scores_pil_images_as_score_does_and_passes_gradients_to_
     with torch.no_grad():
         assert torch.allclose(reward([Image.open(p) for p in images[:2]], prompts), expected, atol=1e-5, rtol=0)
     image = Image.open(images[0])  # RGB, 300 x 260
-    pixels = (torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255).requires_grad_(True)
+    pixels = tensor_with_grad(images[0])
     prepared, from_pil = reward.scorer.tensor_preprocess(pixels), reward.scorer.preprocess(image)
     # on the tensor: torchvision's antialiased bicubic (fetch_image's for tensors) against PIL's: a few 1/255 apart
     assert prepared.shape == (1, from_pil.numel()) and torch.equal(prepared[0, :2], from_pil[:2])
     assert (prepared[0] - from_pil).abs().sum() / (3 * 420 * 504) < 0.05
-    reward(pixels, prompts[:1]).sum().backward()
-    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+    assert_gradient_reaches_the_pixels(reward, pixels, prompts[0])
 
 
 @pytest.mark.parametrize("make, spec, expected", [

@@ -4,13 +4,12 @@ import os
 import re
 import socket
 
-import numpy as np
 import open_clip
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, TINY_CLIP, mixed_mode_images
+from conftest import ROOT, TINY_CLIP, assert_gradient_reaches_the_pixels, mixed_mode_images, tensor_with_grad
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
@@ -213,12 +212,11 @@ def test_as_a_reward_it_scores_pil_images_as_score_does_and_passes_gradients_to_
     with torch.no_grad():
         assert torch.allclose(reward([Image.open(p) for p in images[:2]], prompts), expected, atol=1e-5, rtol=0)
     image = Image.open(images[0])  # RGB, 300 x 260
-    pixels = (torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255).requires_grad_(True)
+    pixels = tensor_with_grad(images[0])
     prepared = reward.scorer.tensor_preprocess(pixels)
     # on the tensor: ImageReward's ReFL preprocessing; PIL's bicubic and torch's antialiased one differ by a few 1/255
     assert prepared.shape == (1, 3, 224, 224) and (prepared - reward.scorer.preprocess(image)).abs().mean() < 0.03
-    reward(pixels, prompts[:1]).sum().backward()
-    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+    assert_gradient_reaches_the_pixels(reward, pixels, prompts[0])
 
 
 def test_our_names_cover_exactly_the_real_checkpoints_625_tensors_with_their_shapes():

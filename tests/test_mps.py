@@ -1,11 +1,10 @@
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from conftest import mixed_mode_images
+from conftest import assert_gradient_reaches_the_pixels, mixed_mode_images, tensor_with_grad
 from tiny_peers import CONDITION_HEAD_DIM, CONDITION_HEADS, CONDITION_LAYERS, save_tiny_mps, tiny_clip_config
 
 from clip_model import InputError
@@ -195,12 +194,11 @@ def test_as_a_reward_it_scores_pil_images_as_score_does_and_passes_gradients_to_
         assert torch.allclose(reward([Image.open(p) for p in images[:2]], prompts),
                               peer_scores(tiny_mps, prompts, images[:2]), atol=1e-5, rtol=0)
     image = Image.open(images[0])  # RGB, 300 x 260
-    pixels = (torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255).requires_grad_(True)
+    pixels = tensor_with_grad(images[0])
     prepared = reward.scorer.tensor_preprocess(pixels)
     # on the tensor: torchvision's antialiased bicubic against PIL's, a few 1/255 apart
     assert prepared.shape == (1, 3, 224, 224) and (prepared - reward.scorer.preprocess(image)).abs().mean() < 0.03
-    reward(pixels, prompts[:1]).sum().backward()
-    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+    assert_gradient_reaches_the_pixels(reward, pixels, prompts[0])
 
 
 @pytest.mark.parametrize("make, spec, expected", [
