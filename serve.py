@@ -137,8 +137,8 @@ def decode_image(data, where, max_pixels):
 
 
 def tensor_size(data, limits):
-    """An uploaded .npy batch's (images, decoded pixels: images x height x width), from its header, checked (dtype, shape,
-    the size of the data after it) before anything is allocated; Refusal 400 or 413."""
+    """An uploaded .npy batch's (images, decoded pixels: images x height x width), from its header, checked (dtype,
+    shape, the size of the data after it) before anything is allocated; Refusal 400 or 413."""
     stream = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(stream)

@@ -106,7 +106,8 @@ FLOPS = {  # per (prompt, image) pair; the text towers on 77 tokens
     "pickscore": VIT_H14 + tower_flops(24, 1024, 77),
     "aesthetic": VIT_L14 + 2 * (768 * 1024 + 1024 * 128 + 128 * 64 + 64 * 16 + 16),  # the prompt is not read
     # ViT-L/16 on 197 tokens; BLIP's BERT-base on 35 tokens, each layer cross-attending to the 197 image tokens
-    # (queries and output 768 x 768 on the text, keys and values 1024 -> 768 on the image, the scores 4 x 35 x 197 x 768)
+    # (queries and output 768 x 768 on the text, keys and values 1024 -> 768 on the image, the scores
+    # 4 x 35 x 197 x 768)
     "imagereward": tower_flops(24, 1024, 197) + tower_flops(12, 768, 35)
     + 12 * (2 * 2 * 768 ** 2 * 35 + 2 * 2 * 1024 * 768 * 197 + 4 * 35 * 197 * 768)}
 
