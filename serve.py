@@ -296,6 +296,19 @@ def decode_request(prompts, images, tensor, limits, budget=None):
     return decoded, prompts, (pixels if budget is not None else 0)
 
 
+async def decode_in_thread(prompts, images, tensor, limits, budget):
+    """decode_request in a thread. A request cancelled meanwhile (its client gone, Ray's ingress, a shutdown) leaves
+    the thread running: the pixels it takes from `budget` are given back when it ends."""
+    decoding = asyncio.get_running_loop().run_in_executor(None, decode_request, prompts, images, tensor, limits,
+                                                          budget)
+    try:
+        return await asyncio.shield(decoding)
+    except asyncio.CancelledError:
+        decoding.add_done_callback(lambda done: done.cancelled() or done.exception() is not None or
+                                   budget.give_back(done.result()[2]))
+        raise
+
+
 # ---- scoring: batches of requests, each answered as reward_fn answers it -------------------------------------------
 
 def load_reward(specs, device="cpu", reward_weights=None, reward_norm=None, calibration=None):
@@ -600,18 +613,6 @@ def make_app(backend, limits=None):
         metrics.requests.labels(str(e.status)).inc()
         return JSONResponse({"error": e.message}, e.status, headers=e.headers)
 
-    async def decoded(prompts, images, tensor):
-        """decode_request in a thread. A request cancelled meanwhile (its client gone, Ray's ingress, a shutdown)
-        leaves the thread running: the pixels it takes are given back when it ends."""
-        decoding = asyncio.get_running_loop().run_in_executor(None, decode_request, prompts, images, tensor, limits,
-                                                              budget)
-        try:
-            return await asyncio.shield(decoding)
-        except asyncio.CancelledError:
-            decoding.add_done_callback(lambda done: done.cancelled() or done.exception() is not None or
-                                       budget.give_back(done.result()[2]))
-            raise
-
     async def until_disconnected(request):
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -631,7 +632,7 @@ def make_app(backend, limits=None):
             body = await read_body(request, limits, started)
             prompts, images, tensor = await parse_request(request, body, limits)
             del body
-            images, prompts, pixels = await decoded(prompts, images, tensor)
+            images, prompts, pixels = await decode_in_thread(prompts, images, tensor, limits, budget)
             scoring = asyncio.ensure_future(backend.score(images, prompts))
             left = asyncio.ensure_future(until_disconnected(request))
             try:

@@ -513,3 +513,35 @@ def test_the_client_reads_retry_after_as_seconds_between_0_and_60_or_backs_off()
         return response
     assert [retry_after(answer(v), 0.5) for v in ("3", "600", "-1", "nan", "inf", "Wed, 21 Oct 2026 07:28:00 GMT",
                                                     None)] == [3.0, 60.0, 0.5, 0.5, 0.5, 0.5, 0.5]
+
+
+def test_a_request_cancelled_while_its_images_decode_gives_its_pixels_back_when_the_decoding_ends(monkeypatch):
+    import asyncio
+
+    import serve
+    from serve import PixelBudget, decode_in_thread
+    decoding, release = threading.Event(), threading.Event()
+    real_load, data = Image.Image.load, png(pictures(1, 20)[0])
+
+    def slow_load(image):  # the thread is decoding, its pixels taken, when the request is cancelled
+        decoding.set()
+        release.wait(10)
+        return real_load(image)
+    monkeypatch.setattr(Image.Image, "load", slow_load)
+    budget = PixelBudget(10 * 64 * 64)
+
+    async def cancel_mid_decoding():
+        task = asyncio.ensure_future(decode_in_thread(["a"], [data], None, serve.Limits(), budget))
+        await asyncio.to_thread(decoding.wait, 10)
+        assert budget.held == 64 * 64
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert budget.held == 64 * 64  # the thread still holds the image it decodes
+        release.set()
+        for _ in range(200):
+            if budget.held == 0:
+                break
+            await asyncio.sleep(0.01)
+    asyncio.run(cancel_mid_decoding())
+    assert budget.held == 0
