@@ -7,10 +7,11 @@ Spark after sqlglot transpiles it to Spark SQL. One source, so both engines pick
         engine.create(name, query)
     engine.rows("SELECT count(*) FROM pairs")
 
-Every step is a named table (a view where it only renames another) made from the ones above it; social_pairs.py reads the report's counts from them. Hashes
-are md5 of a string (the same hex digits in both engines), compared as hex text, never as numbers: the kept pairs
-of a stratum are the first by md5('SEED/POS/NEG'), a creator's split is decided by the first 8 hex digits of
-md5('SEED/CREATOR'), the preferred side in the Pick-a-Pic layout by the last digit of the pair's hash.
+Every step is a named table (a view where it only renames another) made from the ones above it; social_pairs.py
+reads the report's counts from them. Hashes are md5 of a string (the same hex digits in both engines), compared as
+hex text, never as numbers: the kept pairs of a stratum are the first by md5('SEED/POS/NEG'), a creator's split is
+decided by the first 8 hex digits of md5('SEED/CREATOR'), the preferred side in the Pick-a-Pic layout by the last
+digit of the pair's hash.
 """
 import glob
 import os
@@ -186,9 +187,8 @@ def machine_threads():
     """The cores this process may run on (its CPU affinity and its cgroup's quota, v2 or v1), not the host's count."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
-        v2, quota_v1, period_v1 = cgroup_value("cpu.max"), cgroup_value("cpu/cpu.cfs_quota_us"), cgroup_value(
-            "cpu/cpu.cfs_period_us")
-        quota, period = v2 if v2 else ((quota_v1 or ["-1"])[0], (period_v1 or ["100000"])[0])
+        quota, period = cgroup_value("cpu.max") or (cgroup_value("cpu/cpu.cfs_quota_us") or ["-1"])[:1] + (
+            cgroup_value("cpu/cpu.cfs_period_us") or ["100000"])[:1]  # v2's "QUOTA PERIOD", else v1's two files
         if quota not in ("max", "-1"):
             cores = min(cores, max(1, int(quota) // int(period)))
     except ValueError:

@@ -31,6 +31,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 from imagereward_speed import imagereward_random, images_per_second, make_inputs  # noqa: E402
 
 H100_BF16 = 989e12  # H100 SXM dense bf16 peak, FLOP/s (the data sheet's 1979 is with 2:4 sparsity)
@@ -170,17 +171,12 @@ def random_scorer(name, folder):
 
 def mps_random(folder):
     """A full-size MPS (laion CLIP-ViT-H-14: vision 32 x 1280, text 24 x 1024; the condition module 4 layers of 1024, 16
-    heads of 64) with random weights, its preprocessing and CLIP's tokenizer."""
-
-    from clip_model import write_clip_tokenizer_files
-    from mps import MPS, MPSTokenizer, Preprocess
-    write_clip_tokenizer_files(folder)
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": 77, "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}, f)
-    tokenizer = MPSTokenizer(folder)
-    config = vit_h14_clip_config()
+    heads of 64) with random weights, its preprocessing and CLIP's tokenizer (the processor folder the tests write)."""
+    from mps import CONDITION, MPS, MPSTokenizer, Preprocess
+    from tiny_peers import write_clip_processor
+    tokenizer = MPSTokenizer(write_clip_processor(folder))
     torch.manual_seed(0)
-    model = MPS(config, 4, 16, 64, 4096, tokenizer("light, color, clarity")).eval()
+    model = MPS(vit_h14_clip_config(), 4, 16, 64, 4096, tokenizer(CONDITION)).eval()
     for layer in model.condition:
         layer.inv_freq = 1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64)
     model.tensor_preprocess = Preprocess()
