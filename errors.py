@@ -12,6 +12,16 @@ class InputError(ValueError):
     """A user's mistake (a file, a column, a flag); the message names the culprit and the scripts print it as one line."""
 
 
+def first_line(error, width=160):
+    """An exception's message as one short line (its type's name when it has none)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:width]
+
+
+def described(error):
+    """An exception as "Type: the first line of its message" (its type's name alone when it has none)."""
+    return f"{type(error).__name__}: {first_line(error)}" if str(error).strip() else type(error).__name__
+
+
 def run_cli(main):
     """Run a script's main(): a user's mistake ends in one line naming the culprit and exit status 2, not a traceback."""
     try:

@@ -27,6 +27,7 @@ from PIL import Image
 from torch import nn
 
 from clip_model import InputError, assign_weights, read_state_dict
+from errors import described
 
 # HPSv3's prompt (hpsv3/dataset/data_collator_qwen.py: INSTRUCTION, then prompt_with_special_token): the text the model
 # was trained to rate, with the user's prompt in it; the reward is read at <|Reward|>
@@ -214,8 +215,7 @@ class HPSv3Tokenizer:
         try:
             self.qwen = AutoTokenizer.from_pretrained(folder, local_files_only=True, padding_side="right")
         except Exception as e:
-            raise InputError(f"base={folder}: not a tokenizer folder ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+            raise InputError(f"base={folder}: not a tokenizer folder ({described(e)})") from None
         self.qwen.add_special_tokens({"additional_special_tokens": [REWARD_TOKEN]})
         self.template = chat_template(folder, self.qwen)
         self.pad_token_id = self.qwen.pad_token_id

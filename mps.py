@@ -28,6 +28,7 @@ from PIL import Image
 from torch import nn
 
 from clip_model import InputError, assign_weights
+from errors import described
 
 # the condition MPS's evaluation scores its overall preference with (infer_one_sample's default)
 CONDITION = ("light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, limbs, structure, "
@@ -129,8 +130,7 @@ def read_pickled_module(path):
     try:
         return torch.load(path, map_location="cpu", pickle_module=data_pickle, weights_only=False)
     except Exception as e:
-        raise InputError(f"{path}: not a torch checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        raise InputError(f"{path}: not a torch checkpoint ({described(e)})") from None
 
 
 def module_tensors(record, prefix=""):
@@ -326,8 +326,7 @@ class MPSTokenizer:
         try:
             self.clip = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except Exception as e:
-            raise InputError(f"processor={folder}: not a tokenizer folder ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+            raise InputError(f"processor={folder}: not a tokenizer folder ({described(e)})") from None
 
     def __call__(self, texts):
         texts = [texts] if isinstance(texts, str) else list(texts)

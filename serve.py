@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from clip_model import InputError, PRECISIONS, default_device, inference_precision, run_cli
+from errors import described, first_line
 from reward import REWARD_NORMS, as_image_tensor, reward_fn
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -411,17 +412,12 @@ def refusal(error):
         return Refusal(400, str(error).strip().splitlines()[-1])
     if isinstance(error, InputError):  # the device failed, not the request
         error = error.__context__
-    return Refusal(500, f"scoring failed ({type(error).__name__}: {first_line(error)})")
+    return Refusal(500, f"scoring failed ({described(error)})")
 
 
 def device_error(error):
     """Whether an error is the accelerator's (a CUDA error): the server's fault, never the request's."""
     return isinstance(error, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(error)
-
-
-def first_line(error):
-    """An exception's message as one short line (its type's name when it has none)."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
 
 
 @dataclass(eq=False)
@@ -792,7 +788,7 @@ class RayBackend:
             response.cancel()
             raise
         except Exception as e:  # a replica answers every request's fault as a Refusal: this is Ray's (a dead replica)
-            raise Refusal(503, f"no scoring replica answered ({type(e).__name__}: {first_line(e)}); retry later",
+            raise Refusal(503, f"no scoring replica answered ({described(e)}); retry later",
                           {"Retry-After": "1"}) from None
         finally:
             self.pending -= 1
