@@ -20,7 +20,7 @@ import requests
 import torch
 from PIL import Image
 
-from errors import InputError
+from errors import InputError, first_line
 
 PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
 
@@ -77,7 +77,7 @@ def _message(response):
     try:
         return response.json()["error"]
     except (ValueError, KeyError, TypeError):
-        return response.text.strip().splitlines()[0][:200] if response.text.strip() else response.reason
+        return first_line(response.text, 200) if response.text.strip() else response.reason
 
 
 def retry_after(response, default):

@@ -36,7 +36,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from clip_model import InputError, PRECISIONS, default_device, inference_precision, run_cli
 from errors import described, first_line
-from reward import REWARD_NORMS, as_image_tensor, reward_fn
+from reward import REWARD_NORMS, as_image_tensor, check_reward_norm, reward_fn
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ENGINES = ("uvicorn", "ray")
@@ -126,15 +126,6 @@ def open_image(data, where, max_pixels):
         if image.width * image.height > max_pixels:  # PIL only warns between its limit and twice that
             raise Refusal(413, f"{where}: {image.width} x {image.height} pixels, more than --max_pixels {max_pixels}")
         return image
-
-
-def decode_image(data, where, max_pixels):
-    """An uploaded image's bytes -> a loaded PIL image; Refusal 400 (not an image, truncated) or 413 (too many
-    pixels: checked on the header, before anything is decoded)."""
-    image = open_image(data, where, max_pixels)
-    with image_errors(where, data, max_pixels):
-        image.load()
-    return image
 
 
 def tensor_size(data, limits):
@@ -312,20 +303,25 @@ async def decode_in_thread(prompts, images, tensor, limits, budget):
 
 # ---- scoring: batches of requests, each answered as reward_fn answers it -------------------------------------------
 
-def load_reward(specs, device="cpu", reward_weights=None, reward_norm=None, calibration=None):
-    """(reward_fn's callable, whether it is plain): a single spec without normalisation is plain (its scores, info
-    {}), anything else reward_fn's mix of {spec: weight}. The server scores with what reward_fn builds."""
+def reward_args(specs, reward_weights=None, reward_norm=None, calibration=None):
+    """(reward_fn's spec, reward_norm, whether it is plain) from the server's flags, checked in one line each before
+    any model loads: a single spec without normalisation is plain (its scores, info {}), anything else reward_fn's
+    mix of {spec: weight}."""
     specs = [specs] if isinstance(specs, str) else list(specs)
     if reward_weights is not None and len(reward_weights) != len(specs):
         raise InputError(f"--reward_weights: {len(reward_weights)} weights for {len(specs)} specs")
-    reward_norm = reward_norm or ("none" if calibration is None else "calibrated")
-    if reward_norm not in REWARD_NORMS:
-        raise InputError(f"--reward_norm {reward_norm}: unknown; choose from {', '.join(REWARD_NORMS)}")
+    reward_norm = check_reward_norm(reward_norm or ("none" if calibration is None else "calibrated"))
     twice = [spec for spec in specs if specs.count(spec) > 1]
     if twice:
         raise InputError(f"{twice[0]}: given twice; give each spec once (--reward_weights weighs them)")
     plain = len(specs) == 1 and reward_weights is None and reward_norm == "none"
-    spec = specs[0] if plain else dict(zip(specs, reward_weights or [1.0] * len(specs)))
+    return (specs[0] if plain else dict(zip(specs, reward_weights or [1.0] * len(specs)))), reward_norm, plain
+
+
+def load_reward(specs, device="cpu", reward_weights=None, reward_norm=None, calibration=None):
+    """(reward_fn's callable, whether it is plain) for the server's flags (reward_args). The server scores with what
+    reward_fn builds."""
+    spec, reward_norm, plain = reward_args(specs, reward_weights, reward_norm, calibration)
     return reward_fn(spec, device, reward_norm=reward_norm, calibration=calibration), plain
 
 
@@ -701,8 +697,9 @@ def serve_ray(specs, replicas=2, host="127.0.0.1", port=8000, device=None, preci
         raise InputError("--reward_norm prompt with --replicas > 1: each replica would keep its own prompt buffers; "
                          "serve one replica, or normalise in the trainer")
     from scorers import check_spec
+    reward_args(specs, reward_weights, reward_norm, calibration)  # a mistake in one line here, not in a replica's log
     for spec in [specs] if isinstance(specs, str) else specs:
-        check_spec(spec)  # a mistake in one line here, not in a replica's log
+        check_spec(spec)
     if not ray.is_initialized():
         # the replicas import this repo's modules: on a cluster they need it on their path (this checkout's path on
         # each node); a local instance's workers inherit this process's environment, where a runtime_env would
