@@ -545,3 +545,9 @@ def test_a_request_cancelled_while_its_images_decode_gives_its_pixels_back_when_
             await asyncio.sleep(0.01)
     asyncio.run(cancel_mid_decoding())
     assert budget.held == 0
+
+
+def test_bad_reward_flags_under_ray_end_in_one_line_before_ray_starts(specs):
+    from conftest import run_script
+    result = run_script("serve.py", *specs, "--engine", "ray", "--reward_weights", "1")
+    assert result.returncode == 2 and result.stderr.strip() == "error: --reward_weights: 1 weights for 2 specs"
