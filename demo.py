@@ -1,58 +1,35 @@
 """The whole job offline on a CPU in a few minutes: a synthetic community's posts and remix logs, mined into pairs by
-social_pairs.py, a tiny CLIP from random init, accuracy before/after, compare.py's table and picture of the model
-before and after fine-tuning, then the reward applied to generators: best of N candidates before and after, and
-evaluate_generators.py ranking two synthetic generators.
+scripts/social_pairs.py, a tiny CLIP from random init, accuracy before/after, compare.py's table and picture of the
+model before and after fine-tuning, then the reward applied to generators: best of N candidates before and after,
+and evaluate_generators.py ranking two synthetic generators.
 
     python demo.py                      # writes ./demo_out: the community, its pairs, checkpoints
 
 Each post of the community draws what its prompt says ("two red circles") or not (its hidden quality); remixes come
-from views, and views from the creator's audience, so raw popularity mostly measures the creator. social_pairs.py
-compares only images of one request and counts distinct other users' remixes within a week. A random CLIP scores
-the pairs at chance; fine-tuning with train_pair_pos_neg.py through `accelerate launch` teaches it colours, shapes
-and counts. A synthetic "generator" draws what its prompt says only sometimes (the world knows when), so the share of
-kept images that draw their prompt measures the reward.
+from views, and views from the creator's audience, so raw popularity mostly measures the creator. The miner compares
+only images of one request and counts distinct other users' remixes within a week. A random CLIP scores the pairs at
+chance; fine-tuning with train_pair_pos_neg.py through `accelerate launch` teaches it colours, shapes and counts. A
+synthetic "generator" draws what its prompt says only sometimes (the world knows when), so the share of kept images
+that draw their prompt measures the reward.
 """
 import argparse
 import os
-import random
 import subprocess
 import sys
 
-import pandas as pd
-import torch
+from social_reward.cli import run_cli
 
-from best_of_n import best_of_n
-from clip_model import load_model, run_cli
-from community import agreement, make_community, popularity_pairs
-from compare import compare, markdown_table
-from evaluate_generators import evaluate_generators, leaderboard_markdown
-from pictures import comparison_picture
-from social_pairs import report_markdown, social_pairs
-from shapes import COLOURS, COUNTS, SCENES, SHAPES, draw, make_pairs, prompt_for  # noqa: F401 - tests import them here
-from validate import validate_image_pair_classifier
-
-TINY_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-clip.json")
-
-
-def make_generations(folder, generator, n_prompts, samples, follow_rate, seed):
-    """A synthetic generator: for each of `n_prompts` prompts, `samples` images that draw the prompt's scene with
-    probability `follow_rate` (else another scene); the table as generate.py writes it, with `follows` (the truth)."""
-    os.makedirs(folder, exist_ok=True)
-    rng, scene_rng = random.Random(seed), random.Random(1234)  # the same prompts for every generator
-    rows = []
-    for p, scene in enumerate(scene_rng.sample(SCENES, n_prompts)):
-        for k in range(samples):
-            follows = rng.random() < follow_rate
-            path = os.path.join(folder, f"{p:03d}_{k}.png")
-            draw(*(scene if follows else rng.choice([s for s in SCENES if s != scene])), rng).save(path)
-            rows.append({"generator": generator, "prompt": prompt_for(*scene), "sample": k, "image": path,
-                         "follows": follows})
-    return pd.DataFrame(rows)
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_CLIP = os.path.join(HERE, "assets", "tiny-clip.json")
 
 
 def enhancement_demo(out, rewards, n_prompts=40, n=8, follow_rate=0.25):
     """Best of `n` under each reward ({name: spec}): the share of kept images that draw their prompt, and a picture
     of each reward's pick for four prompts; returns {name: share}."""
+    from social_reward.scoring.best_of_n import best_of_n
+    from social_reward.scoring.pictures import comparison_picture
+    from social_reward.synthetic.generations import make_generations
+
     candidates = make_generations(os.path.join(out, "candidates"), "candidates", n_prompts, n, follow_rate, seed=7)
     shares, picks = {}, {}
     for name, spec in rewards.items():
@@ -68,8 +45,19 @@ def enhancement_demo(out, rewards, n_prompts=40, n=8, follow_rate=0.25):
 
 
 def run_demo(out="demo_out", n_train=1200, n_val=300, n_epochs=5, batch_size=32, learning_rate=5e-4, seed=0):
-    """A synthetic community's logs, mined into pairs by social_pairs.py; a random init validated, fine-tuned through
-    `accelerate launch`, validated again, compared, and applied to generators."""
+    """A synthetic community's logs, mined into pairs; a random init validated, fine-tuned through `accelerate
+    launch`, validated again, compared, and applied to generators."""
+    import pandas as pd
+    import torch
+
+    from social_reward.mining.pairs import report_markdown, social_pairs
+    from social_reward.models.clip import load_model
+    from social_reward.scoring.comparison import compare, markdown_table
+    from social_reward.scoring.leaderboard import evaluate_generators, leaderboard_markdown
+    from social_reward.scoring.validation import validate_image_pair_classifier
+    from social_reward.synthetic.community import agreement, make_community, popularity_pairs
+    from social_reward.synthetic.generations import make_generations
+
     posts, events = make_community(os.path.join(out, "community", "images"), n_creators=int(n_train * 0.65),
                                    seed=seed)
     posts_file, events_file = os.path.join(out, "community", "posts.parquet"), os.path.join(out, "community", "events.parquet")
@@ -98,7 +86,7 @@ def run_demo(out="demo_out", n_train=1200, n_val=300, n_epochs=5, batch_size=32,
                     "--batch_size", str(batch_size), "--n_epochs", str(n_epochs), "--save_folder", save_folder,
                     "--model", TINY_CLIP, "--checkout_path", init, "--learning_rate", str(learning_rate),
                     "--seed", str(seed)],
-                   check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                   check=True, cwd=HERE)
     final = os.path.join(save_folder, f"clip_epoch_{n_epochs - 1}_global_step_final.pth")
     after = validate_image_pair_classifier(val_file, final, "cpu", num_workers=0, model=TINY_CLIP)
     # the two models side by side, as compare.py puts any reward models: the table and what each picks per prompt
@@ -124,6 +112,7 @@ def run_demo(out="demo_out", n_train=1200, n_val=300, n_epochs=5, batch_size=32,
     print(f"generators under the fine-tuned reward: follows-80% wins {win.win_rate * 100:.1f}% of {win['items']} "
           f"items over follows-30%")
     return {"before": before, "after": after, "best_of_8": shares, "win_rate": win.win_rate}
+
 
 
 def main():

@@ -65,7 +65,7 @@ def generator_run_files(folder, prompts):
     """What the generator benchmarks train with: a prompts file and the tiny CLIP's random init (seed 0) as the
     reward, in `folder`; returns (prompts path, reward path)."""
     import torch
-    from clip_model import load_model
+    from social_reward.models.clip import load_model
     path = os.path.join(folder, "prompts.txt")
     with open(path, "w") as f:
         f.write("\n".join(prompts) + "\n")
@@ -93,7 +93,7 @@ def worker(args):
     from original import original_scores, original_train
     from torch.optim.optimizer import register_optimizer_step_post_hook
     if args.impl == "ours":
-        from clip_model import keep_freed_memory
+        from social_reward.cli import keep_freed_memory
         keep_freed_memory()  # as the scripts' run_cli does
     pairs = pd.read_parquet(args.pairs)
     stamps = [time.perf_counter()]
@@ -149,7 +149,7 @@ def cache_benchmark(model, weights, folder, pairs_file, validation_file, n_epoch
     import glob
     import shutil
     import torch
-    from trunk_cache import read_entry
+    from social_reward.training.trunk_cache import read_entry
     runs, finals = {}, {}
     for name, impl, dtype in (("original", "original", None), ("ours", "ours", None), ("cached_fp16", "ours", "fp16"),
                               ("cached_fp16_again", "ours", "fp16"), ("cached_fp32", "ours", "fp32")):
@@ -222,9 +222,9 @@ def decode_benchmark(paths, model, weights, folder):
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
-    from clip_model import load_model
-    from data_set import draft_size, open_image
-    from pair_sources import cell_ref
+    from social_reward.models.clip import load_model
+    from social_reward.data.images import draft_size, open_image
+    from social_reward.data.cells import cell_ref
     clip, preprocess, tokenizer = load_model(model, checkout_path=weights)
     shard = os.path.join(folder, "decode-shard.parquet")
     data = [open(p, "rb").read() for p in paths]
@@ -270,7 +270,7 @@ def main():
         return worker(args)
 
     import torch
-    from clip_model import load_model
+    from social_reward.models.clip import load_model
     results = {"machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "batch_size": args.batch_size,
                "mode": MODE, "runs": {}}

@@ -75,7 +75,7 @@ def main():
     parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results-bytes-table-memory.json"))
     args = parser.parse_args()
     import torch
-    from clip_model import load_model
+    from social_reward.models.clip import load_model
     results = {"machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}",
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "command": ("python benchmarks/bytes_table_memory.py " + " ".join(sys.argv[1:])).strip(),
@@ -89,7 +89,7 @@ def main():
         for images in args.images:
             table = os.path.join(folder, f"generations-{images}.parquet")
             image_bytes = write_table(table, images, args.row_group_size, pool)
-            command = [sys.executable, "evaluate_generators.py", table, "--scorer",
+            command = [sys.executable, "scripts/evaluate_generators.py", table, "--scorer",
                        f"ours=clip:{init},model={TINY_CLIP}", "--device", "cpu", "--batch_size", str(args.batch_size),
                        "--out", os.path.join(folder, f"out-{images}")]
             output, peak, seconds = timed(command)

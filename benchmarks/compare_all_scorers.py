@@ -16,10 +16,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from clip_model import load_model  # noqa: E402
-from compare import compare, markdown_table  # noqa: E402
-from hpsv3_model import ASK, INSTRUCTION  # noqa: E402
-from shapes import make_pairs  # noqa: E402
+from social_reward.models.clip import load_model  # noqa: E402
+from social_reward.scoring.comparison import compare, markdown_table  # noqa: E402
+from social_reward.scorers.hpsv3 import ASK, INSTRUCTION  # noqa: E402
+from social_reward.synthetic.shapes import make_pairs  # noqa: E402
 from test_imagereward import WORDS, tiny_imagereward_tensors  # noqa: E402
 from test_scorers_and_compare import save_tiny_pickscore  # noqa: E402
 from tiny_peers import save_tiny_hpsv3, save_tiny_mps  # noqa: E402

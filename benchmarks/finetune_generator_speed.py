@@ -39,8 +39,8 @@ def worker(args):
     """One configuration, in this process; prints its result as JSON."""
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
-    from clip_model import keep_freed_memory
-    from finetune_generator import finetune_generator
+    from social_reward.cli import keep_freed_memory
+    from social_reward.training.generator import finetune_generator
     keep_freed_memory()  # as the scripts' run_cli does
     stamps, cpu_stamps = [], []  # wall clock, and this process's CPU time (less moved by other processes' load)
     register_optimizer_step_post_hook(lambda *_: (stamps.append(time.perf_counter()),
@@ -207,7 +207,7 @@ def main():
         return
 
     import torch
-    from generators import make_tiny_pipeline
+    from social_reward.synthetic.pipelines import make_tiny_pipeline
     with tempfile.TemporaryDirectory() as folder:
         pipelines = {family: make_tiny_pipeline(os.path.join(folder, f"tiny-{family}"), family)
                      for family in ("sd", "sdxl", "sd3", "flux")}

@@ -40,8 +40,9 @@ def score_and_count(pairs_file, init, out_folder, batch_size):
     import torch
     import torch.distributed
 
-    from encoding import distributed, pair_scores
-    from scorers import load_scorer
+    from social_reward.dist import distributed
+    from social_reward.scoring.encoding import pair_scores
+    from social_reward.scorers.registry import load_scorer
 
     gathered = {"calls": 0, "elements": 0, "bytes": 0, "bytes_from_others": 0, "elements_from_others": 0}
     all_gather_object = torch.distributed.all_gather_object
@@ -89,7 +90,7 @@ def run(processes, pairs_file, init, out_folder, batch_size):
 
 def measure(pairs_count, folder, init, batch_size, dim):
     """Both runs on `pairs_count` pairs: a row per process of the 2-process run, and the largest score difference."""
-    from shapes import make_pairs
+    from social_reward.synthetic.shapes import make_pairs
     pairs = make_pairs(os.path.join(folder, f"images-{pairs_count}"), pairs_count, seed=0)
     pairs_file = os.path.join(folder, f"pairs-{pairs_count}.parquet")
     pairs.to_parquet(pairs_file)
@@ -129,7 +130,7 @@ def main():
     if args.one:
         return score_and_count(*args.one, args.batch_size)
     import torch
-    from clip_model import load_model
+    from social_reward.models.clip import load_model
     command = "python benchmarks/gathered_bytes.py " + " ".join(sys.argv[1:])
     results = {"machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}",
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command.strip(),

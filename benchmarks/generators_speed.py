@@ -58,7 +58,7 @@ def tensor_vs_pil(spec, paths, prompts):
     import torch
     from PIL import Image
     from torchvision.transforms.functional import to_tensor
-    from reward import Reward
+    from social_reward.reward.differentiable import Reward
     reward = Reward.load(spec)
     with torch.no_grad():
         images = [Image.open(p).convert("RGB") for p in paths]
@@ -75,7 +75,7 @@ def main():
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     import torch
-    from clip_model import load_model
+    from social_reward.models.clip import load_model
     model = MODELS[args.model]
     with tempfile.TemporaryDirectory() as folder:
         table, pairs = make_generations(folder, args.images)
@@ -86,7 +86,7 @@ def main():
         torch.save({k: v.half() for k, v in load_model(model, pretrained="none")[0].state_dict().items()}, weights)
         spec = f"ours=clip:{weights},model={model}"
         n = len(table)
-        evaluate = timed([sys.executable, "evaluate_generators.py", os.path.join(folder, "generations.parquet"),
+        evaluate = timed([sys.executable, "scripts/evaluate_generators.py", os.path.join(folder, "generations.parquet"),
                           "--scorer", spec, "--out", os.path.join(folder, "eval"), "--device", "cpu",
                           "--batch_size", "8"])
         validate = timed([sys.executable, "validate.py", os.path.join(folder, "pairs.parquet"), "--model", model,

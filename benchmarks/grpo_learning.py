@@ -61,7 +61,7 @@ def save_tiny_pickscore_like(folder, seed=3):
 def save_clip(path, seed=7):
     """The tiny open_clip CLIP at random init `seed`, as an OpenAI-format state dict; returns the clip: spec."""
     import torch
-    from clip_model import load_model
+    from social_reward.models.clip import load_model
     torch.manual_seed(seed)
     torch.save(load_model(TINY_CLIP, pretrained="none")[0].state_dict(), path)
     return f"clip:{path},model={TINY_CLIP}"
@@ -70,9 +70,9 @@ def save_clip(path, seed=7):
 def learn(pipeline, prompts, spec, folder, steps, learning_rate, seed, kl_beta, samples):
     """One GRPO run and its evaluation: a dict of the numbers."""
     import pandas as pd
-    from evaluate_generators import evaluate_generators
-    from finetune_generator import finetune_generator
-    from generate import generate
+    from social_reward.scoring.leaderboard import evaluate_generators
+    from social_reward.training.generator import finetune_generator
+    from social_reward.generators.generate import generate
     start, cpu = time.perf_counter(), time.process_time()
     final = finetune_generator(pipeline, prompts, f"r={spec}", learning_rate=learning_rate, max_train_steps=steps,
                                checkpointing_steps=steps, validation_prompts=prompts, seed=seed, kl_beta=kl_beta,
@@ -112,7 +112,7 @@ def main():
 
     import torch
     import grpo
-    from generators import make_tiny_pipeline
+    from social_reward.synthetic.pipelines import make_tiny_pipeline
     torch.set_num_threads(1)
     if args.low_noise is not None:
         grpo.LOW_NOISE = args.low_noise

@@ -35,8 +35,8 @@ def worker(args):
     """One configuration, in this process; prints its result as JSON."""
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
-    from clip_model import keep_freed_memory
-    from finetune_generator import finetune_generator
+    from social_reward.cli import keep_freed_memory
+    from social_reward.training.generator import finetune_generator
     keep_freed_memory()
     torch.set_num_threads(1)
     stamps, cpu_stamps = [], []
@@ -80,7 +80,7 @@ def main():
         return worker(args)
 
     import torch
-    from generators import make_tiny_pipeline
+    from social_reward.synthetic.pipelines import make_tiny_pipeline
     rows, load = [], os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
         prompts, reward = generator_run_files(folder, PROMPTS)

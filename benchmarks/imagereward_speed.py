@@ -20,10 +20,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from clip_model import keep_freed_memory  # noqa: E402
-from encoding import prompt_image_scores  # noqa: E402
-from imagereward import ImageReward, ImageRewardTokenizer, image_preprocess, text_config, vit_config  # noqa: E402
-from scorers import clip_scorer  # noqa: E402
+from social_reward.cli import keep_freed_memory  # noqa: E402
+from social_reward.scoring.encoding import prompt_image_scores  # noqa: E402
+from social_reward.scorers.imagereward import (ImageReward, ImageRewardTokenizer, image_preprocess, text_config,
+    vit_config)  # noqa: E402
+from social_reward.scorers.clip import clip_scorer  # noqa: E402
 
 WORDS = ["a", "an", "the", "of", "in", "on", "with", "cat", "dog", "astronaut", "red", "blue", "green", "painting",
          "photo", "castle", "forest", "city", "night", "snow", "portrait", "digital", "art", "detailed", "sunset"]

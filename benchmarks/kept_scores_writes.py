@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def one(n, folder):
     sys.path.insert(0, ROOT)
     import numpy as np
-    from kept_scores import KeptScores
+    from social_reward.scoring.kept import KeptScores
     image = os.path.join(folder, "image.png")
     open(image, "wb").close()
     prompts = [f"p{i}" for i in range(n)]

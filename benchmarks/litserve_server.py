@@ -17,7 +17,9 @@ import litserve as ls
 from fastapi import HTTPException
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from serve import Limits, Refusal, ScoringCore, decode_request, load_reward  # noqa: E402
+from social_reward.serving.limits import Limits, Refusal
+from social_reward.serving.core import ScoringCore, load_reward
+from social_reward.serving.decoding import decode_request  # noqa: E402
 
 
 class RewardAPI(ls.LitAPI):

@@ -24,8 +24,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from clip_model import load_model  # noqa: E402
-from demo import make_pairs  # noqa: E402
+from social_reward.models.clip import load_model  # noqa: E402
+from social_reward.synthetic.shapes import make_pairs  # noqa: E402
 
 LAUNCHERS = {1: [], 2: ["-m", "torch.distributed.run", "--nproc_per_node", "2"]}
 

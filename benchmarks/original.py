@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clip_model import make_optimizer, resolve_model_name, trainable_parameters  # noqa: E402
+from social_reward.models.training_modes import make_optimizer, trainable_parameters
+from social_reward.models.clip import resolve_model_name  # noqa: E402
 from data_set import PromptImagePair  # noqa: E402
 from losses import TripletLoss  # noqa: E402
 

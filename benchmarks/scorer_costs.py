@@ -128,7 +128,7 @@ def pickscore_random(folder):
     to `folder` and loaded as `pickscore:FOLDER` loads it."""
     from transformers import CLIPModel
 
-    from scorers import load_scorer
+    from social_reward.scorers.registry import load_scorer
     config = vit_h14_clip_config()
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
@@ -140,7 +140,7 @@ def aesthetic_random(folder):
     7) with random weights on a random ViT-L/14, loaded as `aesthetic:MLP,clip=none` loads it."""
     from safetensors.torch import save_file
 
-    from scorers import load_scorer
+    from social_reward.scorers.registry import load_scorer
     sizes, indices = [768, 1024, 128, 64, 16, 1], [0, 2, 4, 6, 7]
     torch.manual_seed(0)
     state = {}
@@ -154,8 +154,9 @@ def aesthetic_random(folder):
 
 def random_scorer(name, folder):
     """(model, preprocess, tokenizer) of scorer `name` at its real size with random weights."""
-    from clip_model import load_model
-    from scorers import clip_scorer, hps_preprocess
+    from social_reward.models.clip import load_model
+    from social_reward.scorers.clip import clip_scorer
+    from social_reward.scorers.hpsv2 import hps_preprocess
     if name == "mps":
         return mps_random(os.path.join(folder, "clip-tokenizer"))
     if name == "imagereward":
@@ -172,7 +173,7 @@ def random_scorer(name, folder):
 def mps_random(folder):
     """A full-size MPS (laion CLIP-ViT-H-14: vision 32 x 1280, text 24 x 1024; the condition module 4 layers of 1024, 16
     heads of 64) with random weights, its preprocessing and CLIP's tokenizer (the processor folder the tests write)."""
-    from mps import CONDITION, MPS, MPSTokenizer, Preprocess
+    from social_reward.scorers.mps import CONDITION, MPS, MPSTokenizer, Preprocess
     from tiny_peers import write_clip_processor
     tokenizer = MPSTokenizer(write_clip_processor(folder))
     torch.manual_seed(0)

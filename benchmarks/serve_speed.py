@@ -42,8 +42,8 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from clip_model import load_model  # noqa: E402
-from reward import reward_fn  # noqa: E402
+from social_reward.models.clip import load_model  # noqa: E402
+from social_reward.reward.mix import reward_fn  # noqa: E402
 
 MODELS = {"tiny": os.path.join(ROOT, "assets", "tiny-clip.json"), "vit-l-14": "ViT-L-14-quickgelu"}
 TOLERANCE = 1e-5  # fp32 scores of one image in batches of other sizes agree to about 1e-7
@@ -88,7 +88,7 @@ def in_process(fn, pngs, prompts, batch_size, seconds):
 
 def start_server(spec, port, flags, threads=None, engine="serve"):
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    command = ([os.path.join(ROOT, "serve.py"), spec, "--device", "cpu", "--log_level", "warning"] if engine == "serve"
+    command = ([os.path.join(ROOT, "scripts/serve.py"), spec, "--device", "cpu", "--log_level", "warning"] if engine == "serve"
                else [os.path.join(ROOT, "benchmarks", "litserve_server.py"), spec])
     process = subprocess.Popen([sys.executable, *command, "--port", str(port), *flags], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

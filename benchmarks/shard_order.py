@@ -36,9 +36,11 @@ def one_epoch(shard, order, window, pairs_limit, batch_size=32):
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
-    from clip_model import load_model
-    from data_set import PromptImagePair, pair_order
-    from pair_sources import cells, read_source
+    from social_reward.models.clip import load_model
+    from data_set import PromptImagePair
+    from social_reward.data.order import pair_order
+    from social_reward.data.cells import cells
+    from social_reward.data.sources import read_source
 
     torch.set_num_threads(1)
     source = read_source(shard)
@@ -72,7 +74,7 @@ def run_child(shard, order, window, pairs_limit):
 def window_table(windows, row_group_size=100, batch_size=128, image_kb=170):
     """Per window: distinct row groups per batch of `batch_size` in an epoch of Pick-a-Pic v2's pair count, and the
     image bytes a process holds (2 W row-group columns of `image_kb` images; Pick-a-Pic v2: ~322 GB / ~1M rows)."""
-    from data_set import BlockOrder
+    from social_reward.data.order import BlockOrder
     blocks = np.arange(PICKAPIC_V2_PAIRS) // row_group_size
     rows = []
     for window in windows:

@@ -174,7 +174,7 @@ def main():
         posts_file, events_file = write_logs(args.data, args.posts, n_events)
         out = os.path.join(args.data, "pairs")
         # no --memory_limit: DuckDB's limit and threads as social_pairs.py sets them from the machine
-        command = ["social_pairs.py", posts_file, events_file, "--out", out, "--overwrite"]
+        command = ["scripts/social_pairs.py", posts_file, events_file, "--out", out, "--overwrite"]
         row = {"posts": args.posts, "events": n_events, "load_at_start": os.getloadavg(),
                "pyarrow_read_s": min(read_time(posts_file, events_file) for _ in range(args.repeats))}
         runs = [timed_command(command) for _ in range(args.repeats)]
@@ -182,7 +182,7 @@ def main():
         row["duckdb_over_read"] = row["duckdb_s"] / row["pyarrow_read_s"]
         if n_events == max(args.events):
             for size in args.group_sizes:  # the whole process under issue 33's flags, requests of `size` posts
-                group_command = ["social_pairs.py", with_groups(posts_file, size), events_file, "--out",
+                group_command = ["scripts/social_pairs.py", with_groups(posts_file, size), events_file, "--out",
                                  os.path.join(args.data, "pairs_groups"), "--overwrite", *GROUP_FLAGS]
                 row[f"groups{size}_s"], row[f"groups{size}_peak_rss_mb"] = timed_command(group_command)
                 if args.duckdb_default_limit:  # DuckDB's own default, 80% of RAM, as social_pairs.py had it
@@ -203,7 +203,7 @@ def main():
             if not args.skip_spark:
                 spark_out = os.path.join(args.data, "spark")
                 row["spark_s"], row["spark_peak_rss_mb_driver_python"] = timed_command(
-                    ["social_pairs.py", posts_file, events_file, "--out", spark_out, "--overwrite", "--engine",
+                    ["scripts/social_pairs.py", posts_file, events_file, "--out", spark_out, "--overwrite", "--engine",
                      "spark"])
                 row["spark_same_pairs"] = same_pairs(out, spark_out)
                 if not row["spark_same_pairs"]:

@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from clip_model import load_model  # noqa: E402
-from demo import make_pairs  # noqa: E402
+from social_reward.models.clip import load_model  # noqa: E402
+from social_reward.synthetic.shapes import make_pairs  # noqa: E402
 
 TINY_CLIP = os.path.join(ROOT, "assets", "tiny-clip.json")
 # smaller still (32 px, 2 blocks a tower, 16 tokens): for tests that train until a model has learnt something
@@ -36,7 +36,7 @@ def run_script(script, *args, env=None):
     What a fresh process would not inherit is kept out, and what the run changes for the rest of the process is
     undone: its warnings go to its stderr under Python's default filters, each shown once per run (not pytest's
     filters and record); logging's stderr handlers write to its stderr; accelerate's process-wide state starts and
-    ends empty; and the C library's memory setting (clip_model.keep_freed_memory, which run_cli applies for a
+    ends empty; and the C library's memory setting (cli.keep_freed_memory, which run_cli applies for a
     script's own process) is not applied to this one.
 
         result = run_script("validate.py", pairs_file, "--batch_size", "0")
@@ -44,13 +44,13 @@ def run_script(script, *args, env=None):
     """
     import warnings
 
-    import clip_model
+    from social_reward import cli
     stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
-    saved = sys.argv, os.getcwd(), {name: os.environ.get(name) for name in env or {}}, clip_model.keep_freed_memory
+    saved = sys.argv, os.getcwd(), {name: os.environ.get(name) for name in env or {}}, cli.keep_freed_memory
     sys.argv = [script, *map(str, args)]
     os.environ.update(env or {})
     os.chdir(ROOT)
-    clip_model.keep_freed_memory = lambda: None
+    cli.keep_freed_memory = lambda: None
     reset_accelerate_state()
     streams = stderr_handlers()
     try:
@@ -77,7 +77,7 @@ def run_script(script, *args, env=None):
         os.chdir(saved[1])
         for name, value in saved[2].items():
             os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
-        clip_model.keep_freed_memory = saved[3]
+        cli.keep_freed_memory = saved[3]
         reset_accelerate_state()
         for handler in stderr_handlers():  # those made during the run, too
             if handler.stream is stderr:
@@ -219,7 +219,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     """A tiny Stable Diffusion pipeline (random weights, SD's layout) saved with save_pretrained, loaded by path."""
-    from generators import make_tiny_pipeline
+    from social_reward.synthetic.pipelines import make_tiny_pipeline
     return make_tiny_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
 
 
@@ -227,7 +227,7 @@ def tiny_sd(tmp_path_factory):
 def tiny_pipelines(tmp_path_factory):
     """tiny_pipelines(family, t5=True): a tiny pipeline of the family (sd, sdxl, sd3, flux; random weights, tokenizers
     written here) saved with save_pretrained, made once per module."""
-    from generators import make_tiny_pipeline
+    from social_reward.synthetic.pipelines import make_tiny_pipeline
     made = {}
 
     def make(family, t5=True):

@@ -8,9 +8,9 @@ import pytest
 from conftest import TINY_CLIP
 from conftest import run_script as run_in_process
 
-from best_of_n import best_of_n
-from demo import draw
-from score import rank_images
+from social_reward.scoring.best_of_n import best_of_n
+from social_reward.synthetic.shapes import draw
+from social_reward.scoring.ranking import rank_images
 
 PROMPTS = {"two red circles": ("two", "red", "circle"), "one blue square": ("one", "blue", "square")}
 
@@ -84,7 +84,7 @@ def test_a_top_k_above_a_prompts_candidates_keeps_them_all_and_says_which(candid
 
 
 def run_script(*args):
-    return run_in_process("best_of_n.py", *args, "--device", "cpu")
+    return run_in_process("scripts/best_of_n.py", *args, "--device", "cpu")
 
 
 def test_bad_input_ends_in_one_line_and_writes_nothing(candidates, tiny_init, tmp_path):

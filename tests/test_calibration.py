@@ -8,15 +8,17 @@ import scipy.optimize
 from conftest import TINY_CLIP, run_script
 from PIL import Image
 
-from calibration import (calibrate, calibration_entries, calibration_note, expected_calibration_error, fit_temperature,
-                         held_out, pair_nll, read_calibration, win_probability, write_calibration)
-from clip_model import InputError
-from compare import compare, comparison_table
-from evaluate_generators import leaderboard, win_rates
-from intervals import prompt_mean_interval, prompt_proportion_interval
-from pair_sources import read_source, wilson_interval
-from score import rank_images
-from validate import evaluate_source
+from social_reward.scoring.calibration import (calibrate, calibration_entries, calibration_note,
+    expected_calibration_error, fit_temperature, held_out, pair_nll, read_calibration, win_probability,
+    write_calibration)
+from social_reward.errors import InputError
+from social_reward.scoring.comparison import compare, comparison_table
+from social_reward.scoring.leaderboard import leaderboard, win_rates
+from social_reward.scoring.intervals import prompt_mean_interval, prompt_proportion_interval
+from social_reward.data.sources import read_source
+from social_reward.scoring.intervals import wilson_interval
+from social_reward.scoring.ranking import rank_images
+from social_reward.scoring.validation import evaluate_source
 
 
 def preference_pairs(n, temperature, seed=0, ties=0):
@@ -167,7 +169,7 @@ def test_compare_calibrate_then_score_with_the_file_end_to_end(shapes_pairs, tin
     images, calibration = shapes_pairs.pos_path.tolist()[:3], str(tmp_path / "out" / "calibration.json")
     with pytest.raises(InputError, match="--reference other.png: not among the images scored"):
         rank_images("x", images, scorer=spec, calibration=calibration, reference="other.png")
-    scored = run_script("score.py", "--prompt", shapes_pairs.prompt[0], *images, "--scorer", spec, "--calibration",
+    scored = run_script("scripts/score.py", "--prompt", shapes_pairs.prompt[0], *images, "--scorer", spec, "--calibration",
                         calibration, "--reference", images[1], "--device", "cpu")
     assert scored.returncode == 0, scored.stderr[-2000:]
     lines = scored.stdout.splitlines()

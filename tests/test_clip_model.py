@@ -5,7 +5,10 @@ import pytest
 import torch
 from conftest import TINY_CLIP
 
-from clip_model import InputError, load_model, make_optimizer, read_state_dict, trainable_parameters
+from social_reward.errors import InputError
+from social_reward.models.clip import load_model
+from social_reward.models.training_modes import make_optimizer, trainable_parameters
+from social_reward.models.weights import read_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -193,11 +196,12 @@ def test_a_torchscript_archive_as_openai_ships_loads(tiny_init, tmp_path):
 
 
 FAULTS_SCRIPT = """
-import resource, sys, torch
-sys.path.insert(0, {root!r})
-if {keep}:
-    from clip_model import keep_freed_memory
+import resource, sys
+if {keep}:  # as run_cli does first, before the command imports what its work needs
+    from social_reward.cli import keep_freed_memory
     keep_freed_memory()
+import torch
+import social_reward.models.clip  # a scoring command's libraries (torch, open_clip)
 x = torch.ones(8, 257, 4096)  # a ViT-L/14 MLP activation at batch 8: 33.7 MB
 for _ in range(5):
     torch.sigmoid(x)  # the heap settles
@@ -211,8 +215,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_scripts_keep_freed_memory_instead_of_faulting_in_fresh_pages_for_each_large_tensor():
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    faults = {keep: int(subprocess.run([sys.executable, "-c", FAULTS_SCRIPT.format(root=root, keep=keep)], check=True,
+    faults = {keep: int(subprocess.run([sys.executable, "-c", FAULTS_SCRIPT.format(keep=keep)], check=True,
                                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
                                        ).stdout) for keep in (False, True)}
     assert faults[False] > 10 * 8000  # glibc's default: every output is a fresh mmap, 8,224 pages faulted in each

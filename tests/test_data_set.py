@@ -7,7 +7,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from clip_model import InputError
+from social_reward.errors import InputError
 from data_set import PromptImagePair, load_pairs
 
 from conftest import TINY_CLIP as TINY_CLIP_PATH
@@ -97,7 +97,7 @@ def test_zero_rows_missing_and_non_parquet_files_are_named(shapes_pairs, tmp_pat
 
 
 def test_a_large_jpeg_is_decoded_at_reduced_scale_keeping_twice_the_resize_target(tmp_path):
-    from data_set import DRAFT_MARGIN, open_image, resize_target
+    from social_reward.data.images import DRAFT_MARGIN, open_image, resize_target
     Image.effect_noise((1600, 1200), 40).convert("RGB").save(tmp_path / "large.jpg", quality=90)
     Image.effect_noise((1600, 1200), 40).convert("RGB").save(tmp_path / "large.png")
     preprocess = torchvision.transforms.Compose([torchvision.transforms.Resize(64), torchvision.transforms.ToTensor()])
@@ -110,7 +110,7 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_keeping_twice_the_resize_targe
 
 
 def test_images_are_decoded_in_full_by_default_and_at_reduced_scale_only_with_fast_decode(tmp_path):
-    from clip_model import load_model
+    from social_reward.models.clip import load_model
     Image.effect_noise((1600, 1200), 40).convert("RGB").save(tmp_path / "large.jpg", quality=90)
     pairs = pd.DataFrame({"prompt": ["noise"], "pos_path": [str(tmp_path / "large.jpg")],
                           "neg_path": [str(tmp_path / "large.jpg")]})

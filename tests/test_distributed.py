@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY_CLIP, assert_same_steps, run_script, save_tiny_init
 
-from demo import make_pairs
+from social_reward.synthetic.shapes import make_pairs
 
 LEARNING_RATE = 1e-3
 

@@ -9,12 +9,12 @@ from conftest import TINY_CLIP
 from conftest import run_script as run_in_process
 from PIL import Image
 
-import kept_scores
-from clip_model import InputError
-from demo import COLOURS, COUNTS, SHAPES, draw, prompt_for
-from evaluate_generators import evaluate_generators
-from pair_sources import wilson_interval
-from score import rank_images
+from social_reward.scoring import kept as kept_scores
+from social_reward.errors import InputError
+from social_reward.synthetic.shapes import COLOURS, COUNTS, SHAPES, draw, prompt_for
+from social_reward.scoring.leaderboard import evaluate_generators
+from social_reward.scoring.intervals import wilson_interval
+from social_reward.scoring.ranking import rank_images
 
 SCENES = [(n, c, s) for n in COUNTS for c in list(COLOURS)[:3] for s in SHAPES[:2]][:6]
 
@@ -124,7 +124,7 @@ def test_items_are_compared_only_where_both_generators_have_them(world, tiny_ini
 
 
 def run_script(*args):
-    return run_in_process("evaluate_generators.py", *args, "--device", "cpu")
+    return run_in_process("scripts/evaluate_generators.py", *args, "--device", "cpu")
 
 
 def test_bad_generations_end_in_one_line_naming_the_culprit(world, tiny_init, tmp_path):
@@ -189,7 +189,7 @@ def test_a_prompt_listed_twice_pairs_its_samples_by_place_and_hidden_folders_are
         for index in indices:
             draw("two", "red", "circle", random.Random(index)).save(tmp_path / "images" / generator / "anime" / f"{index:05d}.jpg")
     os.makedirs(tmp_path / "images" / ".ipynb_checkpoints")
-    from generations import read_generations
+    from social_reward.data.generations import read_generations
     generations = read_generations([str(tmp_path / "images")], str(prompts))
     b_third = generations[(generations.generator == "b") & generations.image.str.endswith("00002.jpg")].iloc[0]
     assert b_third["sample"] == 1  # the prompt's second place in the list, whatever images exist

@@ -9,10 +9,11 @@ from conftest import TINY_CLIP, run_script
 from PIL import Image
 from safetensors.torch import save_file
 
-import export as export_module
-from clip_model import InputError, load_model
-from export import export, sha256
-from scorers import load_scorer
+from social_reward.models import export as export_module
+from social_reward.errors import InputError
+from social_reward.models.clip import load_model
+from social_reward.models.export import export, sha256
+from social_reward.scorers.registry import load_scorer
 
 PROMPTS = ["two red circles on a white background", "a cat astronaut, digital art", "x" * 400]  # the last truncates
 
@@ -58,7 +59,7 @@ def transformers_export(tiny):
 
 
 def export_cli(*args):
-    return run_script("export.py", *args)
+    return run_script("scripts/export.py", *args)
 
 
 def test_open_clip_export_loads_from_local_dir_and_gives_the_checkpoints_embeddings(tiny, open_clip_export):
@@ -117,11 +118,10 @@ def test_transformers_export_tokenizer_gives_open_clips_ids_and_text_embeddings(
 def test_pickscore_scorer_on_the_transformers_export_scores_cosine_times_logit_scale(tiny, transformers_export):
     scorer = load_scorer(f"pickscore:{transformers_export}")
     with torch.no_grad():
-        cosine = (scorer.model.encode_image(tiny["pixels"]) * scorer.model.encode_text(tiny["tokens"])).sum(1)
+        score = (scorer.model.encode_image(tiny["pixels"]) * scorer.model.encode_text(tiny["tokens"])).sum(1)
     expected = (tiny["image_features"] * tiny["text_features"]).sum(1)
-    assert torch.allclose(cosine * scorer.score_scale, expected * tiny["logit_scale"], rtol=0,
-                          atol=1e-4 * tiny["logit_scale"])
-    assert scorer.score_scale == pytest.approx(tiny["logit_scale"])
+    assert torch.allclose(score, expected * tiny["logit_scale"], rtol=0, atol=1e-4 * tiny["logit_scale"])
+    assert scorer.model.scale == pytest.approx(tiny["logit_scale"]) and scorer.softmax_scale == 1.0
 
 
 @pytest.mark.parametrize("to", ["open_clip", "transformers"])

@@ -15,12 +15,17 @@ from conftest import ROOT, TINY_CLIP
 from conftest import run_script as run_in_process
 from safetensors.torch import load_file
 
-import finetune_generator
-from clip_model import InputError, load_model
-from finetune_generator import finetune_generator as finetune, method_loss, refl_stop
-from generators import (LORA_WEIGHTS, add_lora, check_pipeline_folder, generate_images, load_pipeline, read_prompts,
-                        start_noise)
-from reward import RewardMix
+from social_reward.training import generator as finetune_generator
+from social_reward.errors import InputError
+from social_reward.models.clip import load_model
+from social_reward.training.generator import finetune_generator as finetune
+from social_reward.generators.draft import method_loss
+from social_reward.generators.refl import refl_stop
+from social_reward.generators.lora import LORA_WEIGHTS, add_lora
+from social_reward.generators.families import check_pipeline_folder, load_pipeline
+from social_reward.generators.sampling import generate_images, start_noise
+from social_reward.data.prompts import read_prompts
+from social_reward.reward.mix import RewardMix
 
 PROMPTS = ["a red circle", "two blue squares", "three green triangles", "one yellow square"]
 # tiny sizes: 32 px images (16 x 16 latents), 4 DDIM steps, no classifier-free guidance unless a test needs it
@@ -144,8 +149,8 @@ def test_each_method_takes_gradient_through_its_steps_only(method, grad_steps, s
 def run_script(args, env=None, launcher=None):
     """finetune_generator.py's command line: in this process (its one thread), or under `launcher`'s processes."""
     if launcher is None:
-        return run_in_process("finetune_generator.py", *args, env=env)
-    return subprocess.run([sys.executable, *launcher, "finetune_generator.py", *args], cwd=ROOT, capture_output=True,
+        return run_in_process("scripts/finetune_generator.py", *args, env=env)
+    return subprocess.run([sys.executable, *launcher, "scripts/finetune_generator.py", *args], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
 
 
@@ -162,7 +167,7 @@ def test_a_sigkilled_run_resumed_from_latest_ends_on_the_uninterrupted_lora(tiny
              save_folder=str(tmp_path / "whole"), **TINY_RUN)
 
     killed = tmp_path / "killed"
-    run = subprocess.Popen([sys.executable, "finetune_generator.py", *script_args(tiny_sd, files, killed, *args)],
+    run = subprocess.Popen([sys.executable, "scripts/finetune_generator.py", *script_args(tiny_sd, files, killed, *args)],
                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -359,7 +364,7 @@ def test_a_checkpoint_of_another_run_is_refused_naming_the_flag(trained, tiny_sd
 
 def test_a_reward_that_fails_on_the_generators_images_ends_in_one_line_naming_it(tiny_sd, files, tmp_path,
                                                                                 monkeypatch):
-    from reward import Reward
+    from social_reward.reward.differentiable import Reward
 
     class Broken(torch.nn.Module):
         temperature = spec = None

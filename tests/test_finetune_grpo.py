@@ -13,11 +13,15 @@ from conftest import ROOT, TINY_CLIP
 from grpo_learning import LEARNING_RATES
 from safetensors.torch import load_file
 
-from clip_model import InputError, load_model
-from finetune_generator import finetune_generator as finetune, grpo_sample, grpo_train
-from generators import LORA_WEIGHTS, add_lora, denoise, denoiser, load_pipeline, schedule
-from grpo import group_advantages, noisy_step, trained_steps
-from reward import RewardMix
+from social_reward.errors import InputError
+from social_reward.models.clip import load_model
+from social_reward.training.generator import finetune_generator as finetune
+from social_reward.generators.grpo import grpo_sample, grpo_train
+from social_reward.generators.lora import LORA_WEIGHTS, add_lora
+from social_reward.generators.sampling import denoise, schedule
+from social_reward.generators.families import denoiser, load_pipeline
+from social_reward.generators.grpo import group_advantages, noisy_step, trained_steps
+from social_reward.reward.mix import RewardMix
 
 PROMPTS = ["a red circle", "two blue squares"]
 # 32 px images, 4 steps, no guidance; GRPO: 2 prompts x a group of 8
@@ -179,8 +183,8 @@ TINY_DEFAULTS = dict(method="grpo", sampling_steps=6, resolution=16, train_batch
 @pytest.mark.parametrize("family", ["sd", "sd3"])
 def test_grpo_with_its_defaults_raises_a_pickscore_like_reward_and_beats_its_base(family, tiny_pipelines, files,
                                                                                   pickscore_like, tmp_path):
-    from evaluate_generators import evaluate_generators
-    from generate import generate
+    from social_reward.scoring.leaderboard import evaluate_generators
+    from social_reward.generators.generate import generate
     pipeline = tiny_pipelines(family)
     final = finetune(pipeline, files["prompts"], f"pick={pickscore_like}", learning_rate=LEARNING_RATES[family],
                      max_train_steps=40, checkpointing_steps=40, validation_prompts=files["prompts"],
@@ -261,7 +265,7 @@ def test_grpo_on_two_processes_ends_on_the_lora_of_one_with_twice_the_batch(tiny
     finetune(tiny_sd, files["prompts"], files["clip"], output_dir=str(tmp_path / "one"), **args)
     flags = [f"--{k}={v}" for k, v in dict(args, train_batch_size=1).items()]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "finetune_generator.py", "--pretrained_model_name_or_path", tiny_sd, "--prompts",
+                          "scripts/finetune_generator.py", "--pretrained_model_name_or_path", tiny_sd, "--prompts",
                           files["prompts"], "--scorer", files["clip"], "--output_dir", str(tmp_path / "two"), *flags],
                          cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})

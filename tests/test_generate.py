@@ -6,9 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_model import InputError
-from generate import generate
-from generators import add_lora, load_pipeline, start_noise
+from social_reward.errors import InputError
+from social_reward.generators.generate import generate
+from social_reward.generators.lora import add_lora
+from social_reward.generators.families import load_pipeline
+from social_reward.generators.sampling import start_noise
 
 PROMPTS = ["a red circle", "two blue squares", "three green triangles"]
 TINY = dict(resolution=32, sampling_steps=4, guidance_scale=7.5, seed=3, device="cpu")
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def lora(tiny_sd, tmp_path_factory):
     """LoRA weights with random (nonzero) B matrices, saved as the fine-tuning saves them."""
-    from generators import save_lora
+    from social_reward.generators.lora import save_lora
     pipeline = load_pipeline(tiny_sd)
     add_lora(pipeline, 4, 4)
     torch.manual_seed(1)
@@ -37,7 +39,7 @@ def pixels(path):
 
 
 def test_the_table_reads_as_evaluate_generators_reads_generations(tiny_sd, tmp_path):
-    from generations import read_generations
+    from social_reward.data.generations import read_generations
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:2]))
     out = tmp_path / "gen"
     generate(tiny_sd, str(tmp_path / "prompts.txt"), "base", str(out), samples=2, **TINY)
@@ -97,7 +99,7 @@ def test_a_lora_folder_without_weights_is_named(tiny_sd, tmp_path):
 
 
 def test_a_repeated_prompt_keeps_its_lines_apart_and_the_table_reads_in_evaluate_generators(tiny_sd, tmp_path):
-    from generations import read_generations
+    from social_reward.data.generations import read_generations
     (tmp_path / "prompts.txt").write_text("\n".join([PROMPTS[0], PROMPTS[1], PROMPTS[0]]))
     out = tmp_path / "gen"
     generate(tiny_sd, str(tmp_path / "prompts.txt"), "base", str(out), samples=2, **TINY)
@@ -110,7 +112,7 @@ def test_a_repeated_prompt_keeps_its_lines_apart_and_the_table_reads_in_evaluate
 
 
 def test_a_stopped_run_started_again_goes_on_where_it_stopped(tiny_sd, tmp_path, monkeypatch):
-    import generate as script
+    from social_reward.generators import generate as script
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
     out = str(tmp_path / "gen")
     whole = generate(tiny_sd, str(tmp_path / "prompts.txt"), "whole", out, samples=2, batch_size=2, **TINY)

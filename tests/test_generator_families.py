@@ -16,12 +16,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torchvision.utils import make_grid
 
-from clip_model import InputError, load_model
-from finetune_generator import finetune_generator as finetune
-from evaluate_generators import evaluate_generators
-from generate import generate
-from generators import (FAMILIES, FAMILY_NAMES as FAMILY_CLASSES, LORA_WEIGHTS, check_pipeline_folder, generate_images, load_lora, load_pipeline, pack,
-                        start_noise, to_pil)
+from social_reward.errors import InputError
+from social_reward.models.clip import load_model
+from social_reward.training.generator import finetune_generator as finetune
+from social_reward.scoring.leaderboard import evaluate_generators
+from social_reward.generators.generate import generate
+from social_reward.generators.families import (FAMILIES, FAMILY_NAMES as FAMILY_CLASSES, check_pipeline_folder,
+    load_pipeline)
+from social_reward.generators.lora import LORA_WEIGHTS, load_lora
+from social_reward.generators.sampling import generate_images, pack, start_noise, to_pil
 
 PROMPTS = ["a red circle", "two blue squares", "three green triangles", "one yellow square"]
 FAMILY_NAMES = ["sd", "sdxl", "sd3", "flux"]

@@ -7,9 +7,9 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from torch.distributions import Normal, kl_divergence
 
-from clip_model import InputError
-from grpo import (check_noisy_sampler, clipped_policy_loss, group_advantages, kl_to_reference, noisy_step, step_std,
-                  trained_steps)
+from social_reward.errors import InputError
+from social_reward.generators.grpo import (check_noisy_sampler, clipped_policy_loss, group_advantages,
+    kl_to_reference, noisy_step, step_std, trained_steps)
 
 
 def sd_ddim(**overrides):
@@ -198,7 +198,7 @@ def test_grpo_raises_a_reward_of_a_toy_denoiser(make_scheduler):
     # a denoiser with one trainable offset; the reward is the final latents' first coordinate, far from 0 (+ 65):
     # group-standardised advantages make the offset's scale irrelevant
     from contextlib import nullcontext
-    from grpo import train_on_trajectory
+    from social_reward.generators.grpo import train_on_trajectory
     torch.manual_seed(0)
     scheduler = make_scheduler()
     scheduler.set_timesteps(6)
@@ -223,7 +223,7 @@ def test_grpo_raises_a_reward_of_a_toy_denoiser(make_scheduler):
 
 def test_train_on_trajectory_back_propagates_the_mean_clipped_loss_and_the_kl_to_the_reference():
     from contextlib import contextmanager
-    from grpo import train_on_trajectory
+    from social_reward.generators.grpo import train_on_trajectory
     scheduler = sd_ddim()
     scheduler.set_timesteps(4)
     weight = torch.tensor(0.3, requires_grad=True)

@@ -10,10 +10,10 @@ from PIL import Image
 from conftest import assert_gradient_reaches_the_pixels, mixed_mode_images, tensor_with_grad
 from tiny_peers import HEADS, KV_HEADS, LAYERS, VISION, VISION_DEPTH, VISION_HEADS, WIDTH, save_tiny_hpsv3
 
-from clip_model import InputError
-from encoding import prompt_image_scores
-from hpsv3_model import ASK, CAPACITY, INSTRUCTION, VisionAngles, smart_resize
-from scorers import load_scorer
+from social_reward.errors import InputError
+from social_reward.scoring.encoding import prompt_image_scores
+from social_reward.scorers.hpsv3 import ASK, CAPACITY, INSTRUCTION, VisionAngles, smart_resize
+from social_reward.scorers.registry import load_scorer
 
 PROMPTS = ["a red cat on the mat", "two dogs in the snow, a painting", "cute chibi anime cartoon fox, smiling"]
 MEAN, STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
@@ -207,7 +207,7 @@ def test_by_default_it_runs_in_bf16_as_hpsv3_with_its_head_in_float32(tiny_hpsv3
 
 
 def test_as_a_reward_it_scores_pil_images_as_score_does_and_passes_gradients_to_tensors(tiny_hpsv3, images):
-    from reward import Reward
+    from social_reward.reward.differentiable import Reward
     path, base, _ = tiny_hpsv3
     reward = Reward.load(f"hpsv3:{path},base={base},dtype=fp32")
     prompts = PROMPTS[:2]
@@ -235,7 +235,7 @@ def test_as_a_reward_it_scores_pil_images_as_score_does_and_passes_gradients_to_
      "HPSv3 takes aspect ratios up to 200)"),
 ])
 def test_bad_hpsv3_inputs_end_in_one_line_naming_the_culprit(make, spec, expected, tiny_hpsv3, images, tmp_path):
-    from score import rank_images
+    from social_reward.scoring.ranking import rank_images
     path, base, _ = tiny_hpsv3
     paths = images[:1]
     if make == "clip_base":

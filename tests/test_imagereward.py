@@ -13,12 +13,13 @@ from conftest import ROOT, TINY_CLIP, assert_gradient_reaches_the_pixels, mixed_
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
-from clip_model import InputError, load_model
-from compare import compare
-from encoding import prompt_image_scores
-from imagereward import ImageReward, our_name, text_config, vision_config, vit_config
-from score import rank_images
-from scorers import load_scorer
+from social_reward.errors import InputError
+from social_reward.models.clip import load_model
+from social_reward.scoring.comparison import compare
+from social_reward.scoring.encoding import prompt_image_scores
+from social_reward.scorers.imagereward import ImageReward, our_name, text_config, vision_config, vit_config
+from social_reward.scoring.ranking import rank_images
+from social_reward.scorers.registry import load_scorer
 
 KEYS_FIXTURE = os.path.join(ROOT, "tests", "fixtures", "imagereward_keys.txt")
 WORDS = ["a", "two", "red", "blue", "cat", "dog", "on", "the", "mat", "circles", "square", "astronaut", "##s", "in",
@@ -176,7 +177,7 @@ def imagereward_inputs(bert_folder, prompt, image_path):
 def test_scores_equal_imagereward_forward_rebuilt_step_by_step(tiny_imagereward, bert_folder, images):
     path, med_config, tensors = tiny_imagereward
     scorer = load_scorer(f"imagereward:{path},tokenizer={bert_folder},med_config={med_config}")
-    assert (scorer.score_scale, scorer.softmax_scale) == (1.0, 1.0333394966054072)
+    assert scorer.softmax_scale == 1.0333394966054072
     # every prompt with the images in a shifted order, and one image twice: encoded once, scored per pair; batch 2
     # puts each image's requests into more than one chunk
     prompts = [p for p in PROMPTS for _ in images] + [PROMPTS[0]]
@@ -191,7 +192,7 @@ def test_scores_equal_imagereward_forward_rebuilt_step_by_step(tiny_imagereward,
 
 
 def test_the_tokenizer_lowercases_truncates_to_35_and_pads_with_zeros(bert_folder):
-    from imagereward import ImageRewardTokenizer
+    from social_reward.scorers.imagereward import ImageRewardTokenizer
     tokenizer = ImageRewardTokenizer(bert_folder)
     ids = tokenizer(PROMPTS)
     assert ids.shape == (3, 35) and ids.dtype == torch.long
@@ -203,7 +204,7 @@ def test_the_tokenizer_lowercases_truncates_to_35_and_pads_with_zeros(bert_folde
 
 def test_as_a_reward_it_scores_pil_images_as_score_does_and_passes_gradients_to_tensors(tiny_imagereward,
                                                                                         bert_folder, images):
-    from reward import Reward
+    from social_reward.reward.differentiable import Reward
     path, med_config, _ = tiny_imagereward
     reward = Reward.load(f"imagereward:{path},tokenizer={bert_folder},med_config={med_config}")
     prompts = [PROMPTS[1], PROMPTS[0]]

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kept_scores import KeptScores, image_identity, setting_key
+from social_reward.scoring.kept import KeptScores, image_identity, setting_key
 
 
 @pytest.fixture

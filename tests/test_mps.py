@@ -7,10 +7,10 @@ from PIL import Image
 from conftest import assert_gradient_reaches_the_pixels, mixed_mode_images, tensor_with_grad
 from tiny_peers import CONDITION_HEAD_DIM, CONDITION_HEADS, CONDITION_LAYERS, save_tiny_mps, tiny_clip_config
 
-from clip_model import InputError
-from encoding import prompt_image_scores
-from mps import CONDITION, read_pickled_module
-from scorers import load_scorer
+from social_reward.errors import InputError
+from social_reward.scoring.encoding import prompt_image_scores
+from social_reward.scorers.mps import CONDITION, read_pickled_module
+from social_reward.scorers.registry import load_scorer
 
 PROMPTS = ["Two RED circles", "a cat astronaut in the snow, highly detailed, digital art",
            " ".join(["a big green painting of a blue square on the mat"] * 4)]  # 44 words: truncated to 77 tokens
@@ -116,7 +116,7 @@ def peer_scores(tiny_mps, prompts, paths, threshold=0.3, tables=None):
 def test_scores_equal_mps_infer_one_sample_rebuilt_step_by_step(tiny_mps, images):
     path, processor, _ = tiny_mps
     scorer = load_scorer(f"mps:{path},processor={processor},dtype=fp32")
-    assert (scorer.score_scale, scorer.softmax_scale) == (1.0, 1.0)  # the score holds logit_scale.exp() already
+    assert scorer.softmax_scale == 1.0  # the score holds logit_scale.exp() already
     prompts = [p for p in PROMPTS for _ in images] + [PROMPTS[0]]
     paired = [images[(i + j) % len(images)] for j in range(len(PROMPTS)) for i in range(len(images))] + [images[1]]
     ours = prompt_image_scores(scorer.model, scorer.preprocess, scorer.tokenizer, prompts, paired, "cpu", batch_size=2,
@@ -154,7 +154,7 @@ def test_prompt_tokens_unlike_the_condition_words_are_masked_as_mps_masks_them(t
     prompts, paired = [PROMPTS[1]] * 3 + [PROMPTS[2]] * 2, images
     kept = prompt_image_scores(scorer.model, scorer.preprocess, scorer.tokenizer, prompts, paired, "cpu",
                                progress=False)
-    monkeypatch.setattr("mps.CONDITION_THRESHOLD", 0.75)
+    monkeypatch.setattr("social_reward.scorers.mps.CONDITION_THRESHOLD", 0.75)
     masked = prompt_image_scores(scorer.model, scorer.preprocess, scorer.tokenizer, prompts, paired, "cpu",
                                  progress=False)
     assert (masked - kept).abs().min() > 1e-3
@@ -186,7 +186,7 @@ def test_the_pickled_module_is_read_as_data_and_a_pickle_that_would_run_code_run
 
 
 def test_as_a_reward_it_scores_pil_images_as_score_does_and_passes_gradients_to_tensors(tiny_mps, images):
-    from reward import Reward
+    from social_reward.reward.differentiable import Reward
     path, processor, _ = tiny_mps
     reward = Reward.load(f"mps:{path},processor={processor},dtype=fp32")
     prompts = PROMPTS[:2]
@@ -212,7 +212,7 @@ def test_as_a_reward_it_scores_pil_images_as_score_does_and_passes_gradients_to_
     ("cycle", "mps:{tmp}/cycle/MPS_overall_checkpoint.pth,processor={processor}", "its pickled modules are malformed"),
 ])
 def test_bad_mps_inputs_end_in_one_line_naming_the_culprit(make, spec, expected, tiny_mps, images, tmp_path):
-    from score import rank_images
+    from social_reward.scoring.ranking import rank_images
     path, processor, _ = tiny_mps
     if make == "hps":  # another scorer's checkpoint: HPS v2's {"state_dict": ...}
         torch.save({"state_dict": {"visual.proj": torch.zeros(4, 4)}}, tmp_path / "HPS.pt")
@@ -241,8 +241,8 @@ def test_compare_sets_hpsv3_and_mps_beside_a_clip_scorer_on_pairs_and_hpd_v2(tin
     from conftest import TINY_CLIP
     from tiny_peers import save_tiny_hpsv3
 
-    from compare import compare
-    from hpsv3_model import ASK, INSTRUCTION
+    from social_reward.scoring.comparison import compare
+    from social_reward.scorers.hpsv3 import ASK, INSTRUCTION
     pairs = shapes_pairs.head(4)
     pairs.to_parquet(tmp_path / "pairs.parquet")
     entries = [{"prompt": row.prompt, "image_path": [row.pos_path, row.neg_path, pairs.neg_path.iloc[(i + 1) % 4]],

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT, TINY_CLIP, run_script, save_tiny_init
-from demo import make_pairs
+from social_reward.synthetic.shapes import make_pairs
 from test_shard_order import write_shard
 
 TWO_PROCESSES = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port: tests run side by side
-SCRIPTS = ("validate.py", "score.py", "compare.py", "evaluate_generators.py", "best_of_n.py")
+SCRIPTS = ("validate.py", "scripts/score.py", "scripts/compare.py", "scripts/evaluate_generators.py", "scripts/best_of_n.py")
 
 # run by each of torchrun's two processes: every (script, args) in turn, each process's stdout into its own file
 SCRIPTS_ON_TWO_PROCESSES = """
@@ -55,7 +55,7 @@ def inputs(tmp_path_factory):
 def command_lines(inputs, side):
     """{script: its flags} for one side ("one" or "two"): the same inputs, each script's outputs in SIDE/SCRIPT/."""
     init, pairs, folder = inputs["init"], inputs["pairs"], inputs["folder"]
-    out = {script: folder / side / script for script in SCRIPTS}
+    out = {script: folder / side / os.path.basename(script) for script in SCRIPTS}
     clip = ["--model", TINY_CLIP, "--pretrained", "none", "--checkout_path", init, "--device", "cpu"]
     pairs.to_parquet(folder / "pairs.parquet")
     pd.DataFrame({"generator": ["a"] * 12 + ["b"] * 12, "prompt": list(pairs.prompt[:12]) * 2,
@@ -66,20 +66,20 @@ def command_lines(inputs, side):
     scorer = f"clip:{init},model={TINY_CLIP}"
     return {
         "validate.py": [*inputs["shards"], *clip, "--scores_out", out["validate.py"] / "scores.csv"],  # 34 images
-        "score.py": ["--prompt", "three blue squares", *images, *clip, "--output", out["score.py"] / "scores.csv"],
-        "compare.py": [folder / "pairs.parquet", "--scorer", f"a={scorer}", "--device", "cpu", "--out",
-                       out["compare.py"]],
-        "evaluate_generators.py": [folder / "generations.parquet", "--scorer", f"ours={scorer}", "--device", "cpu",
-                                   "--out", out["evaluate_generators.py"]],
-        "best_of_n.py": [folder / "candidates.parquet", "--scorer", scorer, "--device", "cpu", "--out",
-                         out["best_of_n.py"]]}
+        "scripts/score.py": ["--prompt", "three blue squares", *images, *clip, "--output", out["scripts/score.py"] / "scores.csv"],
+        "scripts/compare.py": [folder / "pairs.parquet", "--scorer", f"a={scorer}", "--device", "cpu", "--out",
+                       out["scripts/compare.py"]],
+        "scripts/evaluate_generators.py": [folder / "generations.parquet", "--scorer", f"ours={scorer}", "--device", "cpu",
+                                   "--out", out["scripts/evaluate_generators.py"]],
+        "scripts/best_of_n.py": [folder / "candidates.parquet", "--scorer", scorer, "--device", "cpu", "--out",
+                         out["scripts/best_of_n.py"]]}
 
 
 @pytest.fixture(scope="module")
 def two_processes(inputs):
     """Every script's command line on two processes, in one torchrun launch: {script: (rank 0's stdout, rank 1's)}."""
     folder = inputs["folder"]
-    scripts = [(script, [str(a) for a in flags], str(folder / f"{script}.stdout"))
+    scripts = [(script, [str(a) for a in flags], str(folder / f"{os.path.basename(script)}.stdout"))
                for script, flags in command_lines(inputs, "two").items()]
     for script in ("validate.py", "score.py"):  # the two that write a file, not a folder
         (folder / "two" / script).mkdir(parents=True)
@@ -92,8 +92,8 @@ def two_processes(inputs):
 def one_and_two(script, inputs, two_processes):
     """The script's printed lines on one process (this one) and on two (the main process prints, the other nothing):
     the same, their output folders (one/, two/) aside."""
-    one_out, two_out = inputs["folder"] / "one" / script, inputs["folder"] / "two" / script
-    if script in ("validate.py", "score.py"):
+    one_out, two_out = (inputs["folder"] / side / os.path.basename(script) for side in ("one", "two"))
+    if script in ("validate.py", "scripts/score.py"):
         one_out.mkdir(parents=True)
     one = run([], script, *command_lines(inputs, "one")[script])
     two, other = two_processes[script]
@@ -119,13 +119,13 @@ def test_validate_on_two_processes_prints_and_writes_what_one_does(inputs, two_p
 
 
 def test_score_on_two_processes_prints_and_writes_the_ranking_one_does(inputs, two_processes):
-    printed, one, two = one_and_two("score.py", inputs, two_processes)
+    printed, one, two = one_and_two("scripts/score.py", inputs, two_processes)
     assert len(printed.splitlines()) == 13
     assert_same_table(one / "scores.csv", two / "scores.csv")
 
 
 def test_compare_on_two_processes_keeps_and_writes_what_one_does(inputs, two_processes):
-    printed, one, two = one_and_two("compare.py", inputs, two_processes)
+    printed, one, two = one_and_two("scripts/compare.py", inputs, two_processes)
     assert "a: scoring" in printed
     for name in ("table.csv", "agreement.csv"):
         assert_same_table(one / name, two / name)
@@ -140,7 +140,7 @@ def test_compare_on_two_processes_keeps_and_writes_what_one_does(inputs, two_pro
 
 
 def test_evaluate_generators_on_two_processes_writes_what_one_does(inputs, two_processes):
-    printed, one, two = one_and_two("evaluate_generators.py", inputs, two_processes)
+    printed, one, two = one_and_two("scripts/evaluate_generators.py", inputs, two_processes)
     assert "ours: scoring 24" in printed
     for name in ("leaderboard.csv", "winrates.csv"):
         assert_same_table(one / name, two / name)
@@ -149,7 +149,7 @@ def test_evaluate_generators_on_two_processes_writes_what_one_does(inputs, two_p
 
 
 def test_best_of_n_on_two_processes_keeps_what_one_does(inputs, two_processes):
-    printed, one, two = one_and_two("best_of_n.py", inputs, two_processes)
+    printed, one, two = one_and_two("scripts/best_of_n.py", inputs, two_processes)
     assert "mean score" in printed
     metadata = [[json.loads(line) for line in open(out / "metadata.jsonl")] for out in (one, two)]
     assert [m["file_name"] for m in metadata[0]] == [m["file_name"] for m in metadata[1]]
@@ -160,9 +160,9 @@ GATHER_SCRIPT = """
 import json, sys
 import torch
 import torch.distributed
-sys.path.insert(0, {root!r})
-from encoding import is_main_process, prompt_image_scores
-from scorers import load_scorer
+from social_reward.dist import is_main_process
+from social_reward.scorers.registry import load_scorer
+from social_reward.scoring.encoding import prompt_image_scores
 
 gathered = []
 all_gather_object = torch.distributed.all_gather_object

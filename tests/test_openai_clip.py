@@ -10,8 +10,8 @@ with warnings.catch_warnings():
     import clip
     from clip.model import build_model
 
-from clip_model import load_model
-from encoding import pair_scores
+from social_reward.models.clip import load_model
+from social_reward.scoring.encoding import pair_scores
 from validate import validate_image_pair_classifier
 
 # OpenAI's build_model infers the architecture from the state dict, with 64-wide attention heads

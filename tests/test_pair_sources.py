@@ -11,12 +11,14 @@ import torch
 from conftest import TINY_CLIP, run_script
 from PIL import Image
 
-from clip_model import load_model
+from social_reward.models.clip import load_model
 from data_set import PromptImagePair
-from pair_sources import hpd_ranking_accuracy, imagereward_accuracy, pickapic_accuracy, read_source
+from social_reward.scoring.metrics import hpd_ranking_accuracy, imagereward_accuracy, pickapic_accuracy
+from social_reward.data.sources import read_source
 from train_pair_pos_neg import finetune_model
-from encoding import pair_scores
-from validate import evaluate_source, validate_image_pair_classifier
+from social_reward.scoring.encoding import pair_scores
+from social_reward.scoring.validation import evaluate_source
+from validate import validate_image_pair_classifier
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "motorcycle_left.png",
           "coins.png", "moon.png"]

@@ -12,8 +12,9 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
-from clip_model import load_model
-from scorers import load_scorer, open_clip_tensor_preprocess
+from social_reward.models.clip import load_model
+from social_reward.scorers.registry import load_scorer
+from social_reward.scorers.preprocess import open_clip_tensor_preprocess
 from test_scorers_and_compare import save_tiny_pickscore
 
 PROMPT = "two red circles"
@@ -49,7 +50,7 @@ def transformers_pickscore(folder, images):
 def pickscore_scores(scorer, pixels):
     with torch.no_grad():
         text = scorer.model.encode_text(scorer.tokenizer([PROMPT]))
-        return scorer.score_scale * scorer.model.encode_image(pixels) @ text[0]
+        return scorer.model.encode_image(pixels) @ text[0]  # the text embedding carries logit_scale.exp()
 
 
 def test_pickscore_equals_clip_image_processor_and_clip_model_on_odd_sized_images(pickscore_folder, odd_images):

@@ -5,9 +5,10 @@ from conftest import TINY_CLIP
 from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
-from clip_model import InputError
-from reward import Reward, reward_fn
-from score import rank_images
+from social_reward.errors import InputError
+from social_reward.reward.differentiable import Reward
+from social_reward.reward.mix import reward_fn
+from social_reward.scoring.ranking import rank_images
 
 PROMPTS = ["two red circles", "one blue square", "three green triangles"]
 

@@ -5,11 +5,32 @@ import pytest
 import torch
 from conftest import TINY_CLIP
 
-from clip_model import InputError, load_model
-from reward import NonFiniteReward, PromptStats, Reward, RewardMix, reward_fn, standardize
-from scorers import load_scorer
+from social_reward.errors import InputError
+from social_reward.models.clip import load_model
+from social_reward.reward.mix import NonFiniteReward, RewardMix, reward_fn
+from social_reward.reward.normalization import PromptStats, standardize
+from social_reward.reward.differentiable import Reward
+from social_reward.scorers.registry import load_scorer
 
 PROMPTS = ["a red cube"] * 3 + ["a blue ball"] * 3
+
+
+class Scaled(torch.nn.Module):
+    """A scorer's model whose score is `factor` times the model's (its text embedding scaled, as PickScore's)."""
+
+    def __init__(self, model, factor):
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def encode_image(self, images, normalize=True):
+        return self.model.encode_image(images, normalize=normalize)
+
+    def encode_text(self, tokens, normalize=True):
+        return self.factor * self.model.encode_text(tokens, normalize=normalize)
+
+
+def scaled(scorer, factor):
+    return dataclasses.replace(scorer, model=Scaled(scorer.model, factor))
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +45,7 @@ def two_scales(tmp_path_factory):
         torch.save(load_model(TINY_CLIP, pretrained="none")[0].state_dict(), path)
         specs.append(f"clip:{path},model={TINY_CLIP}")
     small = Reward(load_scorer(specs[0]))
-    large = Reward(dataclasses.replace(load_scorer(specs[1]), score_scale=50.0))
+    large = Reward(scaled(load_scorer(specs[1]), 50.0))
     images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     return specs, small, large, images
 
@@ -112,14 +133,14 @@ def test_bad_normalisation_inputs_end_in_one_line(two_scales):
     with pytest.raises(InputError, match="give --calibration FILE"):
         RewardMix.load([("small", specs[0], 1.0)], reward_norm="calibrated")
     black = torch.zeros(2, 3, 64, 64)
-    nan_reward = Reward(dataclasses.replace(small.scorer, score_scale=float("nan")))
+    nan_reward = Reward(scaled(small.scorer, float("nan")))
     with pytest.raises(NonFiniteReward, match="--scorer ours: a non-finite reward \\(nan\\) on the prompt 'a red cube'"):
         RewardMix([nan_reward], [1.0], "none", ["ours"])(black, ["a red cube", "a blue ball"])
 
 
 def test_reward_load_with_a_calibration_file_scores_in_log_odds_and_refuses_another_scorers(two_scales, tmp_path):
     import json
-    from calibration import calibration_entries
+    from social_reward.scoring.calibration import calibration_entries
     specs, small, _, images = two_scales
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps(calibration_entries({"small": {"temperature": 40.0, "nll": 0.6, "ece": 0.01,

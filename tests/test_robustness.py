@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from clip_model import InputError, load_model
+from social_reward.errors import InputError
+from social_reward.models.clip import load_model
 from data_set import PromptImagePair
 from train_pair_pos_neg import finetune_model
 from validate import validate_image_pair_classifier

@@ -13,12 +13,12 @@ from conftest import ROOT, TINY_CLIP, run_script
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
-from clip_model import load_model
-from compare import compare
-from pair_sources import wilson_interval
-from scorers import load_scorer
-from score import rank_images, score_images
-from validate import evaluate_source
+from social_reward.models.clip import load_model
+from social_reward.scoring.comparison import compare
+from social_reward.scoring.intervals import wilson_interval
+from social_reward.scorers.registry import load_scorer
+from social_reward.scoring.ranking import rank_images, score_images
+from social_reward.scoring.validation import evaluate_source
 
 PROMPT = "two red circles"
 
@@ -136,7 +136,7 @@ def test_a_killed_compare_resumes_without_rescoring(shapes_pairs, tiny_init, tmp
     first = f"a=clip:{tiny_init},model={TINY_CLIP}"
     weights = tmp_path / "b.pth"
     torch.save(torch.load(tiny_init, weights_only=True), weights)
-    command = [sys.executable, "compare.py", str(tmp_path / "pairs.parquet"), "--scorer", first, "--scorer",
+    command = [sys.executable, "scripts/compare.py", str(tmp_path / "pairs.parquet"), "--scorer", first, "--scorer",
                f"b=clip:{weights},model={TINY_CLIP}", "--out", str(tmp_path / "out"), "--device", "cpu"]
     run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in run.stdout:  # killed as soon as the second scorer starts: the first one's scores are on disk
@@ -171,7 +171,7 @@ def test_bad_scorers_end_in_one_line_naming_the_spec(make, scorer, expected, sha
     specs = [scorer.format(init=tiny_init, tmp=tmp_path)]
     if "twice" in expected:
         specs.append(specs[0])
-    result = run_script("compare.py", str(tmp_path / "pairs.parquet"), *[a for s in specs for a in ("--scorer", s)],
+    result = run_script("scripts/compare.py", str(tmp_path / "pairs.parquet"), *[a for s in specs for a in ("--scorer", s)],
                         "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

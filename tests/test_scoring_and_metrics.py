@@ -4,10 +4,10 @@ import torch
 from conftest import MICRO_CLIP, TINY_CLIP, run_script
 from PIL import Image
 
-from clip_model import load_model
-from score import rank_images, score_images
+from social_reward.models.clip import load_model
+from social_reward.scoring.ranking import rank_images, score_images
 from train_pair_pos_neg import finetune_model
-from encoding import pair_scores
+from social_reward.scoring.encoding import pair_scores
 from validate import validate_image_pair_classifier
 
 
@@ -28,7 +28,7 @@ def test_rank_images_puts_the_best_first(shapes_pairs, tiny_init):
 
 def test_the_score_cli_prints_the_ranking_and_writes_csv_and_a_contact_sheet(shapes_pairs, tiny_init, tmp_path):
     paths = list(shapes_pairs.pos_path[:7])
-    result = run_script("score.py", "--prompt", "three blue squares", *paths, "--checkout_path", tiny_init, "--model",
+    result = run_script("scripts/score.py", "--prompt", "three blue squares", *paths, "--checkout_path", tiny_init, "--model",
                         TINY_CLIP, "--device", "cpu", "--num_workers", "0", "--output", str(tmp_path / "scores.csv"),
                         "--grid", str(tmp_path / "grid.png"))
     assert result.returncode == 0, result.stderr

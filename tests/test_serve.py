@@ -18,9 +18,12 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, TINY_CLIP, save_tiny_init
-from reward import reward_fn
-from reward_client import encode_images
-from serve import Limits, LocalBackend, ScoringCore, load_reward, make_app
+from social_reward.reward.mix import reward_fn
+from social_reward.reward.client import encode_images
+from social_reward.serving.limits import Limits
+from social_reward.serving.batching import LocalBackend
+from social_reward.serving.core import ScoringCore, load_reward
+from social_reward.serving.app import make_app
 
 TOL = 1e-6
 
@@ -62,7 +65,7 @@ def specs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     first = save_tiny_init(str(folder / "init.pth"))
     torch.manual_seed(1)
-    from clip_model import load_model
+    from social_reward.models.clip import load_model
     second = str(folder / "other.pth")
     torch.save(load_model(TINY_CLIP, pretrained="none")[0].state_dict(), second)
     return [f"clip:{first},model={TINY_CLIP}", f"clip:{second},model={TINY_CLIP}"]
@@ -77,7 +80,7 @@ def local(specs):
 @pytest.fixture(scope="module")
 def calibration(specs, tmp_path_factory):
     """A calibration.json for the first spec (temperature 20), as compare.py --calibrate writes its entries."""
-    from calibration import calibration_entries
+    from social_reward.scoring.calibration import calibration_entries
     path = str(tmp_path_factory.mktemp("calibration") / "calibration.json")
     with open(path, "w") as f:
         json.dump(calibration_entries({"ours": {"temperature": 20.0}}, {"ours": specs[0]}), f)
@@ -405,7 +408,7 @@ def test_health_names_what_is_served_and_metrics_count_the_requests(servers, spe
 
 def start_process(args, port, start_timeout=120):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *args, "--port", str(port),
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts/serve.py"), *args, "--port", str(port),
                                 "--device", "cpu"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -487,8 +490,8 @@ def test_ray_serve_with_two_replicas_scores_as_one_process(specs, local):
 
 
 def test_a_device_error_in_scoring_is_the_servers_fault_not_the_requests():
-    from clip_model import InputError
-    from serve import refusal
+    from social_reward.errors import InputError
+    from social_reward.serving.core import refusal
 
     def failed(message):
         try:
@@ -504,7 +507,7 @@ def test_a_device_error_in_scoring_is_the_servers_fault_not_the_requests():
 
 
 def test_the_client_reads_retry_after_as_seconds_between_0_and_60_or_backs_off():
-    from reward_client import retry_after
+    from social_reward.reward.client import retry_after
 
     def answer(value):
         response = requests.Response()
@@ -518,8 +521,8 @@ def test_the_client_reads_retry_after_as_seconds_between_0_and_60_or_backs_off()
 def test_a_request_cancelled_while_its_images_decode_gives_its_pixels_back_when_the_decoding_ends(monkeypatch):
     import asyncio
 
-    import serve
-    from serve import PixelBudget, decode_in_thread
+    from social_reward.serving.decoding import PixelBudget, decode_in_thread
+    from social_reward.serving.limits import Limits
     decoding, release = threading.Event(), threading.Event()
     real_load, data = Image.Image.load, png(pictures(1, 20)[0])
 
@@ -531,7 +534,7 @@ def test_a_request_cancelled_while_its_images_decode_gives_its_pixels_back_when_
     budget = PixelBudget(10 * 64 * 64)
 
     async def cancel_mid_decoding():
-        task = asyncio.ensure_future(decode_in_thread(["a"], [data], None, serve.Limits(), budget))
+        task = asyncio.ensure_future(decode_in_thread(["a"], [data], None, Limits(), budget))
         await asyncio.to_thread(decoding.wait, 10)
         assert budget.held == 64 * 64
         task.cancel()
@@ -549,5 +552,5 @@ def test_a_request_cancelled_while_its_images_decode_gives_its_pixels_back_when_
 
 def test_bad_reward_flags_under_ray_end_in_one_line_before_ray_starts(specs):
     from conftest import run_script
-    result = run_script("serve.py", *specs, "--engine", "ray", "--reward_weights", "1")
+    result = run_script("scripts/serve.py", *specs, "--engine", "ray", "--reward_weights", "1")
     assert result.returncode == 2 and result.stderr.strip() == "error: --reward_weights: 1 weights for 2 specs"

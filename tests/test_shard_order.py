@@ -9,9 +9,12 @@ from conftest import TINY_CLIP
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader
 
-from clip_model import InputError, load_model
-from data_set import BlockOrder, PromptImagePair, pair_order
-from pair_sources import cells, read_source, row_groups
+from social_reward.errors import InputError
+from social_reward.models.clip import load_model
+from social_reward.data.order import BlockOrder, pair_order
+from data_set import PromptImagePair
+from social_reward.data.cells import cells, row_groups
+from social_reward.data.sources import read_source
 
 # row groups of unequal sizes, as the last group of each shard is
 BLOCKS = np.repeat(np.arange(9), [5, 5, 5, 5, 3, 5, 5, 5, 2])

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 from conftest import MICRO_CLIP, ROOT
 
-from clip_model import InputError
-from community import agreement, make_community, popularity_pairs
-from shapes import make_pairs
-from social_pairs import social_pairs
-from social_rule import check_java
+from social_reward.errors import InputError
+from social_reward.synthetic.community import agreement, make_community, popularity_pairs
+from social_reward.synthetic.shapes import make_pairs
+from social_reward.mining.pairs import social_pairs
+from social_reward.mining.engines import check_java
 from train_pair_pos_neg import finetune_model
 from validate import validate_image_pair_classifier
 
@@ -144,7 +144,7 @@ def test_pickapic_layout_loads_with_datasets_as_diffusion_dpo_reads_it(tmp_path)
 
 
 def test_pickapic_shards_are_written_a_shard_at_a_time_in_the_pairs_order(tmp_path, monkeypatch):
-    import social_pairs as module
+    from social_reward.mining import pairs as module
     monkeypatch.setattr(module, "PICKAPIC_ROWS_PER_SHARD", 7)
     posts, events = make_community(str(tmp_path / "images"), n_creators=20, seed=2)
     social_pairs(posts, events, out=str(tmp_path / "out"), layout="pickapic", test_fraction=0.3)
@@ -160,14 +160,15 @@ def test_pickapic_shards_are_written_a_shard_at_a_time_in_the_pairs_order(tmp_pa
 
 
 def test_duckdb_takes_its_memory_limit_and_threads_from_the_machine_unless_told(monkeypatch):
-    import social_rule
-    from social_rule import DuckDBEngine, machine_memory_limit, machine_threads
+    from social_reward.mining import engines
+    from social_reward.mining.engines import DuckDBEngine
+    from social_reward.mining.machine import machine_memory_limit, machine_threads
 
     def settings(engine):
         return engine.rows("SELECT current_setting('memory_limit'), current_setting('threads')")[0]
     import duckdb
     duckdb_default = duckdb.connect().execute("SELECT current_setting('memory_limit')").fetchone()[0]  # 80% of RAM
-    monkeypatch.setattr(social_rule, "machine_threads", lambda: 3)  # as a machine of 3 cores
+    monkeypatch.setattr(engines, "machine_threads", lambda: 3)  # as a machine of 3 cores
     limit, threads = settings(DuckDBEngine())
     assert threads == 3 and limit == settings(DuckDBEngine(memory_limit=machine_memory_limit(3)))[0] != duckdb_default
     assert settings(DuckDBEngine(memory_limit="300MB", threads=1)) == (settings(DuckDBEngine(memory_limit="300MB"))[0], 1)
@@ -183,15 +184,15 @@ def test_duckdb_takes_its_memory_limit_and_threads_from_the_machine_unless_told(
     ({"cpu/cpu.cfs_quota_us": "-1\n", "memory/memory.limit_in_bytes": "9223372036854771712\n"}, 8, 8 * 512),
 ])
 def test_the_machines_threads_and_memory_come_from_its_cgroup_v2_or_v1(files, threads, memory, tmp_path, monkeypatch):
-    import social_rule
+    from social_reward.mining import machine
     for name, text in files.items():
         os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
         (tmp_path / name).write_text(text)
-    monkeypatch.setattr(social_rule, "CGROUP", str(tmp_path))
+    monkeypatch.setattr(machine, "CGROUP", str(tmp_path))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(os, "sysconf", {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 64 * 2**30 // 4096}.__getitem__)
-    assert social_rule.machine_threads() == threads
-    assert social_rule.machine_memory_limit(social_rule.machine_threads()) == f"{memory}MB"
+    assert machine.machine_threads() == threads
+    assert machine.machine_memory_limit(machine.machine_threads()) == f"{memory}MB"
 
 
 def test_mined_pairs_agree_with_hidden_quality_and_train_a_better_reward_than_popularity_pairs(tmp_path, one_thread,
@@ -326,12 +327,12 @@ def test_the_command_line_prints_the_report(community, tmp_path):
     posts, events = community
     posts.to_csv(tmp_path / "posts.csv", index=False)
     events.to_parquet(tmp_path / "events.parquet")
-    result = subprocess.run([sys.executable, "social_pairs.py", str(tmp_path / "posts.csv"),
+    result = subprocess.run([sys.executable, "scripts/social_pairs.py", str(tmp_path / "posts.csv"),
                              str(tmp_path / "events.parquet"), "--out", str(tmp_path / "out")], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "- kept: " in result.stdout and (tmp_path / "out" / "report.json").exists()
-    result = subprocess.run([sys.executable, "social_pairs.py", str(tmp_path / "posts.csv"), "--out",
+    result = subprocess.run([sys.executable, "scripts/social_pairs.py", str(tmp_path / "posts.csv"), "--out",
                              str(tmp_path / "again")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "missing column 'remix'" in result.stderr.strip().splitlines()[-1]

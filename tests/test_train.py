@@ -5,7 +5,9 @@ import torch
 from conftest import MICRO_CLIP, TINY_CLIP, assert_same_steps
 from original import original_train
 
-from clip_model import TRAINING_MODES, InputError, load_model, trainable_parameters
+from social_reward.models.training_modes import TRAINING_MODES, trainable_parameters
+from social_reward.errors import InputError
+from social_reward.models.clip import load_model
 from losses import TripletLoss
 from train_pair_pos_neg import finetune_model
 from validate import validate_image_pair_classifier
@@ -68,7 +70,7 @@ def test_bad_flags_are_refused_before_the_model_loads(shapes_pairs, tmp_path):
 
 
 def test_train_mode_puts_only_the_frozen_blocks_in_eval(tiny_init):
-    from clip_model import train_mode
+    from social_reward.models.training_modes import train_mode
     model = load_model(TINY_CLIP, checkout_path=tiny_init)[0]
     trainable_parameters(model, "visual_upper_layers_textual_upper_layers")
     train_mode(model)

@@ -10,9 +10,11 @@ from accelerate import Accelerator
 from conftest import ROOT, TINY_CLIP, assert_same_steps, run_script
 from PIL import Image
 
-from clip_model import InputError, load_model, train_mode, trainable_parameters
+from social_reward.errors import InputError
+from social_reward.models.clip import load_model
+from social_reward.models.training_modes import train_mode, trainable_parameters
 from train_pair_pos_neg import finetune_model
-from trunk_cache import TowerHeads, TrunkCache, entry_is_whole, read_entry, tower_splits, trunk
+from social_reward.training.trunk_cache import TowerHeads, TrunkCache, entry_is_whole, read_entry, tower_splits, trunk
 
 README_MODE = "visual_upper_layers_textual_upper_layers"
 LEARNING_RATE = 1e-3

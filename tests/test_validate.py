@@ -5,8 +5,10 @@ import torch
 from conftest import TINY_CLIP, run_script
 from original import original_scores
 
-from clip_model import InputError, default_device, load_model
-from encoding import pair_scores
+from social_reward.errors import InputError
+from social_reward.devices import default_device
+from social_reward.models.clip import load_model
+from social_reward.scoring.encoding import pair_scores
 from validate import validate_image_pair_classifier
 
 
@@ -89,7 +91,7 @@ def test_each_distinct_image_is_decoded_and_encoded_once(repeating_pairs, tiny_i
 @pytest.mark.parametrize("precision, bound", [("bf16", 1e-2), ("fp16", 1e-3)])
 def test_half_precision_runs_under_autocast_and_moves_scores_less_than_a_bound(precision, bound, shapes_pairs,
                                                                               tiny_init):
-    from clip_model import inference_precision
+    from social_reward.devices import inference_precision
     model, preprocess, tokenizer = load_model(TINY_CLIP, checkout_path=tiny_init)
     products = []
     model.visual.transformer.resblocks[0].mlp.c_fc.register_forward_hook(lambda m, i, out: products.append(out.dtype))

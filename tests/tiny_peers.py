@@ -176,7 +176,7 @@ CONDITION_LAYERS, CONDITION_HEADS, CONDITION_HEAD_DIM = 2, 2, 64
 def write_clip_processor(folder):
     """laion/CLIP-ViT-H-14-laion2B-s32B-b79K's tokenizer and processor files: CLIP's BPE (written from the vocabulary
     open_clip ships), tokenizer_config.json (77 tokens), preprocessor_config.json (CLIPImageProcessor, 224 px)."""
-    from clip_model import write_clip_tokenizer_files
+    from social_reward.models.export import write_clip_tokenizer_files
     write_clip_tokenizer_files(folder)
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"do_lower_case": True, "model_max_length": 77, "errors": "replace", "bos_token": "<|startoftext|>",

@@ -1,0 +1,34 @@
+"""Model loading and training modes: the one place every script and notebook gets its CLIP from.
+
+    model, preprocess, tokenizer = load_model()                       # OpenAI ViT-L/14, as the paper
+    model, preprocess, tokenizer = load_model(checkout_path="clip_epoch_4_global_step_final.pth")
+    model, preprocess, tokenizer = load_model("assets/tiny-clip.json", pretrained="none")
+"""
+import contextlib
+import socket
+import urllib.parse
+import urllib.request
+
+
+@contextlib.contextmanager
+def hub_offline_unless_reachable(timeout=3.0):
+    """Hugging Face hub downloads in offline mode (the hub library's own HF_HUB_OFFLINE switch) when one TCP connect
+    to the hub (or to the HTTPS proxy, if one is set) fails within `timeout` seconds: files already in the hub cache
+    are still used, and a machine without network gets its error in seconds, not after a minute of retried requests."""
+    from huggingface_hub import constants
+    before = constants.HF_HUB_OFFLINE
+    if not before:
+        hub = urllib.parse.urlparse(constants.ENDPOINT)
+        proxy = urllib.request.getproxies().get("https")
+        address = (hub.hostname, hub.port or 443)
+        if proxy and not urllib.request.proxy_bypass(hub.hostname):
+            proxy = urllib.parse.urlparse(proxy if "://" in proxy else "http://" + proxy)
+            address = (proxy.hostname, proxy.port or 80)
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+        except OSError:
+            constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
