@@ -1,35 +1,88 @@
-"""Images and prompts in, scores out: the one piece of code every script encodes with (validation, scoring, comparison,
-generator evaluation, best-of-N, the trunk cache's fill). It works on what a scorers.Scorer holds: a model with
-`encode_image(images, normalize=True)` and `encode_text(tokens, normalize=True)`, its preprocess and tokenizer; or, for
-a model whose text encoder attends to the image (ImageReward), `encode_image` and `pair_scores` (see attended_scores).
+"""Several processes as one run: whether this process is one of several (accelerate launch, torchrun), which one
+writes, the barrier, a share of the work each, a check decided by all of them, and the refusal of a launch whose
+processes each believe they are alone.
 
-    features = encode_images(model, preprocess, ["a.png", "b.png"], "cpu")
-    scores = prompt_image_scores(model, preprocess, tokenizer, ["a cat", "a dog"], ["a.png", "b.png"], "cpu")
-
-Under `accelerate launch` or `torchrun` (several processes), each process encodes a contiguous share of the images and
-prompts and every process gets the whole result, so a script scores as one process would, N times faster; it only
-writes and prints where is_main_process(). prompt_image_scores gathers only scores: each process encodes its share of
-the distinct images and the prompts of their requests, and the embeddings stay where they were made.
-
-    device = process_device(args.device)          # under several GPU processes: this process's GPU
-    scores = prompt_image_scores(...)             # the same tensor in every process
+    state = distributed()                          # accelerate's PartialState under several processes, else None
+    device = process_device(args.device)           # under several GPU processes: this process's GPU
+    scores = across_processes(encode, items)       # each process encodes a share; every one gets the whole tensor
     if is_main_process():
         write(scores)
-"""
-import os
+    decided_together(check_free_space, folder, nbytes, what)    # a failure on any process stops every process
 
+A launcher that starts N processes which accelerate then runs each alone (an FSDP config with use_cpu: accelerate
+sets FSDP up on GPUs only) would have N copies read all the data and write the same files: check_not_alone refuses it
+in one line, before anything is read or written (make_accelerator and distributed() call it).
+"""
 import torch
 from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import gather_object, get_int_from_env, parse_flag_from_env
+
+from social_reward.errors import InputError
+
+# where a launcher says how many processes it started: torchrun and accelerate launch (WORLD_SIZE), MPI's launchers
+LAUNCHED = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_processes():
+    """How many processes the launcher started for this run (1 when none did)."""
+    return get_int_from_env(LAUNCHED, 1)
+
+
+def check_not_alone(num_processes):
+    """Refuse, in one line, a process that the launcher started as one of several but that accelerate runs alone
+    (`num_processes` 1): each copy would read all the data and write the same outputs."""
+    launched = launched_processes()
+    if launched > 1 and num_processes != launched:
+        raise InputError(f"this process is one of {launched} that the launcher started, but accelerate runs it as one "
+                         f"of {num_processes} (no process group: each would read everything and write the same "
+                         f"files); launch a distributed run: `accelerate launch --multi_gpu` on GPUs, or on CPUs "
+                         f"`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {launched} SCRIPT ...` (docs/distributed.md)")
+
+
+def check_one_process(command):
+    """Refuse, in one line, a launch of several processes for a command that works on one process only: each would
+    write the same outputs."""
+    launched = launched_processes()
+    if launched > 1:
+        raise InputError(f"{command} runs on one process; a launch of {launched} would write every output {launched} "
+                         f"times: run it once per device instead (each with its own outputs)")
+
+
+def make_accelerator(**kwargs):
+    """accelerate's Accelerator(**kwargs), refused (check_not_alone) when the launch is not one distributed run: what
+    both trainers start with, before they read or write anything."""
+    from accelerate import Accelerator
+    accelerator = Accelerator(**kwargs)
+    check_not_alone(accelerator.num_processes)
+    return accelerator
+
+
+def decided_together(check, *args):
+    """check(*args) on every process, and the first InputError any process raised raised on every process: a check
+    that fails on some processes only (a node-local disk) stops them all in one line, instead of leaving the others
+    waiting at the next barrier. With one process, check(*args)."""
+    state = PartialState() if launched_processes() > 1 else None
+    if state is None or state.num_processes == 1:
+        return check(*args)
+    try:
+        check(*args)
+        failed = None
+    except InputError as e:
+        failed = f"process {state.process_index}: {e}"
+    failures = [message for message in gather_object([failed]) if message]
+    if failures:
+        raise InputError(failures[0])
 
 
 def distributed():
     """accelerate's PartialState when this process is one of several (accelerate launch, torchrun), else None. The
     first call creates the process group (gloo on CPUs, nccl on GPUs, each process bound to its own GPU); a single
     process creates none."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_processes() <= 1:
         return None
-    return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    check_not_alone(state.num_processes)
+    return state
 
 
 def is_main_process():

@@ -121,3 +121,13 @@ def test_images_are_decoded_in_full_by_default_and_at_reduced_scale_only_with_fa
     _, fast, _ = PromptImagePair(pairs, preprocess, fast_decode=True)[0]
     assert (default - original).abs().max() < 1e-6
     assert (fast - original).abs().max() > 1e-3
+
+
+def test_importing_the_package_leaves_pils_truncated_images_setting_alone():
+    """Only decoding training or scoring data loads truncated images (as the original's loader did); an import, such as
+    the scoring server's, leaves PIL as it is."""
+    import subprocess
+    import sys
+    code = ("import PIL.ImageFile, social_reward.data.pairs, social_reward.scoring.encoding, social_reward.serving.app, "
+            "social_reward.training.clip; print(PIL.ImageFile.LOAD_TRUNCATED_IMAGES)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -68,3 +68,79 @@ def test_mixed_precision_from_accelerate_launch_is_applied_and_checkpoints_stay_
     assert all(v.dtype == torch.float32 for v in bf16.values() if v.is_floating_point())
     # autocast ran the matrix products in bf16: the run ends on other weights than the fp32 one
     assert any(not torch.allclose(bf16[k], fp32[k], atol=1e-6) for k in fp32)
+
+
+# accelerate's launcher with an FSDP config on CPUs: it starts 2 processes (WORLD_SIZE=2), but accelerate sets FSDP
+# (and any process group) up on GPUs only, so each process's Accelerator runs it alone
+FSDP_ON_CPU = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_processes: 2
+num_machines: 1
+machine_rank: 0
+mixed_precision: 'no'
+use_cpu: true
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: NO_WRAP
+  fsdp_state_dict_type: FULL_STATE_DICT
+"""
+
+
+def test_a_launch_whose_processes_each_run_alone_is_refused_in_one_line_writing_nothing(one_process_batch_4,
+                                                                                          tiny_init, tmp_path):
+    pairs_file, _ = one_process_batch_4
+    (tmp_path / "fsdp.yaml").write_text(FSDP_ON_CPU)
+    save_folder = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             str(tmp_path / "fsdp.yaml"), "train_pair_pos_neg.py", "--training_file", pairs_file,
+                             "--batch_size", "4", "--n_epochs", "1", "--save_folder", str(save_folder), "--model",
+                             TINY_CLIP, "--checkout_path", tiny_init, "--num_workers", "0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert refusals and all("this process is one of 2 that the launcher started, but accelerate runs it as one of 1"
+                            in line and "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2" in line for line in refusals)
+    assert not save_folder.exists() or not os.listdir(save_folder)
+
+
+def test_generate_refuses_a_launch_of_several_processes_before_reading_anything(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "scripts/generate.py", "--pretrained_model_name_or_path", str(tmp_path / "no-pipeline"),
+                             "--prompts", str(tmp_path / "no-prompts.txt"), "--generator", "base", "--output_dir",
+                             str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "error: scripts/generate.py runs on one process; a launch of 2 would write every output 2 times" in \
+        result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+RANK_1_DISK_FULL = """
+import os, runpy, shutil, sys
+from collections import namedtuple
+if os.environ["RANK"] == "1":  # only this process's disk is full, as a node-local disk can be
+    shutil.disk_usage = lambda path: namedtuple("Usage", "total used free")(10**9, 10**9, 1000)
+sys.argv = ["train_pair_pos_neg.py", *sys.argv[1:]]
+runpy.run_path("train_pair_pos_neg.py", run_name="__main__")
+"""
+
+
+def test_a_check_failing_on_one_process_stops_every_process_in_one_line_writing_nothing(one_process_batch_4,
+                                                                                         tiny_init, tmp_path):
+    pairs_file, _ = one_process_batch_4
+    (tmp_path / "driver.py").write_text(RANK_1_DISK_FULL)
+    save_folder = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "driver.py"), "--training_file", pairs_file, "--batch_size", "2",
+                             "--n_epochs", "1", "--save_folder", str(save_folder), "--model", TINY_CLIP,
+                             "--checkout_path", tiny_init, "--num_workers", "0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
+    assert result.returncode != 0
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    # every process stops with the same line naming the one whose disk is full (torchrun may stop one before it
+    # prints): none waits at a barrier, and the main process, whose disk has room, writes nothing either
+    assert refusals and len(set(refusals)) == 1
+    assert refusals[0].startswith("error: process 1: ") and "not enough free space" in refusals[0]
+    assert not [f for f in os.listdir(save_folder) if f.startswith(("clip_", "training_state"))]

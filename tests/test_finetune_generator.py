@@ -250,6 +250,26 @@ def test_a_non_finite_reward_stops_naming_the_step_or_is_skipped(tiny_sd, files,
     assert all(v.abs().sum() == 0 for k, v in load_file(tmp_path / "skip" / LORA_WEIGHTS).items() if "lora_B" in k)
 
 
+@pytest.mark.parametrize("nan_at", [1, 2])
+def test_a_nonfinite_reward_in_either_micro_batch_drops_the_whole_accumulation_window(nan_at, tiny_sd, files, tmp_path,
+                                                                                      capsys, monkeypatch):
+    """One optimizer step of two micro-batches (--gradient_accumulation_steps 2); the reward of micro-batch 1 or 2 is
+    nan: the window is dropped, so the LoRA stays at its init (lora_B zero) though the other micro-batch was finite."""
+    from social_reward.reward.differentiable import Reward
+    calls, real = [], Reward.score
+
+    def score(self, images, prompts):
+        calls.append(1)
+        scores = real(self, images, prompts)
+        return scores * float("nan") if len(calls) == nan_at else scores
+    monkeypatch.setattr(Reward, "score", score)
+    final = finetune(tiny_sd, files["prompts"], files["scorer"], batch_size=1, max_train_steps=1, save_every=1,
+                     gradient_accumulation_steps=2, skip_nonfinite_loss=True, save_folder=str(tmp_path / "run"),
+                     **TINY_RUN)
+    assert len(calls) == 2 and "skipped 1 steps with a non-finite loss" in capsys.readouterr().out
+    assert all(v.abs().sum() == 0 for k, v in load_file(final).items() if "lora_B" in k)
+
+
 def fake_disk(free_after_calls):
     """shutil.disk_usage reporting plenty of room for the first `free_after_calls` calls, then 1 MB."""
     calls, real = [], shutil.disk_usage

@@ -267,3 +267,35 @@ def test_run_script_gives_each_run_a_fresh_processs_state_and_its_own_warnings_a
         result = run_script(str(tmp_path / "twice.py"))
         assert result.returncode == 0 and result.stdout == "True\n", result.stderr
         assert "logged" in result.stderr and "UserWarning: careful" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("nan_at", [3, 4])
+def test_a_nonfinite_micro_batch_drops_its_whole_accumulation_window(nan_at, shapes_pairs, tiny_init, tmp_path,
+                                                                     monkeypatch):
+    """8 pairs, batch 2, accumulation 2: two windows of two micro-batches; the loss of micro-batch 3 or 4 (the first or
+    the second of window 2) is nan. The run then ends on the weights a clean run had after window 1: the window's
+    other micro-batch, finite, must not reach the optimizer either."""
+    from social_reward.training import losses
+
+    def run(name, nan_at=None):
+        calls = []
+
+        class Triplet(losses.TripletLoss):
+            def forward(self, *args):
+                calls.append(1)
+                loss = super().forward(*args)
+                return loss * float("nan") if len(calls) == nan_at else loss
+        monkeypatch.setattr(losses, "TripletLoss", Triplet)
+        return finetune_model(shapes_pairs.iloc[:8], "all", batch_size=2, n_epochs=1, save_folder=str(tmp_path / name),
+                              checkout_path=tiny_init, model=TINY_CLIP, learning_rate=1e-3, num_workers=0,
+                              save_every=1, gradient_accumulation_steps=2, skip_nonfinite_loss=True)
+
+    clean = tmp_path / "clean"
+    run("clean")
+    dropped = torch.load(run("dropped", nan_at=nan_at), weights_only=True)
+    after_window_1 = torch.load(clean / "clip_epoch_0_global_step_1.pth", weights_only=True)
+    assert sorted(f for f in os.listdir(tmp_path / "dropped") if f.startswith("clip_")) == [
+        "clip_epoch_0_global_step_1.pth", "clip_epoch_0_global_step_final.pth"]
+    assert all(torch.equal(dropped[k], after_window_1[k]) for k in after_window_1)
+    assert not all(torch.equal(dropped[k], v) for k, v in torch.load(
+        clean / "clip_epoch_0_global_step_final.pth", weights_only=True).items())  # window 2 did move the clean run

@@ -1,14 +1,10 @@
-"""Where pairs come from: the original pair table, and the public preference datasets as they are published.
+"""Image references: an image is named in a pair table by its file path, by its bytes (a DataFrame with bytes
+columns), or by a parquet cell `FILE#ROW/COLUMN`, read when an item loads, a row group's column at a time (never a
+whole file). What opens one, names one in a message, and orders many for reading.
 
-    source = read_source("validation_data.parquet")                          # prompt, pos_path, neg_path
-    source = read_source("pickapic_v2/data/test-*.parquet")                  # Pick-a-Pic shards, images inside
-    source = read_source("HPD/test.json", image_root="HPD/test")             # HPD v2: ranked images per prompt
-    source = read_source("ImageReward/data/test.json", image_root="ImageReward/data/test_images")
-    source.pairs    # prompt, pos_path, neg_path: the pairs to train on and the original's accuracy (no ties)
-    source.groups   # for a benchmark: every row's or entry's prompt, images and labels, for its own metric
-
-An image is named in pos_path/neg_path by its file path, by the bytes themselves (a DataFrame with bytes columns),
-or by a parquet cell `FILE#ROW/COLUMN`, read when an item loads: a few rows at a time, never a whole file.
+    ref = cell_ref("pickapic_v2/data/test-0.parquet", 12, "jpg_0")
+    Image.open(image_file(ref)); describe(ref)     # "...test-0.parquet, row 12, column 'jpg_0'"
+    order = location_order(refs)                    # cells file by file, row by row
 """
 import io
 import os

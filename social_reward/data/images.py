@@ -1,16 +1,27 @@
-"""(prompt, preferred image, other image) triplets from a pair table, a DataFrame, or a public preference dataset."""
+"""One image, decoded and preprocessed, for every loader: the training pairs, the scoring code and the trunk cache.
+An unreadable image ends in one line naming it and its place; a truncated JPEG loads with its missing part grey, as
+the original's loader did: PIL's LOAD_TRUNCATED_IMAGES, which the first image read here sets (PIL has no switch per
+image, so it stays set in that process), never an import (the scoring server, which refuses truncated uploads,
+imports this package without it).
+
+    pixels = open_image("a.png", preprocess, where="row 3, column 'pos_path'")
+    pixels = open_image(ref, preprocess, draft_size(preprocess, fast_decode=True))   # JPEG at reduced scale
+"""
 from PIL import Image, ImageFile
 from torchvision.transforms import Resize
 
 from social_reward.data.cells import describe, image_file
 from social_reward.errors import InputError
 
-# as the original: a truncated JPEG loads (the missing part grey) instead of stopping a long run
-ImageFile.LOAD_TRUNCATED_IMAGES = True
+
+def load_truncated_images():
+    """As the original: a truncated JPEG loads (the missing part grey) instead of stopping a long run."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 
 def readable(ref):
     """Whether PIL can identify and verify the image (a path, bytes or a parquet cell) as an image (no full decode)."""
+    load_truncated_images()
     try:
         with Image.open(image_file(ref)) as image:
             image.verify()
@@ -42,6 +53,7 @@ def open_image(path, preprocess, draft_size=None, where=None):
     """Decode one image (a path, bytes, or a parquet cell; with draft_size, a JPEG at reduced scale, at least
     draft_size * DRAFT_MARGIN on its shortest side) and preprocess it; an unreadable one raises InputError naming it,
     after `where` (its row and column)."""
+    load_truncated_images()
     try:
         with Image.open(image_file(path)) as image:
             if draft_size and image.format == "JPEG":

@@ -1,4 +1,9 @@
-"""(prompt, preferred image, other image) triplets from a pair table, a DataFrame, or a public preference dataset."""
+"""The order of an epoch's training pairs: accelerate's seeded uniform shuffle (the original's), or, for pairs whose
+images live in parquet, a shard-aware block order that reads each row group once per epoch.
+
+    order = pair_order(pairs, shuffle=None, window=8, seed=42, batch_size=128, num_processes=1)  # None: uniform
+    loader = DataLoader(dataset, batch_size=128, sampler=order)
+"""
 import numpy as np
 import torch
 from torch.utils.data import Sampler

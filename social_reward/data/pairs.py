@@ -1,4 +1,10 @@
-"""(prompt, preferred image, other image) triplets from a pair table, a DataFrame, or a public preference dataset."""
+"""(prompt, preferred image, other image) triplets for training and validation: a source's pairs checked, the pairs
+with unreadable images dropped (--skip_bad_images), and the original's Dataset, PromptImagePair (root data_set.py
+hands it on under the original's import path).
+
+    dataset = PromptImagePair(pd.read_parquet("data.parquet"), preprocess)
+    text, pos_image, neg_image = dataset[0]
+"""
 from dataclasses import replace
 
 import pandas as pd

@@ -7,8 +7,7 @@
     source.pairs    # prompt, pos_path, neg_path: the pairs to train on and the original's accuracy (no ties)
     source.groups   # for a benchmark: every row's or entry's prompt, images and labels, for its own metric
 
-An image is named in pos_path/neg_path by its file path, by the bytes themselves (a DataFrame with bytes columns),
-or by a parquet cell `FILE#ROW/COLUMN`, read when an item loads: a few rows at a time, never a whole file.
+Images are named as data/cells.py describes. Reading a source imports no model library.
 """
 import glob
 import json

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from social_reward.data.prompts import read_prompts
 from social_reward.devices import default_device, inference_precision
+from social_reward.dist import check_one_process
 from social_reward.errors import InputError
 from social_reward.generators.families import check_pipeline_folder, check_size, default_size, load_pipeline
 from social_reward.generators.lora import load_lora
@@ -100,6 +101,7 @@ def generate(pretrained_model_name_or_path=None, prompts=None, generator=None, o
     Example:
         generate("tiny-sd", "prompts.txt", "base", "generations", samples=2, resolution=32, num_inference_steps=4)
     """
+    check_one_process("scripts/generate.py")
     pretrained_model_name_or_path, output_dir, num_inference_steps = take_aliases("generate", aliases, ALIASES, dict(
         pretrained_model_name_or_path=pretrained_model_name_or_path, output_dir=output_dir,
         num_inference_steps=num_inference_steps))

@@ -1,17 +1,12 @@
-"""Text-to-image generators for the scripts that fine-tune them and generate with them: one table of the diffusers
-families they take (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1), each family's text conditioning, denoiser call, sampler and
-LoRA, one sampling loop with a pluggable step, the noise each sample starts from, and tiny pipelines of every family
-made from configs for tests and the demo.
+"""Sampling for every family: the noise each sample starts from (keyed, so a sample is the same in any batching), the
+text conditioning, one denoiser call with guidance, the family's scheduler plan, one sampling loop with a pluggable
+step (DRaFT's gradient steps, ReFL's stop, GRPO's noisy steps), decoding to images in [0, 1].
 
-    pipeline = load_pipeline("stable-diffusion-xl-base-1.0/", "cuda")     # the family from model_index.json
-    lora_params = add_lora(pipeline, rank=4, lora_alpha=4)                 # on the family's LoRA targets
     noise = start_noise(pipeline, [(42, "a red cube", 0)], (1024, 1024), "cuda")  # sample 0 of the prompt at seed 42
     cond = conditioning(pipeline, ["a red cube"], 7.5, (1024, 1024))       # embeddings, pooled, time ids, ...
     latents = sample_latents(pipeline, denoiser(pipeline), noise, cond, 50, 7.5, grad_steps=1)  # DRaFT-1
     images = decode(pipeline.vae, latents)                                 # B x 3 x H x W in [0, 1]
     images = generate_images(pipeline, ["a red cube"], [(42, "a red cube", 0)], (1024, 1024), 50, 7.5)  # no gradient
-    save_lora(pipeline, "sd_lora/"); load_lora(load_pipeline("stable-diffusion-xl-base-1.0/"), "sd_lora/")
-    make_tiny_pipeline("tiny-flux/", "flux")                               # random weights, for tests and the demo
 """
 import hashlib
 import json

@@ -1,17 +1,7 @@
-"""The mining rule of social_pairs.py as one query, in DuckDB's SQL, and the two engines that run it: DuckDB as written,
-Spark after sqlglot transpiles it to Spark SQL. One source, so both engines pick the same pairs and splits.
+"""What this machine lets DuckDB use: the CPUs this process may run on (affinity and the cgroup's CPU quota, v2 or
+v1) and a memory limit of 512 MB a thread, at most a quarter of the RAM or of the cgroup's limit.
 
-    engine = DuckDBEngine(memory_limit="2GB", threads=2)      # or SparkEngine()
-    engine.load("raw_posts", "posts.parquet"); engine.load("raw_events", "events.parquet")
-    for name, query in rule_steps(options, engine.columns("raw_posts"), engine.columns("raw_events")):
-        engine.create(name, query)
-    engine.rows("SELECT count(*) FROM pairs")
-
-Every step is a named table (a view where it only renames another) made from the ones above it; social_pairs.py
-reads the report's counts from them. Hashes are md5 of a string (the same hex digits in both engines), compared as
-hex text, never as numbers: the kept pairs of a stratum are the first by md5('SEED/POS/NEG'), a creator's split is
-decided by the first 8 hex digits of md5('SEED/CREATOR'), the preferred side in the Pick-a-Pic layout by the last
-digit of the pair's hash.
+    DuckDBEngine(memory_limit=machine_memory_limit(machine_threads()), threads=machine_threads())
 """
 import os
 

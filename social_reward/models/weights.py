@@ -1,8 +1,8 @@
-"""Model loading and training modes: the one place every script and notebook gets its CLIP from.
+"""Weights files read without running pickled code (.pth/.pt/.bin state dicts, OpenAI's TorchScript .pt,
+.safetensors) and put into a model, a mismatch named in one line.
 
-    model, preprocess, tokenizer = load_model()                       # OpenAI ViT-L/14, as the paper
-    model, preprocess, tokenizer = load_model(checkout_path="clip_epoch_4_global_step_final.pth")
-    model, preprocess, tokenizer = load_model("assets/tiny-clip.json", pretrained="none")
+    state_dict = read_state_dict("clip_epoch_4_global_step_final.pth")
+    load_weights(model, "clip_epoch_4_global_step_final.pth")
 """
 import os
 import pickle

@@ -1,24 +1,13 @@
-"""The reward as a function, for other people's loops (ReFL, DRaFT, AlignProp, DDPO): any scorers.py spec, called on
-decoded images, differentiable with respect to them.
+"""The reward as a differentiable function, for other people's loops (ReFL, DRaFT, AlignProp): any scorer spec,
+called on decoded images, its gradient reaching them; the scorer's own weights stay frozen.
 
-    from reward import Reward, reward_fn
     reward = Reward.load("clip:clip_epoch_4_global_step_final.pth", "cuda")
     r = reward(images, prompts)       # images: B x 3 x H x W floats in [0, 1] (a VAE's (x / 2 + 0.5).clamp(0, 1))
-    (-r.mean()).backward()            # the gradient reaches the images; the reward's own weights stay frozen
-
-    fn = reward_fn("clip:clip_final.pth", "cuda")        # DDPO-style: fn(images, prompts, metadata) -> (rewards, {})
-    fn = reward_fn({"pickscore:PickScore_v1": 1.0, "aesthetic:sac+logos+ava1-l14-linearMSE.pth": 0.5},
-                   reward_norm="prompt")                 # several scorers, each normalised, then weighted
+    (-r.mean()).backward()
 
 On tensors, each scorer's own preprocessing runs on the tensor (CLIP: the shortest side to the model's size, bicubic
 with antialiasing, centre crop, mean/std; HPS v2: the longest side, then padded). On a list of PIL images it is the
-scorer's own PIL preprocessing, so the rewards equal score.py's scores.
-
-Scorers live on unrelated scales (cosines near 0.3, PickScore near 20, ImageReward around 0), so several are put on
-one scale before their weights combine them (`normalize`, one place for every method): "none" (the scorer's own
-score), "group" (standardised among the images of the same prompt in the batch: GRPO's groups), "prompt"
-(standardised by a running buffer of each prompt's past rewards: DDPO's per-prompt stat tracking), "calibrated"
-(t * score, t the scorer's calibration temperature: log-odds units, a difference of 1 is odds of e to 1).
+scorer's own PIL preprocessing, so the rewards equal scripts/score.py's scores.
 """
 import numpy as np
 import open_clip

@@ -22,14 +22,13 @@ import re
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from PIL import Image
 from torch import nn
 
 from social_reward.errors import InputError, described
 from social_reward.models.weights import assign_weights
 from social_reward.scorers.base import Scorer, check_folder_option, check_weights_file
+from social_reward.scorers.preprocess import ClipImageProcessor
 
 # the condition MPS's evaluation scores its overall preference with (infer_one_sample's default)
 CONDITION = ("light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, limbs, structure, "
@@ -286,40 +285,6 @@ class MPS(nn.Module):
         return self.clip.logit_scale.exp().float() * (image * text).sum(-1)
 
 
-class Preprocess:
-    """MPS's image preprocessing: RGB, then CLIPImageProcessor's (transformers 4.x, PIL): the shortest side to 224 with
-    PIL's bicubic (the other side floored), a centre crop whose offset is floored, /255 in float64 then float32, the
-    mean/std. Called on a float tensor B x 3 x H x W in [0, 1], the same with torchvision's antialiased bicubic
-    (differentiable).
-
-        Preprocess()(images)   # B x 3 x 224 x 224
-    """
-
-    def __init__(self, size=224, crop=224, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD):
-        self.size, self.crop, self.mean, self.std = size, crop, list(mean), list(std)
-
-    def _resized_size(self, height, width):
-        if height <= width:
-            return self.size, int(self.size * width / height)
-        return int(self.size * height / width), self.size
-
-    def _crop_normalize(self, pixels):
-        top, left = ((n - self.crop) // 2 for n in pixels.shape[-2:])
-        pixels = pixels[..., top:top + self.crop, left:left + self.crop]
-        shape = (3, 1, 1)
-        return (pixels - pixels.new_tensor(self.mean).view(shape)) / pixels.new_tensor(self.std).view(shape)
-
-    def pil(self, image):
-        image = image.convert("RGB")
-        height, width = self._resized_size(image.height, image.width)
-        image = image.resize((width, height), Image.BICUBIC)
-        return self._crop_normalize((TF.pil_to_tensor(image).double() * (1 / 255)).float())
-
-    def __call__(self, images):
-        size = list(self._resized_size(*images.shape[-2:]))
-        return self._crop_normalize(TF.resize(images, size, TF.InterpolationMode.BICUBIC, antialias=True))
-
-
 class MPSTokenizer:
     """The CLIP tokenizer of the processor folder (laion's CLIP-ViT-H-14), as MPS's _tokenize calls it: padded to and
     truncated at its model_max_length (77) with its own padding token."""
@@ -421,7 +386,7 @@ def load_mps(path, processor, dtype="fp16", device="cpu"):
     for embeddings in (model.clip.text_model.embeddings, model.clip.vision_model.embeddings):
         embeddings.position_ids = torch.arange(embeddings.position_ids.shape[-1]).expand(1, -1)
     size, crop, mean, std = image_processor_config(processor)
-    model.tensor_preprocess = Preprocess(size, crop, mean, std)
+    model.tensor_preprocess = ClipImageProcessor(size, crop, mean, std, resample="pil")  # transformers 4's, MPS's
     return model.to(device).eval(), model.tensor_preprocess.pil, tokenizer
 
 

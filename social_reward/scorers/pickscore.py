@@ -8,15 +8,12 @@ import os
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.transform import MaybeConvertMode
 from torch import nn
-from torchvision.transforms import Compose, PILToTensor
 
 from social_reward.errors import InputError
 from social_reward.models import DEFAULT_MODEL
 from social_reward.scorers.base import Scorer
-from social_reward.scorers.preprocess import TensorPreprocess
+from social_reward.scorers.preprocess import ClipImageProcessor
 
 
 class PickScoreModel(nn.Module):
@@ -34,10 +31,8 @@ class PickScoreModel(nn.Module):
             raise InputError(f"pickscore:{folder}: not a transformers CLIPModel folder ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:160]})") from None
         self.size = size = self.clip.config.vision_config.image_size
-        # RGB first, as PickScore's evaluation and CLIP's processor do: PIL resizes a palette or 1-bit image with
-        # nearest neighbour whatever the filter asked for
-        self.tensor_preprocess = TensorPreprocess(size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, crop_offset="floor")
-        self.preprocess = Compose([MaybeConvertMode("RGB"), PILToTensor(), self.tensor_preprocess])
+        self.tensor_preprocess = ClipImageProcessor(size, size, resample="uint8")  # transformers 5's processor
+        self.preprocess = self.tensor_preprocess.pil
         self.scale = self.clip.logit_scale.exp().item()
 
     @staticmethod

@@ -1,26 +1,14 @@
-"""Reward models side by side: our CLIP checkpoints, HPS v2, PickScore, the LAION aesthetic predictor, ImageReward,
-HPSv3 and MPS, from local files.
+"""An evaluation preprocessing on image tensors, differentiable, as the scorers' own PIL preprocessings compute it:
+what a reward applies to a generator's decoded images, and (on uint8 pixels) what PickScore's CLIPImageProcessor
+computes on a PIL image.
 
-    scorer = load_scorer("clip:clip_epoch_4_global_step_final.pth")                  # ours (OpenAI format)
-    scorer = load_scorer("clip:openai")                                              # OpenAI's ViT-L/14
-    scorer = load_scorer("hpsv2:HPS_v2.1_compressed.pt")                             # {"state_dict": open_clip ViT-H-14}
-    scorer = load_scorer("pickscore:PickScore_v1/")                                  # transformers CLIPModel folder
-    scorer = load_scorer("aesthetic:sac+logos+ava1-l14-linearMSE.pth,clip=ViT-L-14.pt")
-    scorer = load_scorer("imagereward:ImageReward.pt,tokenizer=bert-base-uncased/")
-    scorer = load_scorer("hpsv3:HPSv3.safetensors,base=Qwen2-VL-7B-Instruct/")      # Qwen2-VL-7B + HPSv3's head
-    scorer = load_scorer("mps:MPS_overall_checkpoint.pth,processor=CLIP-ViT-H-14-laion2B-s32B-b79K/")
-
-A Scorer is what encoding.py (and so every script) uses of a model: `model.encode_image(images, normalize=True)`
-and `model.encode_text(tokens, normalize=True)`, whose row-wise dot product orders the images as the model does;
-`preprocess` and `tokenizer`; `score_scale`, which turns that dot product into the model's own score (PickScore's
-logit_scale.exp()); `softmax_scale`, the logit scale of Pick-a-Pic's tie-aware metric; `tensor_preprocess`, the
-preprocessing of a float tensor B x 3 x H x W in [0, 1], differentiable (for a reward's gradient).
-A model whose text attends to the image (ImageReward, HPSv3, MPS) has no encode_text: `encode_image` gives its image
-tokens and `pair_scores(image_features, tokens)` the score of each row; encoding.py scores it pair by pair.
+    open_clip_tensor_preprocess(clip.visual.preprocess_cfg)(images)     # B x 3 x H x W in [0, 1]
 """
 import torch
 import torchvision.transforms.functional as TF
 import torchvision.transforms.v2.functional as TF2
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode, Normalize
 
@@ -36,9 +24,11 @@ class TensorPreprocess(nn.Module):
         TensorPreprocess((224, 224), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, "bilinear", "squash")(images)
     """
 
-    def __init__(self, size, mean, std, interpolation="bicubic", resize_mode="shortest", fill=0, crop_offset="round"):
+    def __init__(self, size, mean, std, interpolation="bicubic", resize_mode="shortest", fill=0, crop_offset="round",
+                 crop=None):
         super().__init__()
         self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.crop = self.size if crop is None else tuple(crop) if isinstance(crop, (tuple, list)) else (crop, crop)
         self.interpolation = InterpolationMode.BILINEAR if interpolation == "bilinear" else InterpolationMode.BICUBIC
         self.resize_mode, self.fill, self.crop_offset = resize_mode, fill, crop_offset
         self.normalize = Normalize(mean, std)
@@ -59,10 +49,13 @@ class TensorPreprocess(nn.Module):
             square = self.size[0] == self.size[1]
             images = (self._resize(images, self.size[0]) if square else self._keep_ratio(
                 images, min(height / self.size[0], width / self.size[1]), InterpolationMode.BICUBIC))
-            images = self._crop(images)
-        if images.dtype == torch.uint8:
-            images = images.float() / 255
-        return self.normalize(images)
+            return self.crop_and_normalize(images)
+        return self.normalize(images.float() / 255 if images.dtype == torch.uint8 else images)
+
+    def crop_and_normalize(self, images):
+        """The centre crop, then the mean/std, of images already resized (uint8 pixels are scaled to [0, 1] first)."""
+        images = self._crop(images)
+        return self.normalize(images.float() / 255 if images.dtype == torch.uint8 else images)
 
     def _keep_ratio(self, images, ratio, interpolation=None):
         height, width = images.shape[-2:]
@@ -76,9 +69,9 @@ class TensorPreprocess(nn.Module):
 
     def _crop(self, images):
         if self.crop_offset == "round":
-            return TF.center_crop(images, list(self.size))
-        top, left = ((n - s) // 2 for n, s in zip(images.shape[-2:], self.size))
-        return images[..., top:top + self.size[0], left:left + self.size[1]]
+            return TF.center_crop(images, list(self.crop))
+        top, left = ((n - s) // 2 for n, s in zip(images.shape[-2:], self.crop))
+        return images[..., top:top + self.crop[0], left:left + self.crop[1]]
 
 
 def open_clip_tensor_preprocess(cfg):
@@ -90,3 +83,34 @@ def open_clip_tensor_preprocess(cfg):
     """
     return TensorPreprocess(cfg["size"], cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"),
                             cfg.get("resize_mode", "shortest"), cfg.get("fill_color", 0))
+
+
+class ClipImageProcessor:
+    """transformers' CLIPImageProcessor, as PickScore and MPS preprocess with it: RGB, the shortest side to `size`
+    (bicubic, the other side floored), a centre crop of `crop` whose offset is floored (torchvision's rounds it), /255,
+    the mean/std. On a float tensor B x 3 x H x W in [0, 1] (a call): torchvision's antialiased bicubic, differentiable.
+    On a PIL image (`pil`), resized as the processor each scorer's authors ran: resample "pil", transformers 4's (PIL's
+    bicubic on the image, /255 in float64: MPS's), or "uint8", transformers 5's (torchvision's antialiased bicubic on
+    the uint8 pixels, which v1's bicubic rounds differently: PickScore's here).
+
+        processor = ClipImageProcessor(224, 224, resample="pil")
+        processor.pil(image)    # 3 x 224 x 224
+        processor(images)       # B x 3 x 224 x 224
+    """
+
+    def __init__(self, size=224, crop=224, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD, resample="uint8"):
+        self.size, self.resample = size, resample
+        self.tensor = TensorPreprocess(size, list(mean), list(std), crop_offset="floor", crop=crop)
+
+    def __call__(self, images):
+        return self.tensor(images)
+
+    def pil(self, image):
+        # RGB first: PIL resizes a palette or 1-bit image with nearest neighbour whatever the filter asked for
+        image = image.convert("RGB")
+        if self.resample == "uint8":
+            return self.tensor(TF.pil_to_tensor(image))
+        height, width = ((self.size, int(self.size * image.width / image.height)) if image.height <= image.width
+                         else (int(self.size * image.height / image.width), self.size))
+        image = image.resize((width, height), Image.BICUBIC)
+        return self.tensor.crop_and_normalize((TF.pil_to_tensor(image).double() * (1 / 255)).float())

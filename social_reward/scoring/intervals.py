@@ -1,14 +1,16 @@
-"""Where pairs come from: the original pair table, and the public preference datasets as they are published.
+"""95% intervals that treat the prompt as the unit: several samples (or pairs) of one prompt are not independent
+evidence, so they count as one prompt, not as many.
 
-    source = read_source("validation_data.parquet")                          # prompt, pos_path, neg_path
-    source = read_source("pickapic_v2/data/test-*.parquet")                  # Pick-a-Pic shards, images inside
-    source = read_source("HPD/test.json", image_root="HPD/test")             # HPD v2: ranked images per prompt
-    source = read_source("ImageReward/data/test.json", image_root="ImageReward/data/test_images")
-    source.pairs    # prompt, pos_path, neg_path: the pairs to train on and the original's accuracy (no ties)
-    source.groups   # for a benchmark: every row's or entry's prompt, images and labels, for its own metric
+The variance of a mean over items grouped by prompt is the cluster-robust one (the items' deviations summed per
+prompt, then squared): with one item a prompt it is the usual s^2 / n, and k identical samples a prompt give the
+same interval as one. A proportion (an accuracy, a win rate) gets a Wilson interval on its effective count, the items
+divided by the design effect (the squared deviations summed per prompt first over summed per item: 1 for one item a
+prompt, k for k identical items a prompt).
 
-An image is named in pos_path/neg_path by its file path, by the bytes themselves (a DataFrame with bytes columns),
-or by a parquet cell `FILE#ROW/COLUMN`, read when an item loads: a few rows at a time, never a whole file.
+    mean, low, high = prompt_mean_interval(scores, prompts)
+    rate, low, high = prompt_proportion_interval(wins, prompts)     # wins: 1, 0.5 (a tie) or 0 per item
+
+The Wilson interval itself (wilson_interval) lives here too: what each proportion's interval is made of.
 """
 import math
 

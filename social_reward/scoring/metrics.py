@@ -1,14 +1,8 @@
-"""Where pairs come from: the original pair table, and the public preference datasets as they are published.
+"""Each benchmark's own metric, as its project computes it: the original's pairwise accuracy (a tie counts as
+correct), Pick-a-Pic's tie-aware accuracy (PickScore's), HPD v2's ranking accuracy and ImageReward's accuracy (as HPS
+v2 computes them).
 
-    source = read_source("validation_data.parquet")                          # prompt, pos_path, neg_path
-    source = read_source("pickapic_v2/data/test-*.parquet")                  # Pick-a-Pic shards, images inside
-    source = read_source("HPD/test.json", image_root="HPD/test")             # HPD v2: ranked images per prompt
-    source = read_source("ImageReward/data/test.json", image_root="ImageReward/data/test_images")
-    source.pairs    # prompt, pos_path, neg_path: the pairs to train on and the original's accuracy (no ties)
-    source.groups   # for a benchmark: every row's or entry's prompt, images and labels, for its own metric
-
-An image is named in pos_path/neg_path by its file path, by the bytes themselves (a DataFrame with bytes columns),
-or by a parquet cell `FILE#ROW/COLUMN`, read when an item loads: a few rows at a time, never a whole file.
+    name, value = benchmark_metric(source, group_scores, logit_scale=100.0)   # None for a pair table
 """
 from itertools import combinations
 

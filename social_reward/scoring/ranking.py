@@ -1,11 +1,7 @@
-"""Score and rank images for a prompt: the cosine similarity validate.py compares, best first.
+"""Images ranked for a prompt, best first, by any scorer's own score (ours: the cosine similarity validate.py
+compares), with a calibration's probability of beating the median image: the work of scripts/score.py.
 
-    python score.py --prompt "a cat astronaut, digital art" a.png b.png c.png --checkout_path clip_final.pth \
-        --output scores.csv --grid ranking.png
-    python score.py --prompt "a cat astronaut" a.png b.png c.png --checkout_path clip_final.pth         --calibration comparison/calibration.json
-
---calibration FILE (compare.py --calibrate or validate.py --calibrate writes one, for this very scorer) prints beside
-each score the probability that the image beats the prompt's median image (the median score), or --reference IMAGE.
+    ranking = rank_images("a red fox in the snow", ["a.png", "b.png"], checkout_path="clip_final.pth")
 """
 import os
 

@@ -1,10 +1,9 @@
-"""Pairwise accuracy: how often the model scores the preferred image above the other one for the prompt.
+"""Pairwise accuracy: how often a scorer scores the preferred image above the other one for the prompt, and each
+benchmark's own metric; the work of validate.py (which hands validate_image_pair_classifier on under the original's
+import path).
 
-    python validate.py validation_data.parquet --checkout_path clip_epoch_4_global_step_final.pth
-    python validate.py validation_data.parquet --checkout_path clip_final.pth --calibrate calibration.json
-
---calibrate FILE also fits the model's temperature (calibration.py: P(pos beats neg) = sigmoid(t * score gap), fitted
-on 80% of the prompts, its ECE reported on the other 20%) and writes FILE and its reliability diagram beside it (.png).
+    accuracy = validate_image_pair_classifier("validation_data.parquet", checkout_path="clip_final.pth")
+    result = evaluate_source("HPD/test.json", scorer="hpsv2:HPS_v2.1_compressed.pt", calibrate_to="cal.json")
 """
 import sys
 

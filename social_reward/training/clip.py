@@ -6,14 +6,11 @@
 Devices, processes and --mixed_precision come from `accelerate launch` (or its config); gradient accumulation from
 --gradient_accumulation_steps, or from accelerate (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, a DeepSpeed config).
 """
-import glob
 import json
 import os
-import shutil
 
 import pandas as pd
 import torch
-from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -22,16 +19,18 @@ from social_reward.data.order import pair_order
 from social_reward.data.pairs import PromptImagePair, drop_unreadable_pairs, load_pairs
 from social_reward.data.sources import read_source
 from social_reward.devices import default_num_workers
+from social_reward.dist import make_accelerator
 from social_reward.errors import InputError
 from social_reward.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from social_reward.models.clip import load_model
 from social_reward.models.training_modes import make_optimizer, train_mode, trainable_parameters
 from social_reward.models.weights import load_weights
-from social_reward.outputs import check_free_space
 from social_reward.scoring.encoding import pair_accuracy
 from social_reward.training import losses as loss_classes
+from social_reward.training.checkpoints import find_state, free_space, rotate, save_state_whole
 from social_reward.training.flags import DEFAULT_SHUFFLE_WINDOW, LOSSES, check_clip_flags
-from social_reward.training.run_state import MetricsLog, save_state_whole
+from social_reward.training.guard import NonFiniteGuard
+from social_reward.training.metrics import MetricsLog
 from social_reward.training.trunk_cache import CachedTriplets, TowerHeads, TrunkCache, tower_splits
 
 METRICS = ("epoch", "step", "loss", "learning_rate", "val_accuracy")
@@ -45,8 +44,8 @@ def save_checkpoint(accelerator, model, save_folder, names, save_format="pth"):
     Each file appears whole or not at all: written to a temporary name, then renamed.
     """
     state_dict = accelerator.get_state_dict(model)
-    check_free_space(save_folder, sum(v.numel() * (4 if v.is_floating_point() else v.element_size())
-                                      for v in state_dict.values()), f"{names[0]}.{save_format}")
+    free_space(accelerator, save_folder, sum(v.numel() * (4 if v.is_floating_point() else v.element_size())
+                                             for v in state_dict.values()), f"{names[0]}.{save_format}")
     if accelerator.is_main_process:
         state_dict = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in state_dict.items()}
         paths = [os.path.join(save_folder, f"{name}.{save_format}") for name in names]
@@ -68,28 +67,10 @@ def save_checkpoint(accelerator, model, save_folder, names, save_format="pth"):
 def save_training_state(accelerator, save_folder, progress, optimizer):
     """accelerate's save_state (optimizer, RNG; the weights are in progress["checkpoint"]) plus our position, into a
     folder renamed into place when whole; only the newest such folder is kept."""
-    final = os.path.join(save_folder, f"{STATE_PREFIX}{progress['step']}")
-    check_free_space(save_folder, sum(v.numel() * v.element_size() for state in optimizer.state.values()
-                                      for v in state.values() if isinstance(v, torch.Tensor)), os.path.basename(final))
-    save_state_whole(accelerator, final, progress)
-    if accelerator.is_main_process:
-        for older in glob.glob(os.path.join(save_folder, f"{STATE_PREFIX}*")):
-            if older != final and not older.endswith(".tmp"):
-                shutil.rmtree(older)
-    accelerator.wait_for_everyone()
-
-
-def find_training_state(resume_from_checkpoint, save_folder):
-    """The state folder to resume from: the path given, or for "latest" the newest complete one in save_folder."""
-    if resume_from_checkpoint == "latest":
-        states = [p for p in glob.glob(os.path.join(save_folder, f"{STATE_PREFIX}*")) if not p.endswith(".tmp")]
-        if not states:
-            raise InputError(f"--resume_from_checkpoint latest: no training state in {save_folder}")
-        return max(states, key=lambda p: int(p.rsplit("_", 1)[1]))
-    if not os.path.isfile(os.path.join(resume_from_checkpoint, "progress.json")):
-        raise InputError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a training state folder "
-                         f"(a {STATE_PREFIX}N folder in a save_folder)")
-    return resume_from_checkpoint
+    nbytes = sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+                 if isinstance(v, torch.Tensor))
+    save_state_whole(accelerator, os.path.join(save_folder, f"{STATE_PREFIX}{progress['step']}"), progress, nbytes)
+    rotate(accelerator, save_folder, STATE_PREFIX, keep=1)
 
 
 def start_position(state_dir, clip, save_folder, sharded):
@@ -127,40 +108,21 @@ def without_unreadable_pairs(accelerator, source, skip_bad_images):
     return source
 
 
-def training_step(model, batch, loss_fn, optimizer, accelerator, loss_is_finite):
-    """One step of the method: encode the prompt and both images (the model's forward normalizes), the loss over
-    (prompt, preferred, other), backward, the optimizer step. Returns the loss averaged over the processes, or None
-    where it was not finite and the step was skipped."""
+def training_step(model, batch, loss_fn, accelerator, guard, where):
+    """One micro-batch of the method: encode the prompt and both images (the model's forward normalizes), the loss
+    over (prompt, preferred, other), backward (accelerate accumulates the gradient over a window). Returns the loss
+    averaged over the processes, or None where it was not finite (guard: its window is dropped, or the run stops)."""
     rows, text, pos_images, neg_images = batch
     image_features, text_features, logit_scale = model(torch.cat([pos_images, neg_images]), text)
     pos_features, neg_features = image_features.float().chunk(2)
     extra = (logit_scale.float(),) if loss_fn.uses_logit_scale else ()
     loss = loss_fn(text_features.float(), pos_features, neg_features, *extra)
     all_losses = accelerator.gather(loss.detach()[None])
-    if not loss_is_finite(all_losses, rows):
-        optimizer.zero_grad()
+    if not guard.finite(all_losses, where, lambda: f"the loss is not finite ({all_losses.tolist()}) on the batch of "
+                                                   f"rows {accelerator.gather(rows.to(accelerator.device)).tolist()}"):
         return None
     accelerator.backward(loss)
-    optimizer.step()
-    optimizer.zero_grad()
     return all_losses.mean()
-
-
-def nonfinite_guard(accelerator, progress, save_folder, skip_nonfinite_loss):
-    """The check after each forward pass: a non-finite loss on any process stops the run, naming the batch's rows,
-    or with skip_nonfinite_loss is reported and its step skipped (and counted in progress)."""
-    def loss_is_finite(all_losses, rows):
-        if torch.isfinite(all_losses).all():
-            return True
-        bad_rows = accelerator.gather(rows.to(accelerator.device)).tolist()
-        if not skip_nonfinite_loss:
-            raise InputError(f"step {progress['step'] + 1} (epoch {progress['epoch']}): the loss is not finite ({all_losses.tolist()}) on the "
-                             f"batch of rows {bad_rows}; the last checkpoint in {save_folder} is intact "
-                             f"(--skip_nonfinite_loss skips such steps)")
-        progress["skipped_steps"] += 1
-        accelerator.print(f"skipped a step with a non-finite loss, rows {bad_rows}")
-        return False
-    return loss_is_finite
 
 
 def checkpoint_names(epoch, step, stepped, epoch_end, save_every):
@@ -211,15 +173,16 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
     """
     check_clip_flags(loss_name, training_mode, save_format, batch_size, n_epochs, save_every, num_workers,
                      gradient_accumulation_steps, trunk_cache_dtype, shuffle, shuffle_window)
+    # a seeded sampler gives every process the same shuffle, so N processes see the batches one process would; a
+    # launch whose processes would each run alone is refused here, before anything is read
+    accelerator = make_accelerator(gradient_accumulation_steps=gradient_accumulation_steps or 1, log_with=report_to,
+                                   project_dir=save_folder,
+                                   dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     # the data is checked before the model loads: a typo costs seconds, not a ViT-L/14 load
     source = read_source(training_file, image_root, check_files=not skip_bad_images)
     validation_pairs = load_pairs(validation_file, image_root=image_root) if validation_file is not None else None
-    state_dir = find_training_state(resume_from_checkpoint, save_folder) if resume_from_checkpoint else None
-
-    # a seeded sampler gives every process the same shuffle, so N processes see the batches one process would
-    accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps or 1, log_with=report_to,
-                              project_dir=save_folder,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    state_dir = (find_state(resume_from_checkpoint, save_folder, STATE_PREFIX, f"{STATE_PREFIX}N folder")
+                 if resume_from_checkpoint else None)
     set_seed(seed)
     num_workers = default_num_workers(accelerator.device) if num_workers is None else num_workers
     source = without_unreadable_pairs(accelerator, source, skip_bad_images)
@@ -244,7 +207,7 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
         "training_mode": training_mode, "batch_size": batch_size, "n_epochs": n_epochs, "loss_name": loss_name,
         "learning_rate": learning_rate, "model": model, "num_processes": accelerator.num_processes})
     validate = validation(accelerator, step_model, preprocess, tokenizer, validation_pairs, num_workers, fast_decode)
-    loss_is_finite = nonfinite_guard(accelerator, progress, save_folder, skip_nonfinite_loss)
+    guard = NonFiniteGuard(accelerator, save_folder, skip_nonfinite_loss)
 
     for epoch in range(progress["epoch"], n_epochs):
         loader.set_epoch(epoch)  # the epoch's shuffle, the same after a resume
@@ -255,11 +218,20 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
         losses = []  # the losses of the current optimizer step's batches (several with gradient accumulation)
         for batch_index, batch in enumerate(bar, start=skip):
             with accelerator.accumulate(step_model):
-                loss = training_step(step_model, batch, loss_fn, optimizer, accelerator, loss_is_finite)
-            losses = [] if loss is None else losses + [loss]  # a skipped step takes its accumulation window with it
+                loss = training_step(step_model, batch, loss_fn, accelerator, guard,
+                                     f"step {progress['step'] + 1} (epoch {epoch})")
+            losses += [] if loss is None else [loss]
             epoch_end = batch_index + 1 == len(loader)
-            stepped = accelerator.sync_gradients and bool(losses)
-            if not (stepped or (epoch_end and accelerator.sync_gradients)):
+            if not accelerator.sync_gradients:
+                continue
+            stepped = guard.end_window()  # a window with a non-finite micro-batch reaches no optimizer step
+            if stepped:
+                optimizer.step()
+            else:
+                progress["skipped_steps"] += 1
+                losses = []
+            optimizer.zero_grad()
+            if not (stepped or epoch_end):
                 continue
             progress.update(step=progress["step"] + stepped, epoch=epoch, batches_done=batch_index + 1)
             names = checkpoint_names(epoch, progress["step"], stepped, epoch_end, save_every)

@@ -1,7 +1,7 @@
 """Fine-tune a text-to-image pipeline through a reward: LoRA on its denoiser, gradient from the reward of its own
-images. Families: SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1 (generators.FAMILIES); flags named as diffusers' LoRA scripts'.
+images. Families: SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1 (generators/families.py); flags named as diffusers' LoRA scripts'.
 
-    accelerate launch finetune_generator.py --pretrained_model_name_or_path stable-diffusion-xl-base-1.0/ \
+    accelerate launch scripts/finetune_generator.py --pretrained_model_name_or_path stable-diffusion-xl-base-1.0/ \
         --prompts prompts.txt --validation_prompts val_prompts.txt \
         --scorer ours=clip:clip_epoch_4_global_step_final.pth --output_dir ./sdxl_lora
 
@@ -18,18 +18,16 @@ Methods (--method):
          take the deterministic step), scored without gradient; advantages standardised within each group; a
          clipped importance-ratio loss over the trained steps, plus --kl_beta times the KL to the base (the LoRA
          switched off). metrics.csv and the progress bar show its diagnostics (GRPO_METRICS).
-Each scorer is normalised by --reward_norm (none, group, prompt, calibrated: reward.py) before --reward_weights
+Each scorer is normalised by --reward_norm (none, group, prompt, calibrated: reward/normalization.py) before --reward_weights
 combine them.
 The result is diffusers LoRA weights, alpha in their metadata: `pipeline.load_lora_weights(output_dir)`. Devices,
 processes and --mixed_precision come from `accelerate launch` (or the flag here); --train_batch_size is per process.
 """
-import glob
 import json
 import os
 import shutil
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
@@ -37,6 +35,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from social_reward.data.prompts import read_prompts
+from social_reward.dist import make_accelerator
 from social_reward.errors import InputError
 from social_reward.generators.draft import method_loss
 from social_reward.generators.families import check_pipeline_folder, check_size, default_size, denoiser, load_pipeline
@@ -45,10 +44,11 @@ from social_reward.generators.grpo import check_noisy_sampler, grpo_sample, grpo
 from social_reward.generators.lora import LORA_WEIGHTS, add_lora, save_lora, set_lora_state_dict
 from social_reward.generators.refl import refl_stop
 from social_reward.generators.sampling import generate_images, schedule, start_noise, to_pil
-from social_reward.outputs import check_free_space
 from social_reward.reward.mix import RewardMix
+from social_reward.training.checkpoints import find_state, free_space, rotate, save_state_whole
 from social_reward.training.flags import LEARNING_RATES, check_generator_flags, check_grpo_flags
-from social_reward.training.run_state import MetricsLog, save_state_whole
+from social_reward.training.guard import NonFiniteGuard
+from social_reward.training.metrics import MetricsLog
 
 METRICS = ("step", "loss", "reward", "val_reward")
 
@@ -75,23 +75,15 @@ def parse_scorers(named_specs, reward_weights=None):
     return [(name, spec, float(w)) for (name, spec), w in zip(scorers.items(), weights)]
 
 
-def nonfinite_guard(accelerator, save_folder, skip_nonfinite_loss):
-    """The check after each forward pass, as the trainer's: a non-finite loss on any process stops the run naming the
-    step and the prompts, or with skip_nonfinite_loss is reported and its step skipped."""
+def nonfinite_cause(all_losses, prompts, reward_message):
+    """cause() for the guard: a scorer's non-finite reward, named on whichever process met it, else the loss and the
+    batch's prompts."""
     from accelerate.utils import gather_object
 
-    def loss_is_finite(all_losses, step, prompts, reward_message=None):
-        if torch.isfinite(all_losses).all():
-            return True
-        # a scorer's non-finite reward, named on whichever process met it
+    def cause():
         found = [m for m in gather_object([reward_message]) if m]
-        cause = f"{found[0]}" if found else f"the loss is not finite ({all_losses.tolist()}) on the prompts {prompts}"
-        if not skip_nonfinite_loss:
-            raise InputError(f"step {step}: {cause}; the last checkpoint in {save_folder} is intact "
-                             f"(--skip_nonfinite_loss skips such steps)")
-        accelerator.print(f"skipped a step: {cause}")
-        return False
-    return loss_is_finite
+        return found[0] if found else f"the loss is not finite ({all_losses.tolist()}) on the prompts {prompts}"
+    return cause
 
 
 def every_process(accelerator):
@@ -128,29 +120,22 @@ def state_bytes(lora_params, optimizer):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+CHECKPOINT_PREFIX = "checkpoint-"  # diffusers' scripts' checkpoint-STEP folders
+
+
 def save_checkpoint(accelerator, output_dir, progress, nbytes, checkpoints_total_limit=None):
     """output_dir/checkpoint-STEP: the LoRA weights (diffusers format), optimizer, scheduler and RNG states and
     progress.json, written under a temporary name and renamed when whole; a disk without room for it is refused
     before writing. With checkpoints_total_limit, the oldest beyond it are deleted once the new one is whole."""
-    final = os.path.join(output_dir, f"checkpoint-{progress['step']}")
-    check_free_space(output_dir, nbytes, f"checkpoint-{progress['step']}")
-    save_state_whole(accelerator, final, progress)
-    if accelerator.is_main_process and checkpoints_total_limit:
-        for old in checkpoints(output_dir)[:-checkpoints_total_limit]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def checkpoints(output_dir):
-    """The whole checkpoint-STEP folders of a run, oldest first."""
-    found = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*")) if not p.endswith(".tmp")]
-    return sorted(found, key=lambda p: int(p.rsplit("-", 1)[1]))
+    folder = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{progress['step']}")
+    save_state_whole(accelerator, folder, progress, nbytes)
+    rotate(accelerator, output_dir, CHECKPOINT_PREFIX, checkpoints_total_limit)
 
 
 def save_final_lora(accelerator, pipeline, model, output_dir):
     """output_dir/pytorch_lora_weights.safetensors, the file pipeline.load_lora_weights(output_dir) reads."""
     lora_params = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
-    check_free_space(output_dir, sum(p.numel() * p.element_size() for p in lora_params), LORA_WEIGHTS)
+    free_space(accelerator, output_dir, sum(p.numel() * p.element_size() for p in lora_params), LORA_WEIGHTS)
     if accelerator.is_main_process:
         tmp = os.path.join(output_dir, "final.tmp")
         save_lora(pipeline, tmp, accelerator.unwrap_model(model))
@@ -180,16 +165,8 @@ NOISY_STEPS = "the noisy steps (grpo.trained_steps)"  # what GRPO trains on; bef
 def find_checkpoint(resume_from_checkpoint, save_folder, run):
     """The checkpoint to resume from (the path given, or for "latest" the newest whole one in save_folder) and its
     progress; a checkpoint of a run with other flags is refused, naming the first that differs."""
-    if resume_from_checkpoint == "latest":
-        found = checkpoints(save_folder)
-        if not found:
-            raise InputError(f"--resume_from_checkpoint latest: no checkpoint-STEP folder in {save_folder}")
-        resume_from_checkpoint = found[-1]
-    path = os.path.join(resume_from_checkpoint, "progress.json")
-    if not os.path.isfile(path):
-        raise InputError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint of this script "
-                         f"(a checkpoint-STEP folder with progress.json)")
-    with open(path) as f:
+    resume_from_checkpoint = find_state(resume_from_checkpoint, save_folder, CHECKPOINT_PREFIX, "checkpoint-STEP folder")
+    with open(os.path.join(resume_from_checkpoint, "progress.json")) as f:
         progress = json.load(f)
     saved = {**RUN_DEFAULTS, **progress.get("run", {})}  # a checkpoint from before a flag existed ran its default
     if saved.get("method") == "grpo" and "grpo_steps" not in saved:
@@ -271,9 +248,15 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
         "finetune_generator", aliases, ALIASES, dict(pretrained_model_name_or_path=pretrained_model_name_or_path,
                                                      output_dir=output_dir, train_batch_size=train_batch_size,
                                                      checkpointing_steps=checkpointing_steps))
-    check_generator_flags(method, sampling_steps, grad_steps, rank, train_batch_size, max_train_steps, checkpointing_steps,
-                gradient_accumulation_steps, checkpoints_total_limit, lr_scheduler, lr_warmup_steps)
+    check_generator_flags(method, sampling_steps, grad_steps, rank, train_batch_size, max_train_steps,
+                          checkpointing_steps, gradient_accumulation_steps, checkpoints_total_limit, lr_scheduler,
+                          lr_warmup_steps)
     check_grpo_flags(method, group_size, clip_range, timestep_fraction, kl_beta, reward_norm, calibration)
+    # a launch whose processes would each run alone is refused here, before anything is read
+    accelerator = make_accelerator(gradient_accumulation_steps=gradient_accumulation_steps or 1,
+                                   mixed_precision=mixed_precision, log_with=report_to, project_dir=output_dir,
+                                   dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                                             data_seed=seed))
     family = check_pipeline_folder(pretrained_model_name_or_path)
     guidance_scale = family.default_guidance if guidance_scale is None else guidance_scale
     scorers = parse_scorers(scorer if isinstance(scorer, (list, tuple)) else [scorer], reward_weights)
@@ -281,10 +264,6 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
     val_prompts = read_prompts(validation_prompts, "--validation_prompts") if validation_prompts else []
     lora_alpha = rank if lora_alpha is None else lora_alpha
     learning_rate = LEARNING_RATES[method] if learning_rate is None else learning_rate
-
-    accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps or 1,
-                              mixed_precision=mixed_precision, log_with=report_to, project_dir=output_dir,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
     set_seed(seed)
     # frozen weights in the autocast precision, as diffusers' LoRA script keeps them; the LoRA tensors in fp32
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
@@ -346,9 +325,9 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
     if not checkpoint:
         metrics.log(step=0, val_reward=validate(0))
 
-    loss_is_finite = nonfinite_guard(accelerator, output_dir, skip_nonfinite_loss)
+    guard = NonFiniteGuard(accelerator, output_dir, skip_nonfinite_loss)
     bar = tqdm(total=max_train_steps, initial=progress["step"], disable=not accelerator.is_local_main_process)
-    losses, batch_rewards, window_ok, extra = [], [], True, []
+    losses, batch_rewards, extra = [], [], []
     gather = every_process(accelerator)
     while progress["step"] < max_train_steps:
         loader.set_epoch(progress["epoch"])  # the epoch's shuffle, the same after a resume
@@ -363,8 +342,9 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
                     group_prompts, cond, latents, log_probs, raw, reward = grpo_sample(
                         model, pipeline, rewards, prompts_batch, keys, group_size, sampling_steps, guidance_scale,
                         size, noise_level, gather, grpo_steps)
-                    finite = loss_is_finite(accelerator.gather(reward.sum()[None]), step, prompts_batch,
-                                            rewards.nonfinite_message(raw, group_prompts))
+                    all_rewards = accelerator.gather(reward.sum()[None])
+                    finite = guard.finite(all_rewards, f"step {step}", nonfinite_cause(
+                        all_rewards, prompts_batch, rewards.nonfinite_message(raw, group_prompts)))
                     if finite:
                         stats = grpo_train(accelerator, model, pipeline, cond, latents, log_probs, reward, group_size,
                                            sampling_steps, guidance_scale, noise_level, grpo_steps, clip_range,
@@ -377,19 +357,19 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
                                                     start_noise(pipeline, keys, size, accelerator.device),
                                                     sampling_steps, grad_steps, guidance_scale,
                                                     refl_stop(sampling_steps, seed, step), size, gather)
-                    finite = loss_is_finite(accelerator.gather(loss.detach()[None]), step, prompts_batch,
-                                            rewards.nonfinite_message(raw, prompts_batch))
+                    all_losses = accelerator.gather(loss.detach()[None])
+                    finite = guard.finite(all_losses, f"step {step}", nonfinite_cause(
+                        all_losses, prompts_batch, rewards.nonfinite_message(raw, prompts_batch)))
                     if finite:
                         accelerator.backward(loss)
                 if finite:
                     losses.append(accelerator.gather(loss.detach()[None]).mean())
                     batch_rewards.append(torch.cat([accelerator.gather(v.detach()[None].float()).mean()[None]
                                                     for v in [reward.mean()] + [raw[n].mean() for n in rewards.names]]))
-                else:  # the step is skipped: its whole accumulation window
-                    window_ok = False
             if not accelerator.sync_gradients:
                 continue
             grad_norm = None
+            window_ok = guard.end_window()  # a window with a non-finite micro-batch reaches no optimizer step
             if window_ok:
                 if max_grad_norm and max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(lora_params, max_grad_norm)
@@ -414,7 +394,7 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
             if window_ok:
                 bar.set_postfix(loss=f"{losses[-1].item():.4f}", **{k: f"{v:.3g}" for k, v in grpo_means.items()
                                                                      if v is not None})
-            losses, batch_rewards, window_ok, extra = [], [], True, []
+            losses, batch_rewards, extra = [], [], []
             if step % checkpointing_steps == 0 or done:
                 save_checkpoint(accelerator, output_dir, {**progress, "run": run, "order": order,
                                                           "prompt_stats": rewards.prompt_state()},

@@ -1,33 +1,13 @@
-"""What both trainers (train_pair_pos_neg.py, finetune_generator.py) write about a run: metrics.csv, a row per
-optimizer step, and the same to accelerate's trackers; accelerate's state folders, written whole.
+"""What both trainers (train_pair_pos_neg.py, scripts/finetune_generator.py) log about a run: metrics.csv, a row per
+optimizer step, and the same to accelerate's trackers (--report_to).
 
     metrics = MetricsLog(accelerator, save_folder, ("step", "loss"), resumed_step=None, project="social_reward")
     metrics.log(step=1, loss=0.25)
-    save_state_whole(accelerator, os.path.join(save_folder, "checkpoint-100"), {"step": 100})
 """
 import csv
-import json
 import os
-import shutil
 
 import pandas as pd
-
-
-def save_state_whole(accelerator, folder, progress):
-    """accelerator.save_state plus progress.json (our position in the run) into `folder`, written under a temporary
-    name and renamed when whole, so a run killed while saving leaves the previous state as it was."""
-    tmp = folder + ".tmp"
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()  # every process's RNG state is in tmp before it is renamed
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, "progress.json"), "w") as f:
-            json.dump(progress, f)
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
 
 
 class MetricsLog:
