@@ -14,7 +14,7 @@ command parses its flags with these, then imports what its work needs.
 import ctypes
 
 from social_reward.devices import PRECISIONS
-from social_reward.errors import one_line_errors
+from social_reward.errors import InputError, one_line_errors
 from social_reward.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 
@@ -35,13 +35,29 @@ def keep_freed_memory():
     libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # ... and the heap's free top is kept, not returned
 
 
+# pyproject.toml's extras, by the module a command imports from each (transformers is also in generators)
+EXTRAS = {"duckdb": "mine", "sqlglot": "mine", "pyspark": "mine", "transformers": "peers", "diffusers": "generators",
+          "peft": "generators", "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "multipart": "serve",
+          "python_multipart": "serve", "prometheus_client": "serve", "requests": "serve", "ray": "serve"}
+
+
 def run_cli(main, keep_freed=True):
-    """Run a script's main(): a user's mistake ends in one line naming the culprit and exit status 2, not a traceback.
-    With keep_freed (a script that runs a model), the process keeps its freed memory (keep_freed_memory): a script's
-    process is its own."""
+    """Run a script's main(): a user's mistake ends in one line naming the culprit and exit status 2, not a traceback;
+    so does a package of an extra that is not installed (naming the extra to install). With keep_freed (a script that
+    runs a model), the process keeps its freed memory (keep_freed_memory): a script's process is its own."""
     if keep_freed:
         keep_freed_memory()
-    one_line_errors(main)
+
+    def main_naming_extras():
+        try:
+            main()
+        except ModuleNotFoundError as e:
+            extra = EXTRAS.get((e.name or "").split(".")[0])
+            if extra is None:
+                raise
+            raise InputError(f"{e.name} is not installed: this needs the {extra} extra: pip install -e '.[{extra}]' "
+                             f"(requirements.txt installs every extra)") from None
+    one_line_errors(main_naming_extras)
 
 
 def add_model_flags(parser, inference=False):

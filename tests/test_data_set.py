@@ -128,6 +128,6 @@ def test_importing_the_package_leaves_pils_truncated_images_setting_alone():
     the scoring server's, leaves PIL as it is."""
     import subprocess
     import sys
-    code = ("import PIL.ImageFile, social_reward.data.pairs, social_reward.scoring.encoding, social_reward.serving.app, "
-            "social_reward.training.clip; print(PIL.ImageFile.LOAD_TRUNCATED_IMAGES)")
+    code = ("import PIL.ImageFile, social_reward.data.pairs, social_reward.scoring.encoding, "
+            "social_reward.serving.decoding, social_reward.training.clip; print(PIL.ImageFile.LOAD_TRUNCATED_IMAGES)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CLIP, run_script
+from conftest import TINY_CLIP, run_script, require_extra
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -14,6 +14,8 @@ from social_reward.errors import InputError
 from social_reward.models.clip import load_model
 from social_reward.models.export import export, sha256
 from social_reward.scorers.registry import load_scorer
+
+require_extra('peers', 'transformers')
 
 PROMPTS = ["two red circles on a white background", "a cat astronaut, digital art", "x" * 400]  # the last truncates
 

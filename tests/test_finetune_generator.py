@@ -11,7 +11,7 @@ from collections import namedtuple
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, TINY_CLIP
+from conftest import ROOT, TINY_CLIP, require_extra
 from conftest import run_script as run_in_process
 from safetensors.torch import load_file
 
@@ -26,6 +26,8 @@ from social_reward.generators.families import check_pipeline_folder, load_pipeli
 from social_reward.generators.sampling import generate_images, start_noise
 from social_reward.data.prompts import read_prompts
 from social_reward.reward.mix import RewardMix
+
+require_extra('generators', 'diffusers', 'peft', 'transformers')
 
 PROMPTS = ["a red circle", "two blue squares", "three green triangles", "one yellow square"]
 # tiny sizes: 32 px images (16 x 16 latents), 4 DDIM steps, no classifier-free guidance unless a test needs it

@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, TINY_CLIP
+from conftest import ROOT, TINY_CLIP, require_extra
 from grpo_learning import LEARNING_RATES
 from safetensors.torch import load_file
 
@@ -22,6 +22,8 @@ from social_reward.generators.sampling import denoise, schedule
 from social_reward.generators.families import denoiser, load_pipeline
 from social_reward.generators.grpo import group_advantages, noisy_step, trained_steps
 from social_reward.reward.mix import RewardMix
+
+require_extra('generators', 'diffusers', 'peft', 'transformers')
 
 PROMPTS = ["a red circle", "two blue squares"]
 # 32 px images, 4 steps, no guidance; GRPO: 2 prompts x a group of 8

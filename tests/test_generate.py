@@ -3,6 +3,7 @@ import shutil
 
 import pandas as pd
 import pytest
+from conftest import require_extra
 import torch
 from PIL import Image
 
@@ -11,6 +12,8 @@ from social_reward.generators.generate import generate
 from social_reward.generators.lora import add_lora
 from social_reward.generators.families import load_pipeline
 from social_reward.generators.sampling import start_noise
+
+require_extra('generators', 'diffusers', 'peft', 'transformers')
 
 PROMPTS = ["a red circle", "two blue squares", "three green triangles"]
 TINY = dict(resolution=32, sampling_steps=4, guidance_scale=7.5, seed=3, device="cpu")

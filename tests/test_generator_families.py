@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_CLIP
+from conftest import TINY_CLIP, require_extra
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -25,6 +25,8 @@ from social_reward.generators.families import (FAMILIES, FAMILY_NAMES as FAMILY_
     load_pipeline)
 from social_reward.generators.lora import LORA_WEIGHTS, load_lora
 from social_reward.generators.sampling import generate_images, pack, start_noise, to_pil
+
+require_extra('generators', 'diffusers', 'peft', 'transformers')
 
 PROMPTS = ["a red circle", "two blue squares", "three green triangles", "one yellow square"]
 FAMILY_NAMES = ["sd", "sdxl", "sd3", "flux"]

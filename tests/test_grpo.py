@@ -3,6 +3,7 @@ import math
 import numpy as np
 
 import pytest
+from conftest import require_extra
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from torch.distributions import Normal, kl_divergence
@@ -10,6 +11,8 @@ from torch.distributions import Normal, kl_divergence
 from social_reward.errors import InputError
 from social_reward.generators.grpo import (check_noisy_sampler, clipped_policy_loss, group_advantages,
     kl_to_reference, noisy_step, step_std, trained_steps)
+
+require_extra('generators', 'diffusers', 'peft', 'transformers')
 
 
 def sd_ddim(**overrides):

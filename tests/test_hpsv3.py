@@ -8,12 +8,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from conftest import assert_gradient_reaches_the_pixels, mixed_mode_images, tensor_with_grad
+from conftest import require_extra
 from tiny_peers import HEADS, KV_HEADS, LAYERS, VISION, VISION_DEPTH, VISION_HEADS, WIDTH, save_tiny_hpsv3
 
 from social_reward.errors import InputError
 from social_reward.scoring.encoding import prompt_image_scores
 from social_reward.scorers.hpsv3 import ASK, CAPACITY, INSTRUCTION, VisionAngles, smart_resize
 from social_reward.scorers.registry import load_scorer
+
+require_extra('peers', 'transformers')
 
 PROMPTS = ["a red cat on the mat", "two dogs in the snow, a painting", "cute chibi anime cartoon fox, smiling"]
 MEAN, STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])

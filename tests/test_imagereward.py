@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, TINY_CLIP, assert_gradient_reaches_the_pixels, mixed_mode_images, tensor_with_grad
+from conftest import require_extra
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
@@ -20,6 +21,8 @@ from social_reward.scoring.encoding import prompt_image_scores
 from social_reward.scorers.imagereward import ImageReward, our_name, text_config, vision_config, vit_config
 from social_reward.scoring.ranking import rank_images
 from social_reward.scorers.registry import load_scorer
+
+require_extra('peers', 'transformers')
 
 KEYS_FIXTURE = os.path.join(ROOT, "tests", "fixtures", "imagereward_keys.txt")
 WORDS = ["a", "two", "red", "blue", "cat", "dog", "on", "the", "mat", "circles", "square", "astronaut", "##s", "in",

@@ -5,12 +5,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from conftest import assert_gradient_reaches_the_pixels, mixed_mode_images, tensor_with_grad
+from conftest import require_extra
 from tiny_peers import CONDITION_HEAD_DIM, CONDITION_HEADS, CONDITION_LAYERS, save_tiny_mps, tiny_clip_config
 
 from social_reward.errors import InputError
 from social_reward.scoring.encoding import prompt_image_scores
 from social_reward.scorers.mps import CONDITION, read_pickled_module
 from social_reward.scorers.registry import load_scorer
+
+require_extra('peers', 'transformers')
 
 PROMPTS = ["Two RED circles", "a cat astronaut in the snow, highly detailed, digital art",
            " ".join(["a big green painting of a blue square on the mat"] * 4)]  # 44 words: truncated to 77 tokens

@@ -6,7 +6,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CLIP
+from conftest import TINY_CLIP, require_extra
 from open_clip.model import set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
@@ -16,6 +16,8 @@ from social_reward.models.clip import load_model
 from social_reward.scorers.registry import load_scorer
 from social_reward.scorers.preprocess import open_clip_tensor_preprocess
 from test_scorers_and_compare import save_tiny_pickscore
+
+require_extra('peers', 'transformers')
 
 PROMPT = "two red circles"
 # resized to 32 on the shortest side, each leaves an odd excess on the long side (torchvision and transformers then

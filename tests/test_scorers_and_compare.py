@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from conftest import ROOT, TINY_CLIP, run_script
+from conftest import ROOT, TINY_CLIP, run_script, require_extra
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
@@ -19,6 +19,9 @@ from social_reward.scoring.intervals import wilson_interval
 from social_reward.scorers.registry import load_scorer
 from social_reward.scoring.ranking import rank_images, score_images
 from social_reward.scoring.validation import evaluate_source
+
+require_extra('peers', 'transformers')
+require_extra('mine', 'duckdb', 'sqlglot')
 
 PROMPT = "two red circles"
 

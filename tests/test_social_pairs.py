@@ -1,11 +1,12 @@
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
-from conftest import MICRO_CLIP, ROOT
+from conftest import MICRO_CLIP, ROOT, require_extra
 
 from social_reward.errors import InputError
 from social_reward.synthetic.community import agreement, make_community, popularity_pairs
@@ -14,6 +15,8 @@ from social_reward.mining.pairs import social_pairs
 from social_reward.mining.engines import check_java
 from train_pair_pos_neg import finetune_model
 from validate import validate_image_pair_classifier
+
+require_extra('mine', 'duckdb', 'sqlglot')
 
 T0 = pd.Timestamp("2026-01-01")
 
@@ -30,6 +33,9 @@ def spark():
     """One local Spark session for the module: social_pairs' SparkEngine finds it with getOrCreate. A core (an xdist
     worker's share), and the JVM's quick compiler only: a run this small ends before the optimising one pays off
     (the session and the first mining run in 35 s instead of 60 here)."""
+    pytest.importorskip("pyspark", reason="needs the mine extra: pip install -e '.[mine]'")
+    if shutil.which("java") is None:
+        pytest.skip("Spark needs a Java runtime: apt-get install openjdk-17-jre-headless (.ci/run installs it)")
     from pyspark.sql import SparkSession
     session = (SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
                .config("spark.driver.extraJavaOptions", "-XX:TieredStopAtLevel=1").getOrCreate())
