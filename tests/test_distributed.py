@@ -144,3 +144,18 @@ def test_a_check_failing_on_one_process_stops_every_process_in_one_line_writing_
     assert refusals and len(set(refusals)) == 1
     assert refusals[0].startswith("error: process 1: ") and "not enough free space" in refusals[0]
     assert not [f for f in os.listdir(save_folder) if f.startswith(("clip_", "training_state"))]
+
+
+def test_a_scoring_script_under_that_launch_runs_as_one_run_of_two_processes(one_process_batch_4, tiny_init, tmp_path):
+    """validate.py makes its process group from WORLD_SIZE itself (gloo on CPUs): under the same FSDP-on-CPU launch it
+    is one run of two processes, printing what one process prints, once."""
+    pairs_file, _ = one_process_batch_4
+    (tmp_path / "fsdp.yaml").write_text(FSDP_ON_CPU)
+    args = ["validate.py", pairs_file, "--model", TINY_CLIP, "--checkout_path", tiny_init, "--device", "cpu",
+            "--num_workers", "0"]
+    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                               str(tmp_path / "fsdp.yaml"), *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one = run_script(*args)
+    assert launched.stdout.count("Accuracy: ") == 1 and launched.stdout == one.stdout
