@@ -1,8 +1,8 @@
-"""A user's mistake as one line: the error every script raises for bad input, and the wrapper that prints it.
-A module of its own so that scripts without a model (social_pairs.py) start without importing torch.
+"""A user's mistake as one line: the error every script raises for bad input, its one-line form, and the wrapper that
+prints it. It imports nothing heavy: a module that only raises an error loads no model library.
 
     raise InputError("--out pairs/: holds other files (a.txt); pass --overwrite to replace them")
-    run_cli(main)    # prints "error: ..." and exits with status 2
+    one_line_errors(main)    # prints "error: ..." and exits with status 2 (cli.run_cli wraps it for the commands)
 """
 import re
 import sys

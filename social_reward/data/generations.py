@@ -69,7 +69,7 @@ def _read_table(path):
 
 def _read_parquet(path):
     """A parquet generations table; an `image` column of bytes is not read: each cell becomes a reference to its place
-    (pair_sources.cell_ref), read a row group's column at a time when the images are encoded (ParquetCells.read), as
+    (cells.cell_ref), read a row group's column at a time when the images are encoded (ParquetCells.read), as
     Pick-a-Pic's shards are: memory grows with the largest row group's images, not with the table's (a table of one
     row group, pandas' and pyarrow's default, is read whole: peak RSS grew by 3.3x its image bytes at 2,000 images
     with benchmarks/bytes_table_memory.py --row_group_size 0; ParquetCells says so past 128 MB)."""

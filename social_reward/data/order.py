@@ -18,7 +18,7 @@ class BlockOrder(Sampler):
     within each window of `window` of its row groups. So each row group is read once per epoch, a process's memory
     holds a window's row groups, and the processes read disjoint row groups.
 
-    `blocks[i]` is pair i's row group (pair_sources.row_groups). Seeded by seed + epoch like accelerate's seedable
+    `blocks[i]` is pair i's row group (cells.row_groups). Seeded by seed + epoch like accelerate's seedable
     sampler, so a resumed run (set_epoch, then accelerate's skip_first_batches) continues at the exact pair. With
     `num_processes` N > 1 the indices are laid out for accelerate's batch sharding (batch k goes to process k mod N):
     batch j * N + r holds process r's j-th batch, and each process's pairs are padded to the same number of full

@@ -20,7 +20,7 @@ from social_reward.models import DEFAULT_MODEL
 
 def load_pairs(parquet_file_or_pandas_dataframe, check_files=True, image_root=None):
     """The pairs of a source (a pair table, Pick-a-Pic shards, an HPD v2 or ImageReward json), checked: columns,
-    string prompts, image files that exist and are not empty; see pair_sources.read_source.
+    string prompts, image files that exist and are not empty; see sources.read_source.
 
     Raises InputError naming the file, the column or the row. Rows are named by the frame's index where it is a
     unique integer index (a parquet file's 0..n-1, or the rows a filtered frame kept), else by position.
@@ -61,7 +61,7 @@ class PromptImagePair(Dataset):
         dataset = PromptImagePair(df, preprocess_fn)
         text, pos_img, neg_img = dataset[0]
 
-    The pairs may come from any source pair_sources.read_source reads: a pair table (image paths or bytes),
+    The pairs may come from any source sources.read_source reads: a pair table (image paths or bytes),
     Pick-a-Pic parquet shards (images decoded from the shards' bytes as items load), HPD v2 or ImageReward json
     (with `image_root`). `tokenizer` defaults to the tokenizer of the default model (OpenAI's CLIP BPE, truncated to
     77 tokens). `with_row=True` puts the row number first in each item, so a training loop can name a batch's rows.

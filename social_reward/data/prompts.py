@@ -13,7 +13,7 @@ from social_reward.errors import InputError
 
 def read_prompts(paths, flag="--prompts"):
     """The prompts of a text file (one a line; blank lines skipped), a json list of strings, or a pair source that
-    pair_sources.read_source reads (a pair table, Pick-a-Pic shards, an HPD v2 or ImageReward json: its distinct
+    sources.read_source reads (a pair table, Pick-a-Pic shards, an HPD v2 or ImageReward json: its distinct
     prompts, in order). `paths`: a path or a list of them; `flag` names them in a message."""
     from social_reward.data.sources import read_source
     paths = [paths] if isinstance(paths, str) else list(paths)

@@ -57,7 +57,7 @@ def read_source(source, image_root=None, check_files=True):
     """Read pairs from a DataFrame, a parquet file, several (a list, a glob, a folder), or a benchmark json.
 
     Raises InputError naming the file, the row or entry, and the column or key. check_files=False leaves missing
-    and empty image files of a pair table to data_set.drop_unreadable_pairs (--skip_bad_images).
+    and empty image files of a pair table to pairs.drop_unreadable_pairs (--skip_bad_images).
     """
     if isinstance(source, PairSource):
         return source

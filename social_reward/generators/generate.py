@@ -6,7 +6,7 @@ evaluate_generators.py reads.
         --generator base --output_dir generations/
     python generate.py --pretrained_model_name_or_path stable-diffusion-2-1-base/ --lora sd_lora/ \
         --prompts prompts.txt --samples 4 --generator tuned --output_dir generations/
-    python evaluate_generators.py generations/generations.parquet --scorer ours=clip:clip_final.pth --out table/
+    python scripts/evaluate_generators.py generations/generations.parquet --scorer ours=clip:clip_final.pth --out table/
 
 Images go to OUT/GENERATOR/PPPPP_K.png (prompt line P, sample K) and rows (generator, prompt, sample, image: the
 path relative to OUT, as generations.read_generations reads it; prompt_index: the prompt's line) to

@@ -1,4 +1,4 @@
-"""The reward from a scoring server (serve.py), as the in-process callable: reward.reward_fn("http://host:8000")
+"""The reward from a scoring server (scripts/serve.py), as the in-process callable: reward_fn("http://host:8000")
 returns remote_reward_fn's fn(images, prompts, metadata) -> (rewards, info), so a DDPO or flow_grpo loop uses a remote
 reward by changing one string. It needs only torch, numpy, PIL and requests (no model code).
 

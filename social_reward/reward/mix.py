@@ -136,18 +136,18 @@ def reward_fn(spec, device="cpu", gradient_checkpointing=False, reward_norm=None
     flow_grpo and Flow-Factory): fn(images, prompts, metadata) -> (rewards, info). Differentiable where grad is
     enabled (AlignProp); DDPO and GRPO call it without grad.
 
-    spec: one scorers.py spec, or {spec: weight} for several; reward_norm (none | group | prompt | calibrated) puts
+    spec: one scorer spec, or {spec: weight} for several; reward_norm (none | group | prompt | calibrated) puts
     each scorer on one scale before the weights combine them ("group": among the images of the same prompt in one
     call; "prompt": a running buffer per prompt, kept by the callable across calls); calibration: a
     calibration.json, which makes "calibrated" the default. info is {} for one spec without normalisation, else {spec: its raw scores}.
 
         fn = reward_fn({"clip:a.pth": 1.0, "pickscore:PickScore_v1": 1.0}, "cuda", reward_norm="group")
         rewards, info = fn(images, prompts, metadata)     # info["pickscore:PickScore_v1"]: PickScore's own scores
-        fn = reward_fn("http://10.0.0.5:8000")            # the same callable on a scoring server (serve.py)
+        fn = reward_fn("http://10.0.0.5:8000")            # the same callable on a scoring server (scripts/serve.py)
     """
     if isinstance(spec, str) and spec.startswith(("http://", "https://")):
         if gradient_checkpointing or reward_norm or calibration:
-            raise InputError(f"{spec}: a server's reward is set where it is served (serve.py --reward_norm, "
+            raise InputError(f"{spec}: a server's reward is set where it is served (scripts/serve.py --reward_norm, "
                              f"--calibration) and carries no gradient")
         from social_reward.reward.client import remote_reward_fn
         return remote_reward_fn(spec, device)

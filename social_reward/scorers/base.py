@@ -6,7 +6,7 @@ normalize=True)` and `model.encode_text(tokens, normalize=True)`, whose row-wise
 `preprocess` and `tokenizer`; `softmax_scale`, the logit scale Pick-a-Pic's tie-aware metric multiplies that score
 by; `tensor_preprocess`, the preprocessing of a float tensor B x 3 x H x W in [0, 1], differentiable (for a reward's
 gradient). A model whose text attends to the image (ImageReward, HPSv3, MPS) has no encode_text: `encode_image`
-gives its image tokens and `pair_scores(image_features, tokens)` the score of each row; encoding.py scores it pair
+gives its image tokens and `pair_scores(image_features, tokens)` the score of each row; scoring/encoding.py scores it pair
 by pair.
 """
 import os

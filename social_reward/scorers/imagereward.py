@@ -6,7 +6,7 @@ BLIP classes (ports of BLIP's own) with ImageReward.pt's tensors mapped onto the
     image_tokens = model.encode_image(preprocess(Image.open("a.png"))[None])
     reward = model.pair_scores(image_tokens, tokenizer(["a cat astronaut"]))   # ImageReward's score(prompt, image)
 
-The score is a property of a (prompt, image) pair, not a dot product of two embeddings: encoding.py encodes each
+The score is a property of a (prompt, image) pair, not a dot product of two embeddings: scoring/encoding.py encodes each
 distinct image once and runs the text encoder per pair (see encoding.prompt_image_scores).
 """
 import json

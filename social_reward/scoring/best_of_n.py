@@ -72,7 +72,7 @@ def place_image(image, path):
 
 def best_of_n(candidates, scorer, top_k=1, out="best_of_n", device=None, batch_size=1024, num_workers=None,
               fast_decode=False, precision="fp32", overwrite=False):
-    """Score the candidates (tables or DataFrames: prompt, image[, generator, sample]) under `scorer` (a scorers.py
+    """Score the candidates (tables or DataFrames: prompt, image[, generator, sample]) under `scorer` (a scorer
     spec), keep each prompt's top_k and write them into `out` as an image folder. Returns a dict with the mean score of
     all candidates and of the kept ones, and the kept rows. Under several processes each encodes a share; the main one
     writes.

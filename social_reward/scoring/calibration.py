@@ -199,7 +199,7 @@ def calibration_note(name, entry):
 
 
 def weights_key(spec):
-    """The spec with its files' real paths, and a key of the files' modification times (kept_scores.setting_key): what
+    """The spec with its files' real paths, and a key of the files' modification times (kept.setting_key): what
     names the scorer and the weights a calibration was fitted for."""
     kind, path, options = parse_spec(spec)
     real = lambda p: os.path.realpath(p) if os.path.exists(p) else p

@@ -39,7 +39,7 @@ from social_reward.scoring.pictures import comparison_picture
 
 def score_all(sources, scorers, out, device, batch_size, num_workers, fast_decode, precision="fp32"):
     """{scorer name: [per source {"pos", "neg", "groups", "softmax_scale"}]} (each the scorer's own score), scoring only what --out
-    does not hold yet (kept_scores.py: a folder of parquet parts per scorer setting, one part appended per flush)."""
+    does not hold yet (scoring/kept.py: a folder of parquet parts per scorer setting, one part appended per flush)."""
     requests = [source_requests(source) for source in sources]
     prompts, images, wheres = ([item for request in requests for item in request[i]] for i in range(3))
     ends = np.cumsum([len(request[0]) for request in requests])

@@ -1,9 +1,9 @@
 """Text-to-image models side by side under any rewards: a leaderboard of mean scores and the win rate of each model
 over each other on the prompts both have (the paper's table of a fine-tuned Stable Diffusion against its base).
 
-    python evaluate_generators.py generations.parquet --scorer ours=clip:clip_final.pth \
+    python scripts/evaluate_generators.py generations.parquet --scorer ours=clip:clip_final.pth \
         --scorer hps=hpsv2:HPS_v2.1_compressed.pt --scorer pickscore=pickscore:PickScore_v1 --out generators/
-    python evaluate_generators.py hps_images/ --prompts HPSv2/benchmark/ --scorer ours=clip:clip_final.pth
+    python scripts/evaluate_generators.py hps_images/ --prompts HPSv2/benchmark/ --scorer ours=clip:clip_final.pth
 
 Generations come as a table (generator, prompt, image[, sample, style]; generate.py writes one) or in HPS v2's
 benchmark layout (ROOT/<generator>/<style>/<index:05d>.jpg with --prompts holding <style>.json). An item is a

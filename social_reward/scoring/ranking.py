@@ -30,7 +30,7 @@ def rank_images(prompt, image_paths, checkout_path=None, device=None, batch_size
                 model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, fast_decode=False, scorer=None, precision="fp32",
                 calibration=None, reference=None):
     """A DataFrame of path, score, best first. The score is the scorer's own (ours: the cosine similarity; PickScore:
-    logit_scale.exp() times it); `scorer` is a scorers.py spec, by default our CLIP from model/pretrained/checkout_path;
+    logit_scale.exp() times it); `scorer` is a scorer spec, by default our CLIP from model/pretrained/checkout_path;
     `precision` "fp32" (the original's) or "bf16"/"fp16" (autocast). Under several processes each encodes a share of
     the images and every one returns the whole ranking.
 

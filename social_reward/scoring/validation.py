@@ -57,7 +57,7 @@ def evaluate_source(source, checkout_path=None, device=None, batch_size=1024, nu
     pairwise accuracy (ties left out) and, for a benchmark layout, that benchmark's own metric. Under several
     processes (accelerate launch, torchrun) each encodes a share, every one returns the result, the main one writes.
 
-    scorer:    a scorers.py spec (e.g. "hpsv2:HPS_v2.1_compressed.pt") instead of model/pretrained/checkout_path.
+    scorer:    a scorer spec (e.g. "hpsv2:HPS_v2.1_compressed.pt") instead of model/pretrained/checkout_path.
     precision: "fp32" (the original's), or "bf16"/"fp16" (autocast).
     calibrate_to: a .json path: also fit the scorer's temperature, write it there (and the reliability diagram
                   beside it, .png) and return it as result["calibration"] (calibration.py)."""

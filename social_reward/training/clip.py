@@ -161,12 +161,12 @@ def finetune_model(training_file, training_mode="all", batch_size=128, n_epochs=
                    shuffle_window=DEFAULT_SHUFFLE_WINDOW):
     """Fine-tune a CLIP on pairs and save checkpoints into `save_folder`; returns the path of the last one.
 
-    `training_file` and `validation_file` are any source pair_sources.read_source reads: a pair table (parquet or
+    `training_file` and `validation_file` are any source sources.read_source reads: a pair table (parquet or
     DataFrame), Pick-a-Pic parquet shards (a list, a glob or a folder), an HPD v2 or ImageReward json (images under
     `image_root`). Ties and unlabeled rows are left out. `trunk_cache`: a folder where the frozen part of each tower
     is computed once and read back in every epoch and later run (trunk_cache.py). `shuffle`: "block" (the default
     for images in parquet: row groups in a shuffled order, pairs shuffled within windows of `shuffle_window` row
-    groups, each read once per epoch) or "uniform" (the original's; the default for image files); data_set.pair_order.
+    groups, each read once per epoch) or "uniform" (the original's; the default for image files); order.pair_order.
 
     Example (a notebook, one process):
         finetune_model("training_file.parquet", "visual_upper_layers", batch_size=32, n_epochs=1)

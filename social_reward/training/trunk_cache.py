@@ -69,7 +69,7 @@ def _tower_parts(clip, tower):
 
 def tower_splits(clip):
     """{tower: TowerSplit, or None where the tower's embeddings train}, read from requires_grad (after
-    clip_model.trainable_parameters has applied the mode)."""
+    training_modes.trainable_parameters has applied the mode)."""
     splits = {}
     for tower in TOWERS:
         embeddings, blocks, everything = _tower_parts(clip, tower)
