@@ -247,7 +247,7 @@ score = (image * text).sum(-1)  # cosine similarity: higher is better
 ```
 
 In the Social Reward repository, the folder is a `pickscore:` scorer, e.g.
-`python score.py --prompt "a cat astronaut" a.png b.png --scorer pickscore:{folder}`; its score is
+`python scripts/score.py --prompt "a cat astronaut" a.png b.png --scorer pickscore:{folder}`; its score is
 `logit_scale.exp()` times the cosine, which orders images the same way.""",
 }
 

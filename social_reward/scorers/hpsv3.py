@@ -1,7 +1,6 @@
 """HPSv3 (MizzenAI, ICCV 2025) from its HPSv3.safetensors, scored as the `hpsv3` package's HPSv3RewardInferencer
 scores: Qwen2-VL-7B-Instruct reads one user turn (the image, then HPSv3's instruction holding the prompt and ending in
-a <|Reward|> token); a small head on that token's last hidden state gives (mu, sigma), and mu is the score. (This
-module is hpsv3_model, not hpsv3, so that the `hpsv3` package stays importable beside it.)
+a <|Reward|> token); a small head on that token's last hidden state gives (mu, sigma), and mu is the score.
 
     model, preprocess, tokenizer = load_hpsv3("HPSv3.safetensors", "Qwen2-VL-7B-Instruct/")
     image_tokens = model.encode_image(preprocess(Image.open("a.png"))[None])

@@ -1,7 +1,7 @@
 """Best of N: for each prompt keep the K candidates the reward scores highest, as a fine-tuning set in the layout the
 diffusers training scripts read (a Hugging Face image folder).
 
-    python best_of_n.py candidates.parquet --scorer clip:clip_final.pth --top_k 1 --out best/
+    python scripts/best_of_n.py candidates.parquet --scorer clip:clip_final.pth --top_k 1 --out best/
     # then: datasets.load_dataset("imagefolder", data_dir="best/"), or diffusers' train_text_to_image.py --train_data_dir best/
 
 Candidates are a table (prompt, image[, generator, sample]; generate.py writes one). --out gets the kept images

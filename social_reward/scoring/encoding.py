@@ -1,5 +1,5 @@
 """Images and prompts in, scores out: the one piece of code every script encodes with (validation, scoring, comparison,
-generator evaluation, best-of-N, the trunk cache's fill). It works on what a scorers.Scorer holds: a model with
+generator evaluation, best-of-N, the trunk cache's fill). It works on what a Scorer (scorers/base.py) holds: a model with
 `encode_image(images, normalize=True)` and `encode_text(tokens, normalize=True)`, its preprocess and tokenizer; or, for
 a model whose text encoder attends to the image (ImageReward), `encode_image` and `pair_scores` (see attended_scores).
 
