@@ -1,16 +1,10 @@
-"""From a community's posts and engagement events to training pairs: the "social" of Social Reward.
+"""From a community's posts and engagement events to training pairs: the work of scripts/social_pairs.py (its --help
+says the rule in words; docs/social_pairs.md the rest). Inputs are checked, the rule (rule.py) runs on an engine
+(engines.py), and the pairs, the report and the Pick-a-Pic layout are written whole.
 
-    python scripts/social_pairs.py posts.parquet events.parquet --out pairs/                 # DuckDB, embedded
-    python scripts/social_pairs.py posts.parquet events.parquet --out pairs/ --engine spark  # the same pairs, on Spark
-    python scripts/social_pairs.py posts.csv --signal remixes --out pairs/ --layout pickapic # counts already on POSTS
-
-A post's signal is the number of distinct users other than its creator with a --signal event (default remix) in
-[posted_at, posted_at + --window). Positives have at least --min_positive, negatives at most --max_negative (and,
-where POSTS has views, at least --min_views exposures). Pairs are made only inside a stratum (--pair_within: the
-images of one request, one creator's day, one creator, one prompt), so a popular creator's weak image is never
-preferred to an unknown creator's good one for its audience alone. Writes DIR/train.parquet and DIR/test.parquet
-(prompt, pos_path, neg_path and where each pair came from), DIR/report.json and report.md, and with --layout
-pickapic DIR/pickapic/{train,test}-*.parquet. The rule is one query (rule.py); docs/social_pairs.md.
+    report = social_pairs("posts.parquet", "events.parquet", out="pairs/")            # DuckDB, embedded
+    report = social_pairs("posts.parquet", "events.parquet", out="pairs/", engine="spark")
+    print(report_markdown(report))
 """
 import hashlib
 import io

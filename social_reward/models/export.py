@@ -1,11 +1,8 @@
-"""Publish a checkpoint for other people's code: open_clip's `local-dir:` folder, or a transformers CLIPModel folder
-(as PickScore ships), each with a README.md model card. The export is loaded back and checked against the checkpoint
-(image and text embeddings within 1e-4) before it appears under --out.
+"""A checkpoint published for other people's code, the work of scripts/export.py: open_clip's `local-dir:` folder, or
+a transformers CLIPModel folder (as PickScore ships), each with a README.md model card; the export is loaded back and
+its embeddings checked against the checkpoint's before it appears under `out`.
 
-    python scripts/export.py clip_model/clip_epoch_4_global_step_final.pth --to open_clip --out social-reward-open_clip
-    python scripts/export.py clip_model/clip_epoch_4_global_step_final.pth --to transformers --out social-reward-hf
-
-    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:social-reward-open_clip")
+    export("clip_model/clip_epoch_4_global_step_final.pth", "transformers", "social-reward-hf")
     model = transformers.CLIPModel.from_pretrained("social-reward-hf")   # processor: CLIPProcessor, same folder
 """
 import hashlib
