@@ -10,6 +10,8 @@ its behaviour under overload (docs/serving.md).
     python benchmarks/serve_speed.py --models tiny --threads 1 --body json --overload_models --append
     python benchmarks/serve_speed.py --models tiny --threads 1 --engine litserve --overload_models --append
     (the same model, images and JSON bodies behind LitServe's batching: benchmarks/litserve_server.py)
+    python benchmarks/serve_speed.py --models tiny --threads 1 --clients 32 --seconds 10 --overload_clients 0 \
+        --impatient_clients 128 --append      # goodput under overload by clients that ignore Retry-After
 
 For each model (random weights saved once, so that server and in-process load the same file): the server starts as a
 process of its own (--max_batch_size, --max_wait_ms); 1, 8 and 32 client threads each send requests of
@@ -18,9 +20,13 @@ reward_fn in this process decoding and scoring the same PNGs in batches of --max
 latency, the batch-size histogram (the server's /metrics), the server's peak RSS; every answered score is checked
 against the in-process score of its image and prompt. Overload: --overload_clients clients against a server holding
 --overload_queue requests, without retries: the share answered 503 and how fast, and no request lost (every request
-answered 200 or 503) or answered wrongly.
+answered 200 or 503) or answered wrongly. Impatient overload: --impatient_clients connections (asyncio, raw HTTP/1.1
+keep-alive, so that the load costs the benchmark little CPU) that send their next request as soon as any answer comes,
+a 503 included (Retry-After ignored), for --seconds or --impatient_requests requests, against --overload_queue: the
+images/s answered then, set against the images/s the server delivers to 32 well-behaved clients in the same run.
 """
 import argparse
+import asyncio
 import base64
 import io
 import json
@@ -88,8 +94,8 @@ def in_process(fn, pngs, prompts, batch_size, seconds):
 
 def start_server(spec, port, flags, threads=None, engine="serve"):
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    command = ([os.path.join(ROOT, "scripts/serve.py"), spec, "--device", "cpu", "--log_level", "warning"] if engine == "serve"
-               else [os.path.join(ROOT, "benchmarks", "litserve_server.py"), spec])
+    command = ([os.path.join(ROOT, "scripts/serve.py"), spec, "--device", "cpu", "--log_level", "warning"]
+               if engine == "serve" else [os.path.join(ROOT, "benchmarks", "litserve_server.py"), spec])
     process = subprocess.Popen([sys.executable, *command, "--port", str(port), *flags], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # LitServe's workers: a process group to stop together
@@ -194,6 +200,62 @@ def run_clients(url, bodies, clients, seconds, expected, images_per_request):
     return records, time.perf_counter() - start
 
 
+def impatient_clients(url, bodies, clients, seconds, max_requests, expected, images_per_request):
+    """`clients` keep-alive connections, each sending its next request as soon as an answer comes, 503 or not (no
+    Retry-After, no back-off), until `seconds` pass or `max_requests` are sent: every answer's status, latency and
+    correctness, as run_clients records them. Raw HTTP/1.1 over asyncio streams: a request costs the benchmark a
+    few tens of microseconds, so the server, not the load, is what is measured."""
+    host, port = url.split("//")[1].split(":")
+    raw = [(f"POST /score HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body for body, content_type in bodies]
+    records, sent = [], [0]
+
+    async def answer(reader):
+        status = int((await reader.readline()).split()[1])
+        length, close = 0, False
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            length = int(value) if name.lower() == "content-length" else length
+            close = close or (name.lower() == "connection" and "close" in value.lower())
+        return status, await reader.readexactly(length), close
+
+    async def client(k, stop):
+        n, connection = k, None
+        while time.monotonic() < stop and sent[0] < max_requests:
+            sent[0] += 1
+            first = n % len(raw)
+            n += clients
+            started = time.perf_counter()
+            try:
+                connection = connection or await asyncio.open_connection(host, int(port))
+                connection[1].write(raw[first])
+                await connection[1].drain()
+                status, payload, close = await asyncio.wait_for(answer(connection[0]), 60 + seconds)
+                if close:
+                    connection[1].close()
+                    connection = None
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError) as e:
+                status, payload = type(e).__name__, None
+                if connection:
+                    connection[1].close()
+                connection = None
+            latency, wrong = time.perf_counter() - started, None
+            if status == 200:
+                scores = json.loads(payload)["scores"]
+                want = [expected[(first * images_per_request + j) % len(expected)] for j in range(images_per_request)]
+                wrong = len(scores) != len(want) or max(abs(a - b) for a, b in zip(scores, want)) > TOLERANCE
+            records.append((status, latency, wrong))
+        if connection:
+            connection[1].close()
+
+    async def run():
+        stop = time.monotonic() + seconds
+        await asyncio.gather(*(client(k, stop) for k in range(clients)))
+    start = time.perf_counter()
+    asyncio.run(run())
+    return records, time.perf_counter() - start
+
+
 def prepared_bodies(pngs, prompts, images_per_request, body="multipart"):
     """Multipart or base64 JSON bodies of consecutive pool images, made once (the clients then spend no time
     encoding)."""
@@ -252,7 +314,7 @@ def bench_model(name, folder, args, port):
                   f"p99 {one['p99_latency_s']:.3f} s, wrong {one['wrong']}", flush=True)
     finally:
         result["server_peak_rss_mb"], result["server_pss_mb_at_end"] = stop_server(process)
-    if name in args.overload_models:
+    if name in args.overload_models and args.overload_clients:
         process, url = start_server(spec, port, batching + ["--max_queue", str(args.overload_queue)], args.threads)
         try:
             records, elapsed = run_clients(url, bodies, args.overload_clients, args.seconds, expected,
@@ -270,6 +332,23 @@ def bench_model(name, folder, args, port):
         print(f"{name}: overload {args.overload_clients} clients, queue {args.overload_queue}: "
               f"{over['share_503']:.0%} answered 503 (p99 {over['p99_503_latency_s'] or 0:.4f} s), "
               f"wrong {over['wrong']}, other answers {over['other_answers']}", flush=True)
+    if name in args.overload_models and args.impatient_clients:
+        process, url = start_server(spec, port, batching + ["--max_queue", str(args.overload_queue)], args.threads)
+        try:
+            records, elapsed = impatient_clients(url, bodies, args.impatient_clients, args.seconds,
+                                                 args.impatient_requests, expected, args.images_per_request)
+        finally:
+            stop_server(process)
+        storm = summary(records, elapsed, args.images_per_request)
+        storm.update({"clients": args.impatient_clients, "max_queue": args.overload_queue,
+                      "answered_503": sum(status == 503 for status, _, _ in records), "seconds": elapsed})
+        polite = result["clients"].get("32", {}).get("images_per_second")
+        storm["vs_32_clients"] = storm["images_per_second"] / polite if polite else None
+        result["impatient_overload"] = storm
+        print(f"{name}: {args.impatient_clients} impatient clients, queue {args.overload_queue}: "
+              f"{storm['images_per_second']:.1f} images/s ({storm['answered']} answered 200, "
+              f"{storm['answered_503']} 503 in {elapsed:.1f} s; {storm['vs_32_clients'] or 0:.2f}x 32 clients), "
+              f"wrong {storm['wrong']}, other answers {storm['other_answers']}", flush=True)
     os.remove(spec.split(":", 1)[1].split(",")[0])
     return result
 
@@ -285,8 +364,11 @@ def main():
     parser.add_argument("--max_batch_size", type=int, default=32)
     parser.add_argument("--max_wait_ms", type=float, default=10.0)
     parser.add_argument("--overload_models", nargs="*", default=["tiny"])
-    parser.add_argument("--overload_clients", type=int, default=64)
+    parser.add_argument("--overload_clients", type=int, default=64, help="clients that wait Retry-After (0: none)")
     parser.add_argument("--overload_queue", type=int, default=8)
+    parser.add_argument("--impatient_clients", type=int, default=128, help="connections that retry at once on 503 "
+                        "(0: none); against --overload_queue, for --seconds")
+    parser.add_argument("--impatient_requests", type=int, default=200_000, help="at most this many requests in all")
     parser.add_argument("--threads", type=int, default=None, help="torch threads, in process and in the server "
                         "(default torch's; 1 on a machine others load: idle threads spin)")
     parser.add_argument("--engine", default="serve", choices=["serve", "litserve"],

@@ -38,7 +38,8 @@ def main():
                         help="fp32 (the original's), or autocast to bf16/fp16, as score.py")
     parser.add_argument("--reward_weights", type=float, nargs="+", default=None, help="one per SPEC (default 1 each)")
     parser.add_argument("--reward_norm", default=None, choices=REWARD_NORMS,
-                        help="each scorer's normalisation within a request before the weights (docs/reward.md)")
+                        help="each scorer's normalisation within a request before the weights (docs/reward.md); "
+                        "prompt is not served: its running statistics would make a score depend on earlier requests")
     parser.add_argument("--calibration", default=None, help="a calibration.json: scores in log-odds units, and each "
                         "image's probability of beating the request's median image")
     parser.add_argument("--max_batch_size", type=int, default=32, help="images a batch (requests under --engine ray)")

@@ -13,11 +13,13 @@ import time
 
 import numpy as np
 import pytest
-import requests
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY_CLIP, save_tiny_init
+from conftest import ROOT, TINY_CLIP, require_extra, save_tiny_init
+
+require_extra('serve', 'fastapi', 'uvicorn', 'multipart', 'prometheus_client', 'requests')
+import requests  # noqa: E402 - after the check, which names the extra to install
 from social_reward.reward.mix import reward_fn
 from social_reward.reward.client import encode_images
 from social_reward.serving.limits import Limits
@@ -88,12 +90,17 @@ def calibration(specs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def servers(specs, calibration):
+def core(specs):
+    """The first spec's ScoringCore: the model the servers share, and those a test makes for itself."""
+    return ScoringCore(*load_reward(specs[0]), "cpu")
+
+
+@pytest.fixture(scope="module")
+def servers(specs, calibration, core):
     """Five servers in this process: "main" (batches of up to 64 images, 50 ms to fill), "slow" (a queue of 2
     requests, 1.5 s to fill a batch: overload and clients that leave), "tight" (as slow, but room for the decoded
     pixels of two 64 x 64 images), "mix" (the two specs, group-normalised, a 1 s request timeout), "calibrated" (the
     first spec with its calibration). main, slow and tight share one model."""
-    core = ScoringCore(*load_reward(specs[0]), "cpu")
     mix = ScoringCore(*load_reward(specs, reward_norm="group"), "cpu")
     calibrated = ScoringCore(*load_reward(specs[0], calibration=calibration), "cpu")
     made = {"main": Server(make_app(LocalBackend(core, 64, 50), Limits(max_images=8, max_request_bytes=2**20,
@@ -166,6 +173,18 @@ def test_json_with_base64_images_scores_as_multipart(servers, local):
     by_form = post(servers["main"].url, ["a", "b"], [png(i) for i in images]).json()["scores"]
     expected = local(images, ["a", "b"])[0]
     assert torch.allclose(torch.tensor(by_json), expected, atol=TOL) and by_json == by_form
+
+
+def test_json_strings_with_escapes_are_read_as_json_reads_them(servers, local):
+    image = pictures(1, 21)[0]
+    encoded = base64.b64encode(png(image)).decode()
+    assert "/" in encoded  # an encoder may write each "/" as "\/" (PHP's does)
+    escaped = encoded.replace("/", "\\/")
+    body = '{"prompts": ["a \\"red\\" fox \\u00e9"], "images": ["' + escaped + '"]}'
+    answer = requests.post(servers["main"].url + "/score", data=body.encode(), timeout=30,
+                           headers={"content-type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    assert abs(answer.json()["scores"][0] - local([image], ['a "red" fox \u00e9'])[0].item()) < TOL
 
 
 def test_a_mix_is_normalised_within_each_request_as_in_process(servers, specs):
@@ -256,6 +275,8 @@ BAD_INPUTS = {
     "empty_request": (lambda url: requests.post(url + "/score", json={"prompts": []}, timeout=30), 400,
                       "empty request"),
     "too_many_images": (lambda url: post(url, ["a"] * 9, [png(pictures(1, 7)[0])] * 9), 413, "--max_images 8"),
+    "too_many_prompts_in_json": (lambda url: requests.post(url + "/score", json={"prompts": ["a"] * 9}, timeout=30),
+                                 413, "prompts", "--max_images 8"),
     "too_many_bytes": (lambda url: post(url, ["a"], [b"\0" * (2**20 + 10)]), 413, "--max_request_bytes"),
     "too_many_pixels": (lambda url: post(url, ["a"], [png(Image.new("RGB", (1024, 1024)))]), 413,
                         "images[0]", "1024 x 1024", "--max_pixels"),
@@ -402,6 +423,185 @@ def test_health_names_what_is_served_and_metrics_count_the_requests(servers, spe
     for name in ("reward_requests_total", "reward_images_total", "reward_batch_size_bucket",
                  "reward_request_seconds_bucket", "reward_rejections_total"):
         assert name in metrics
+
+
+def test_a_refused_request_is_answered_before_its_body_is_read_and_its_connection_closed(servers):
+    server = servers["slow"]
+    images = pictures(2, 22)
+    fillers = [threading.Thread(target=post, args=(server.url, [f"f{k}"], [png(images[k])])) for k in range(2)]
+    [t.start() for t in fillers]
+    wait_for(lambda: server.health()["in_flight"] == 2)  # both wait 1.5 s for their batch: the queue is full
+    head = (f"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {50 * 2**20}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(head)  # and none of the 50 MB it announces
+        answer = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            answer += chunk
+    [t.join(60) for t in fillers]
+    head, _, body = answer.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 503") and "connection: close" in head.lower() and "retry-after" in head.lower()
+    assert "--max_queue" in json.loads(body)["error"]
+
+
+def test_refusals_past_the_budget_wait_their_turn():
+    from social_reward.serving.admission import Pacer
+    now = [0.0]
+    pacer = Pacer(rate=200, burst=50, clock=lambda: now[0])
+    waits = [pacer.turn() for _ in range(60)]
+    assert waits[:50] == [0.0] * 50  # a burst is answered at once
+    assert waits[50:] == pytest.approx([k / 200 for k in range(1, 11)])  # then one a 1/200 s
+    now[0] += 1.0  # a second later: the bucket has filled again (to its burst), the queued turns paid
+    assert pacer.turn() == 0.0 and pacer.tokens == 49
+
+
+def test_json_bodies_of_millions_of_prompts_are_refused_without_holding_up_health_or_scoring(core, local):
+    # 40 MB of 14 million empty prompts: json.loads on the event loop held every connection for a second a body
+    server = Server(make_app(LocalBackend(core, 64, 10)))  # the default limits: 64 MB bodies, 256 images
+    body = b'{"prompts": [' + b'"",' * 14_000_000 + b'""]}'
+    refusals, health_seconds, done = [], [], threading.Event()
+
+    def send():
+        for _ in range(2):
+            refusals.append(requests.post(server.url + "/score", data=body, timeout=60,
+                                          headers={"content-type": "application/json"}))
+
+    def poll_health():
+        while not done.is_set():
+            started = time.monotonic()
+            assert requests.get(server.url + "/health", timeout=30).status_code == 200
+            health_seconds.append(time.monotonic() - started)
+            time.sleep(0.01)
+    try:
+        senders, poller = [threading.Thread(target=send) for _ in range(3)], threading.Thread(target=poll_health)
+        poller.start()
+        [t.start() for t in senders]
+        time.sleep(0.2)
+        image, started = pictures(1, 23)[0], time.monotonic()
+        small = post(server.url, ["a fox"], [png(image)])
+        small_seconds = time.monotonic() - started
+        [t.join(60) for t in senders]
+        done.set()
+        poller.join(60)
+    finally:
+        done.set()
+        server.stop()
+    # measured here: /health at most 0.07 s (0.55 s at load average 4), the small request 0.08 s; before the bodies
+    # were parsed in a thread and bounded by --max_images, /health waited up to 1.5 to 1.9 s
+    assert small_seconds < 2.0 and max(health_seconds) < 1.0, (small_seconds, max(health_seconds))
+    assert abs(small.json()["scores"][0] - local([image], ["a fox"])[0].item()) < TOL
+    assert len(refusals) == 6
+    for refused in refusals:
+        assert_one_line_naming(refused, 413, "prompts", "--max_images 256")
+
+
+def test_a_request_cancelled_while_its_body_parses_keeps_its_slot_until_the_parsing_ends(monkeypatch):
+    import asyncio
+
+    from social_reward.serving import body as body_module
+    parsing, release = threading.Event(), threading.Event()
+
+    def slow_parse(*args):  # the thread holds the body until released
+        parsing.set()
+        release.wait(10)
+        return ["a"], None, None
+    monkeypatch.setattr(body_module, "parse_body", slow_parse)
+
+    async def cancel_mid_parse():
+        task = asyncio.ensure_future(body_module.parse_in_thread("application/json", {}, b"{}", Limits()))
+        await asyncio.to_thread(parsing.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.2)
+        assert not task.done()  # the request, and its --max_queue slot, wait for the thread
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(cancel_mid_parse())
+
+
+# ---- faults in the scoring thread, and /health ---------------------------------------------------------------------
+
+class FailingFirstBatch:
+    """A ScoringCore whose first score_batch raises (an error that escapes ScoringCore's own handling)."""
+
+    def __init__(self, core):
+        self.core, self.calls = core, 0
+
+    def describe(self):
+        return self.core.describe()
+
+    def score_batch(self, requests):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("the scorer broke")
+        return self.core.score_batch(requests)
+
+
+class MetricsFailingFirstBatch(LocalBackend):
+    """A LocalBackend whose metrics callback raises on the first batch."""
+
+    def start(self, on_batch):
+        calls = []
+
+        def failing_first(size, seconds=None):
+            calls.append(size)
+            if len(calls) == 1:
+                raise RuntimeError("the metrics callback broke")
+            on_batch(size, seconds)
+        super().start(failing_first)
+
+
+@pytest.mark.parametrize("fault", ["metrics_callback", "scorer"])
+def test_a_fault_outside_a_requests_scoring_answers_its_batch_500_and_later_requests_are_scored(core, local, fault):
+    backend = MetricsFailingFirstBatch(core, 64, 10) if fault == "metrics_callback" else \
+        LocalBackend(FailingFirstBatch(core), 64, 10)
+    server = Server(make_app(backend, Limits(request_timeout=5)))  # before: the thread died, and this waited 5 s
+    try:
+        images = pictures(2, 24)
+        assert_one_line_naming(post(server.url, ["a"], [png(images[0])]), 500, "scoring failed",
+                               f"the {fault.replace('_', ' ')} broke")
+        answer = post(server.url, ["b"], [png(images[1])])
+        assert answer.status_code == 200, answer.text
+        assert abs(answer.json()["scores"][0] - local([images[1]], ["b"])[0].item()) < TOL
+        assert server.health()["status"] == "ok"
+    finally:
+        server.stop()
+
+
+def test_a_scorer_stuck_past_the_request_timeout_turns_health_to_503_until_it_answers(core, local):
+    release = threading.Event()
+
+    class StuckFirstBatch(FailingFirstBatch):
+        def score_batch(self, requests):
+            self.calls += 1
+            if self.calls == 1:
+                release.wait(60)
+            return self.core.score_batch(requests)
+    server = Server(make_app(LocalBackend(StuckFirstBatch(core), 64, 10), Limits(request_timeout=1)))
+    try:
+        images = pictures(2, 25)
+        assert post(server.url, ["a"], [png(images[0])]).status_code == 504  # its batch is still being scored
+        wait_for(lambda: requests.get(server.url + "/health", timeout=10).status_code == 503)
+        health = requests.get(server.url + "/health", timeout=10).json()
+        assert health["status"] == "failing" and "answered no request" in health["error"]
+        release.set()
+        wait_for(lambda: requests.get(server.url + "/health", timeout=10).status_code == 200)
+        answer = post(server.url, ["b"], [png(images[1])])
+        assert abs(answer.json()["scores"][0] - local([images[1]], ["b"])[0].item()) < TOL
+    finally:
+        release.set()
+        server.stop()
+
+
+def test_health_answers_503_when_the_scoring_thread_has_died(core):
+    backend = LocalBackend(core, 64, 10)
+    server = Server(make_app(backend))
+    try:
+        backend.batcher.stop()  # the thread ends while the app serves, as a dead one would
+        answer = requests.get(server.url + "/health", timeout=10)
+        assert answer.status_code == 503 and "died" in answer.json()["error"]
+    finally:
+        server.stop()
 
 
 # ---- the server as a process: SIGTERM, restart, Ray Serve ----------------------------------------------------------
@@ -554,3 +754,24 @@ def test_bad_reward_flags_under_ray_end_in_one_line_before_ray_starts(specs):
     from conftest import run_script
     result = run_script("scripts/serve.py", *specs, "--engine", "ray", "--reward_weights", "1")
     assert result.returncode == 2 and result.stderr.strip() == "error: --reward_weights: 1 weights for 2 specs"
+
+
+def test_reward_norm_prompt_is_refused_for_serving_in_one_line_and_group_or_a_calibration_are_not(specs, calibration):
+    from conftest import run_script
+    from social_reward.errors import InputError
+    from social_reward.serving.core import reward_args
+    from social_reward.serving.engines import serve, serve_ray
+    why = "running per-prompt statistics change with every request"
+    nowhere = "256.0.0.1"  # were the flag let through, the server would fail to listen instead of serving on
+    for engine in ("uvicorn", "ray"):
+        result = run_script("scripts/serve.py", specs[0], "--reward_norm", "prompt", "--engine", engine,
+                            "--host", nowhere)
+        assert result.returncode == 2 and result.stderr.startswith("error: --reward_norm prompt") and \
+            why in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    with pytest.raises(InputError, match=why):
+        load_reward(specs[0], reward_norm="prompt")
+    for engine in (serve, serve_ray):
+        with pytest.raises(InputError, match=why):
+            engine(specs[0], host=nowhere, reward_norm="prompt")
+    assert reward_args(specs, reward_norm="group")[1] == "group"
+    assert reward_args(specs[0], calibration=calibration)[1] == "calibrated"

@@ -1,26 +1,16 @@
-"""The reward as a service: a scoring server that RL loops on other GPUs and machines call (docs/serving.md).
+"""The FastAPI app: POST /score (admission, the body read and parsed within the limits, the images decoded, then
+scored by the backend), GET /health (503 when the scoring thread is dead or stalled) and GET /metrics (Prometheus).
+Its lifespan starts the backend and, at shutdown, scores what is queued.
 
-    python serve.py clip:clip_epoch_4_global_step_final.pth --port 8000
-    python serve.py pickscore:PickScore_v1 aesthetic:sac.pth,clip=ViT-L-14.pt --reward_weights 1 0.5 \
-        --reward_norm group --device cuda --precision bf16
-    python serve.py clip:final.pth --engine ray --replicas 4        # one replica a GPU, on a Ray cluster
-
-    curl -F prompts="a red fox" -F images=@fox.png -F prompts="a cat" -F images=@cat.png localhost:8000/score
-    fn = reward.reward_fn("http://localhost:8000")      # the in-process callable's twin: fn(images, prompts, metadata)
-
-POST /score takes prompts and images (PNG/JPEG bytes, or one .npy array of a float or uint8 batch) as multipart or
-base64 JSON and answers {"scores": [...]} (with "raw" per scorer for a mix, "probabilities" with a calibration);
-GET /health says what is served and how full the queue is; GET /metrics is Prometheus text. Requests from many
-clients coalesce into batches of up to --max_batch_size images or --max_wait_ms in one scoring thread on the model's
-device: the scores are reward.reward_fn's of the same images. Each request's images are decoded and checked before it
-joins a batch, so a bad upload fails its own request (4xx, one line naming the fault) and no other.
+    app = make_app(LocalBackend(ScoringCore(*load_reward("clip:final.pth"), "cpu"), max_batch_size=32))
+    uvicorn.run(app, port=8000)
 """
 import asyncio
 import contextlib
-import math
 import time
 
-from social_reward.serving.body import parse_request, read_body
+from social_reward.serving.admission import Admission
+from social_reward.serving.body import content_kind, parse_in_thread, read_body
 from social_reward.serving.decoding import PixelBudget, decode_in_thread, strict_decoding
 from social_reward.serving.limits import Limits, Refusal
 
@@ -51,13 +41,15 @@ class Metrics:
         self.images.inc(size)
 
 
-REASONS = {503: "queue_full", 413: "too_large", 408: "timeout", 504: "timeout", 422: "non_finite", 500: "error"}
+REASONS = {503: "unavailable", 413: "too_large", 408: "timeout", 504: "timeout", 422: "non_finite", 500: "error"}
 
 
 def make_app(backend, limits=None):
     """The FastAPI app: POST /score, GET /health, GET /metrics, scoring through `backend` (LocalBackend, or Ray's).
     Its lifespan starts the backend and, at shutdown (after uvicorn has finished the requests in flight), scores what
-    is queued and stops it.
+    is queued and stops it. /score's door (--max_queue) is Admission's middleware, in front of FastAPI's routing.
+    /health answers 503 while the backend cannot score (a dead scoring thread, or one that has answered nothing for
+    --request_timeout while requests wait), so that an orchestrator restarts the server.
 
         app = make_app(LocalBackend(ScoringCore(*load_reward("clip:final.pth"), "cpu"), max_batch_size=32))
         uvicorn.run(app, port=8000)
@@ -69,7 +61,7 @@ def make_app(backend, limits=None):
 
     limits = limits or Limits()
     metrics = Metrics()
-    state = {"admitted": 0, "stopping": False}
+    admission = Admission(limits, metrics, backend)
     budget = PixelBudget(limits.max_pixels_in_flight)
 
     @contextlib.asynccontextmanager
@@ -79,11 +71,12 @@ def make_app(backend, limits=None):
             try:
                 yield
             finally:
-                state["stopping"] = True
+                admission.stopping = True
                 await asyncio.to_thread(backend.stop)
 
     app = FastAPI(title="Social Reward scoring server", lifespan=lifespan)
     app.state.metrics, app.state.limits = metrics, limits
+    app.add_middleware(admission.middleware)
 
     def refuse(e):
         metrics.rejections.labels(e.reason or REASONS.get(e.status, "bad_input")).inc()  # bad_input: 400, 415
@@ -96,18 +89,11 @@ def make_app(backend, limits=None):
 
     @app.post("/score")
     async def score(request: Request):
-        if state["stopping"]:
-            return refuse(Refusal(503, "the server is stopping; retry on another", {"Retry-After": "1"}))
-        if state["admitted"] >= limits.max_queue:
-            seconds = backend.retry_after(backend.waiting())
-            return refuse(Refusal(503, f"queue full ({limits.max_queue} requests, --max_queue); retry later",
-                                  {"Retry-After": str(max(1, math.ceil(seconds)))}))
-        state["admitted"] += 1
-        metrics.in_flight.inc()
         started, pixels = time.monotonic(), 0
         try:
+            kind = content_kind(request)
             body = await read_body(request, limits, started)
-            prompts, images, tensor = await parse_request(request, body, limits)
+            prompts, images, tensor = await parse_in_thread(kind, request.headers, body, limits)
             del body
             images, prompts, pixels = await decode_in_thread(prompts, images, tensor, limits, budget)
             scoring = asyncio.ensure_future(backend.score(images, prompts))
@@ -130,17 +116,17 @@ def make_app(backend, limits=None):
             return Response(status_code=499)  # nobody reads it
         finally:
             budget.give_back(pixels)
-            state["admitted"] -= 1
-            metrics.in_flight.dec()
         metrics.latency.observe(time.monotonic() - started)
         metrics.requests.labels("200").inc()
         return JSONResponse(answer)
 
     @app.get("/health")
     async def health():
-        return {"status": "stopping" if state["stopping"] else "ok", **backend.describe(),
-                "queue_depth": backend.waiting(), "in_flight": state["admitted"], "max_queue": limits.max_queue,
-                "pixels_in_flight": budget.held, "max_pixels_in_flight": budget.limit}
+        fault = None if admission.stopping else backend.fault(limits.request_timeout)
+        answer = {"status": "stopping" if admission.stopping else "failing" if fault else "ok", **backend.describe(),
+                  "queue_depth": backend.waiting(), "in_flight": admission.admitted, "max_queue": limits.max_queue,
+                  "pixels_in_flight": budget.held, "max_pixels_in_flight": budget.limit}
+        return JSONResponse({**answer, "error": fault}, 503) if fault else answer
 
     @app.get("/metrics")
     async def prometheus():

@@ -1,19 +1,9 @@
-"""The reward as a service: a scoring server that RL loops on other GPUs and machines call (docs/serving.md).
+"""The one scoring thread: requests from many clients coalesce into a batch of up to max_batch_size images, waiting
+at most max_wait_ms after the first came, on the model's device. It survives any error (the batch's requests get a
+500 naming it in one line, later requests are scored) and says when it is dead or stalled, which /health reports.
 
-    python serve.py clip:clip_epoch_4_global_step_final.pth --port 8000
-    python serve.py pickscore:PickScore_v1 aesthetic:sac.pth,clip=ViT-L-14.pt --reward_weights 1 0.5 \
-        --reward_norm group --device cuda --precision bf16
-    python serve.py clip:final.pth --engine ray --replicas 4        # one replica a GPU, on a Ray cluster
-
-    curl -F prompts="a red fox" -F images=@fox.png -F prompts="a cat" -F images=@cat.png localhost:8000/score
-    fn = reward.reward_fn("http://localhost:8000")      # the in-process callable's twin: fn(images, prompts, metadata)
-
-POST /score takes prompts and images (PNG/JPEG bytes, or one .npy array of a float or uint8 batch) as multipart or
-base64 JSON and answers {"scores": [...]} (with "raw" per scorer for a mix, "probabilities" with a calibration);
-GET /health says what is served and how full the queue is; GET /metrics is Prometheus text. Requests from many
-clients coalesce into batches of up to --max_batch_size images or --max_wait_ms in one scoring thread on the model's
-device: the scores are reward.reward_fn's of the same images. Each request's images are decoded and checked before it
-joins a batch, so a bad upload fails its own request (4xx, one line naming the fault) and no other.
+    backend = LocalBackend(core, max_batch_size=32, max_wait_ms=10)
+    backend.start(on_batch=metrics.on_batch); answer = await backend.score(images, prompts)
 """
 import asyncio
 import collections
@@ -22,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from social_reward.errors import described
 from social_reward.serving.limits import Refusal
 
 
@@ -38,13 +29,17 @@ class Job:
 
 class Batcher:
     """One scoring thread; requests coalesce into a batch of up to max_batch_size images, waiting at most max_wait_ms
-    after the first request of the batch arrived (a request larger than max_batch_size is a batch of its own)."""
+    after the first request of the batch arrived (a request larger than max_batch_size is a batch of its own). The
+    thread is the server's only one: an error in a batch (the scorer's, the metrics callback's) answers that batch's
+    requests 500 and the thread goes on; `stalled_for` and `alive` tell /health when it has stopped answering."""
 
     def __init__(self, core, max_batch_size=32, max_wait_ms=10.0, on_batch=None):
         self.core, self.max_batch_size, self.max_wait = core, max_batch_size, max_wait_ms / 1000
         self.on_batch = on_batch or (lambda images, seconds: None)
         self.jobs, self.condition, self.stopping = collections.deque(), threading.Condition(), False
         self.seconds_per_image = 0.0  # measured, for Retry-After
+        # when the thread last ended a batch, and when it took the batch it is scoring (None: none): /health's
+        self.progress, self.scoring_since = time.monotonic(), None
         self.thread = threading.Thread(target=self._run, name="scoring", daemon=True)
 
     def start(self):
@@ -71,6 +66,17 @@ class Batcher:
         with self.condition:
             return sum(len(job) for job in self.jobs)
 
+    def alive(self):
+        return self.thread.is_alive()
+
+    def stalled_for(self):
+        """Seconds the thread has had requests to answer and ended no batch: 0 while it has none, or while its
+        oldest queued request waits its max_wait_ms for the batch to fill."""
+        with self.condition:
+            since = self.scoring_since if self.scoring_since is not None else \
+                self.jobs[0].enqueued + self.max_wait if self.jobs else None
+        return 0.0 if since is None else max(0.0, time.monotonic() - max(since, self.progress))
+
     def stop(self):
         """Score what is queued, then end the thread."""
         with self.condition:
@@ -95,22 +101,34 @@ class Batcher:
                 left = self.jobs[0].enqueued + self.max_wait - time.monotonic()
                 if size >= self.max_batch_size or count < len(self.jobs) or left <= 0 or self.stopping:
                     batch = [self.jobs.popleft() for _ in range(count)]
+                    self.scoring_since = time.monotonic()
                     # False for a job whose client has just left; once running, a job's future cannot be cancelled
                     return [job for job in batch if job.future.set_running_or_notify_cancel()]
                 self.condition.wait(left)
 
     def _run(self):
         while (batch := self._next_batch()) is not None:
-            if not batch:
-                continue
-            started = time.monotonic()
-            answers = self.core.score_batch([(job.images, job.prompts) for job in batch])
-            seconds, size = time.monotonic() - started, sum(len(job) for job in batch)
-            self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * seconds / size if self.seconds_per_image \
-                else seconds / size
-            self.on_batch(size, seconds)
-            for job, answer in zip(batch, answers):
-                job.future.set_result(answer)
+            try:
+                self._score(batch)
+            except BaseException as e:  # the server's only scoring thread: it answers the batch and goes on
+                failed = Refusal(500, f"scoring failed ({described(e)})")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_result(failed)
+            finally:
+                self.progress, self.scoring_since = time.monotonic(), None
+
+    def _score(self, batch):
+        if not batch:
+            return
+        started = time.monotonic()
+        answers = self.core.score_batch([(job.images, job.prompts) for job in batch])
+        seconds, size = time.monotonic() - started, sum(len(job) for job in batch)
+        self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * seconds / size if self.seconds_per_image \
+            else seconds / size
+        self.on_batch(size, seconds)
+        for job, answer in zip(batch, answers):
+            job.future.set_result(answer)
 
 
 class LocalBackend:
@@ -132,6 +150,16 @@ class LocalBackend:
 
     def waiting(self):
         return self.batcher.waiting_images()
+
+    def fault(self, stalled_after):
+        """Why the backend cannot answer, in one line (/health's 503), or None: its scoring thread is dead, or has
+        had requests for `stalled_after` seconds and answered none."""
+        if not self.batcher.alive():
+            return "the scoring thread has died; restart the server"
+        stalled = self.batcher.stalled_for()
+        if stalled > stalled_after:
+            return f"the scoring thread has answered no request for {stalled:.0f} s while requests wait"
+        return None
 
     def retry_after(self, queued_images):
         return self.batcher.seconds_per_image * queued_images

@@ -1,19 +1,10 @@
-"""The reward as a service: a scoring server that RL loops on other GPUs and machines call (docs/serving.md).
+"""Scoring a batch of requests as reward_fn would score each alone: the reward loaded from the server's flags (checked
+in one line first, --reward_norm prompt refused: its statistics would make a request's scores depend on other
+clients), one forward pass a kind of input, then each request's own normalisation and non-finite check. An error is
+a Refusal: 4xx for the request's fault, 500 for the server's.
 
-    python serve.py clip:clip_epoch_4_global_step_final.pth --port 8000
-    python serve.py pickscore:PickScore_v1 aesthetic:sac.pth,clip=ViT-L-14.pt --reward_weights 1 0.5 \
-        --reward_norm group --device cuda --precision bf16
-    python serve.py clip:final.pth --engine ray --replicas 4        # one replica a GPU, on a Ray cluster
-
-    curl -F prompts="a red fox" -F images=@fox.png -F prompts="a cat" -F images=@cat.png localhost:8000/score
-    fn = reward.reward_fn("http://localhost:8000")      # the in-process callable's twin: fn(images, prompts, metadata)
-
-POST /score takes prompts and images (PNG/JPEG bytes, or one .npy array of a float or uint8 batch) as multipart or
-base64 JSON and answers {"scores": [...]} (with "raw" per scorer for a mix, "probabilities" with a calibration);
-GET /health says what is served and how full the queue is; GET /metrics is Prometheus text. Requests from many
-clients coalesce into batches of up to --max_batch_size images or --max_wait_ms in one scoring thread on the model's
-device: the scores are reward.reward_fn's of the same images. Each request's images are decoded and checked before it
-joins a batch, so a bad upload fails its own request (4xx, one line naming the fault) and no other.
+    core = ScoringCore(*load_reward("clip:final.pth", "cpu"), "cpu")
+    answers = core.score_batch([(images, prompts), (other_images, other_prompts)])
 """
 import collections
 
@@ -30,11 +21,15 @@ from social_reward.serving.limits import Refusal
 def reward_args(specs, reward_weights=None, reward_norm=None, calibration=None):
     """(reward_fn's spec, reward_norm, whether it is plain) from the server's flags, checked in one line each before
     any model loads: a single spec without normalisation is plain (its scores, info {}), anything else reward_fn's
-    mix of {spec: weight}."""
+    mix of {spec: weight}. --reward_norm prompt is refused: a server answers each request on its own images alone."""
     specs = [specs] if isinstance(specs, str) else list(specs)
     if reward_weights is not None and len(reward_weights) != len(specs):
         raise InputError(f"--reward_weights: {len(reward_weights)} weights for {len(specs)} specs")
     reward_norm = reward_norm_for(reward_norm, calibration)
+    if reward_norm == "prompt":
+        raise InputError("--reward_norm prompt: not served, as its running per-prompt statistics change with every "
+                         "request and the same images would score differently depending on who called before; serve "
+                         "group or a --calibration, and normalise by prompt in the trainer (from raw)")
     twice = [spec for spec in specs if specs.count(spec) > 1]
     if twice:
         raise InputError(f"{twice[0]}: given twice; give each spec once (--reward_weights weighs them)")

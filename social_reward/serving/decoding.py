@@ -1,19 +1,9 @@
-"""The reward as a service: a scoring server that RL loops on other GPUs and machines call (docs/serving.md).
+"""A request's images decoded and checked before it joins a batch, so that a bad upload fails its own request (4xx,
+one line) and no other: PNG/JPEG bytes read as far as their headers, their decoded pixels counted and taken from the
+server's pixel budget before any is decoded, or one .npy batch checked on its header before it is allocated. PIL is
+strict while the app runs (a truncated upload is an error).
 
-    python serve.py clip:clip_epoch_4_global_step_final.pth --port 8000
-    python serve.py pickscore:PickScore_v1 aesthetic:sac.pth,clip=ViT-L-14.pt --reward_weights 1 0.5 \
-        --reward_norm group --device cuda --precision bf16
-    python serve.py clip:final.pth --engine ray --replicas 4        # one replica a GPU, on a Ray cluster
-
-    curl -F prompts="a red fox" -F images=@fox.png -F prompts="a cat" -F images=@cat.png localhost:8000/score
-    fn = reward.reward_fn("http://localhost:8000")      # the in-process callable's twin: fn(images, prompts, metadata)
-
-POST /score takes prompts and images (PNG/JPEG bytes, or one .npy array of a float or uint8 batch) as multipart or
-base64 JSON and answers {"scores": [...]} (with "raw" per scorer for a mix, "probabilities" with a calibration);
-GET /health says what is served and how full the queue is; GET /metrics is Prometheus text. Requests from many
-clients coalesce into batches of up to --max_batch_size images or --max_wait_ms in one scoring thread on the model's
-device: the scores are reward.reward_fn's of the same images. Each request's images are decoded and checked before it
-joins a batch, so a bad upload fails its own request (4xx, one line naming the fault) and no other.
+    images, prompts, pixels = await decode_in_thread(prompts, images, None, limits, budget)
 """
 import asyncio
 import contextlib

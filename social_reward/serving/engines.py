@@ -11,7 +11,7 @@ import threading
 import torch
 
 from social_reward.devices import default_device
-from social_reward.errors import InputError, described
+from social_reward.errors import described
 from social_reward.serving.app import make_app
 from social_reward.serving.batching import LocalBackend
 from social_reward.serving.core import ScoringCore, load_reward, reward_args
@@ -45,9 +45,6 @@ def serve_ray(specs, replicas=2, host="127.0.0.1", port=8000, device=None, preci
     import ray
     from ray import serve as ray_serve
     device, limits = device or default_device(), limits or Limits()
-    if reward_norm == "prompt" and replicas > 1:
-        raise InputError("--reward_norm prompt with --replicas > 1: each replica would keep its own prompt buffers; "
-                         "serve one replica, or normalise in the trainer")
     from social_reward.scorers.registry import check_spec
     reward_args(specs, reward_weights, reward_norm, calibration)  # a mistake in one line here, not in a replica's log
     for spec in [specs] if isinstance(specs, str) else specs:
@@ -122,6 +119,9 @@ class RayBackend:
     def waiting(self):
         return self.pending
 
+    def fault(self, stalled_after):
+        return None  # Ray Serve health-checks and restarts its replicas itself
+
     def retry_after(self, queued_images):
         return 1.0
 
@@ -135,7 +135,7 @@ class RayBackend:
             raise
         except Exception as e:  # a replica answers every request's fault as a Refusal: this is Ray's (a dead replica)
             raise Refusal(503, f"no scoring replica answered ({described(e)}); retry later",
-                          {"Retry-After": "1"}) from None
+                          {"Retry-After": "1"}, "no_replica") from None
         finally:
             self.pending -= 1
         self.on_batch(len(prompts))  # batched in the replica: Ray Serve's own metrics have its batch sizes
