@@ -22,7 +22,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# original.py beside this file (social_reward itself is pip-installed)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 MODELS = {"small": os.path.join(ROOT, "assets", "tiny-clip.json"), "vit-l": "ViT-L-14-quickgelu"}
@@ -89,7 +89,6 @@ def peak_rss_gb():
 def worker(args):
     """One measurement, in this process; prints its result as JSON."""
     import pandas as pd
-    import torch
     from original import original_scores, original_train
     from torch.optim.optimizer import register_optimizer_step_post_hook
     if args.impl == "ours":
@@ -102,7 +101,7 @@ def worker(args):
         if args.impl == "original":
             original_train(pairs, MODE, args.batch_size, args.n_epochs, args.save_folder, args.weights, 3e-5, args.model)
         else:
-            from train_pair_pos_neg import finetune_model
+            from social_reward.training.clip import finetune_model  # train_pair_pos_neg.py's work
             finetune_model(pairs, MODE, args.batch_size, args.n_epochs, args.save_folder, checkout_path=args.weights,
                            learning_rate=3e-5, model=args.model, trunk_cache=args.trunk_cache,
                            trunk_cache_dtype=args.trunk_cache_dtype)
@@ -112,7 +111,7 @@ def worker(args):
         register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
         with tempfile.TemporaryDirectory() as save_folder:
             if args.impl == "ours":
-                from train_pair_pos_neg import finetune_model
+                from social_reward.training.clip import finetune_model
                 finetune_model(pairs, MODE, args.batch_size, 1, save_folder, checkout_path=args.weights,
                                learning_rate=3e-5, model=args.model)
             else:
@@ -124,7 +123,7 @@ def worker(args):
                   "until_first_step_s": stamps[1] - start, "after_last_step_s": end - stamps[-1], "run_s": end - start}
     else:
         if args.impl == "ours":
-            from validate import validate_image_pair_classifier
+            from social_reward.scoring.validation import validate_image_pair_classifier  # validate.py's work
             accuracy = validate_image_pair_classifier(pairs, args.weights, "cpu", model=args.model)
         else:
             pos, neg = original_scores(pairs, args.weights, args.model, batch_size=args.batch_size)

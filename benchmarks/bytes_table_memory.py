@@ -1,6 +1,7 @@
-"""Peak memory of evaluate_generators.py on a generations table holding image bytes, at 2,000 and 20,000 images: the
-table is read a row group's image column at a time (generations._read_parquet names each cell, pair_sources.ParquetCells
-reads it), so peak RSS must stay flat in the table's size, not grow by its bytes.
+"""Peak memory of scripts/evaluate_generators.py on a generations table holding image bytes, at 2,000 and 20,000
+images: the table is read a row group's image column at a time (social_reward.data.generations._read_parquet names
+each cell, social_reward.data.cells.ParquetCells reads it), so peak RSS must stay flat in the table's size, not grow
+by its bytes.
 
     python benchmarks/bytes_table_memory.py                                   # 2K and 20K images (2 GB under /tmp)
     python benchmarks/bytes_table_memory.py --images 200 2000 --json /tmp/bytes-table.json      # a short check
@@ -10,9 +11,9 @@ Each row is a generation (generator a or b, the same prompts for both) whose ima
 (benchmarks/pickapic_memory.py's pool, each with a unique tail after its end marker, which decoders ignore), written
 with `--row_group_size` rows per row group (100, as the `datasets` library writes image data; 0: pyarrow's and
 pandas' default, the whole table up to 1Mi rows in one row group). The table is written under --tmp, never in the
-repository. evaluate_generators.py runs as a user runs it (the tiny config from a random init saved once, CPU, the
-CPU's default of no DataLoader workers, a fixed --batch_size) in a process of its own under /usr/bin/time -v, which
-reports its peak RSS and wall time.
+repository. scripts/evaluate_generators.py runs as a user runs it (the tiny config from a random init saved once,
+CPU, the CPU's default of no DataLoader workers, a fixed --batch_size) in a process of its own under /usr/bin/time
+-v, which reports its peak RSS and wall time.
 """
 import argparse
 import json
@@ -29,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# pickapic_memory.py beside this file (social_reward itself is pip-installed)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 TINY_CLIP = os.path.join(ROOT, "assets", "tiny-clip.json")
 
@@ -94,7 +95,7 @@ def main():
                        "--out", os.path.join(folder, f"out-{images}")]
             output, peak, seconds = timed(command)
             if "ours: scoring" not in output:
-                raise SystemExit(f"evaluate_generators.py did not score {images} images:\n{output}")
+                raise SystemExit(f"scripts/evaluate_generators.py did not score {images} images:\n{output}")
             results["runs"][images] = {"image_mb": image_bytes / 2**20, "file_mb": os.path.getsize(table) / 2**20,
                                        "row_groups": pq.ParquetFile(table).num_row_groups, "peak_rss_mb": peak,
                                        "wall_s": seconds, "ms_per_image": 1000 * seconds / images}
@@ -103,10 +104,9 @@ def main():
     results["load_average_at_end"] = os.getloadavg()
     runs = results["runs"]
     print(f"\n{results['date']}, {results['machine']}, load average {results['load_average_at_start'][0]:.1f} at "
-          f"start, {results['load_average_at_end'][0]:.1f} at end: {results['command']}\nevaluate_generators.py on a "
-          f"table of "
-          f"image bytes ({args.row_group_size or 'all'} rows a row group), tiny config, random init, CPU, "
-          f"--batch_size {args.batch_size}, under /usr/bin/time -v\n")
+          f"start, {results['load_average_at_end'][0]:.1f} at end: {results['command']}\n"
+          f"scripts/evaluate_generators.py on a table of image bytes ({args.row_group_size or 'all'} rows a row "
+          f"group), tiny config, random init, CPU, --batch_size {args.batch_size}, under /usr/bin/time -v\n")
     print("| images | row groups | image MB | file MB | peak RSS (MB) | wall s | ms an image |\n"
           "|---|---|---|---|---|---|---|")
     for images, run in runs.items():

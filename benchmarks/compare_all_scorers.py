@@ -1,6 +1,7 @@
-"""compare.py with every scorer kind side by side, each a tiny random model saved in its peer's own layout (nothing
-downloaded), on the demo's synthetic pairs and on the same images laid out as HPD v2's test.json and a Pick-a-Pic
-shard. The numbers mean nothing but that every kind runs through one comparison; it prints compare.py's table.
+"""scripts/compare.py with every scorer kind side by side, each a tiny random model saved in its peer's own layout
+(nothing downloaded), on the demo's synthetic pairs and on the same images laid out as HPD v2's test.json and a
+Pick-a-Pic shard. The numbers mean nothing but that every kind runs through one comparison; it prints
+scripts/compare.py's table.
 
     python benchmarks/compare_all_scorers.py --pairs 12 --out /tmp/all-scorers
 """
@@ -13,13 +14,13 @@ import time
 import pandas as pd
 import torch
 
+from social_reward.models.clip import load_model
+from social_reward.scorers.hpsv3 import ASK, INSTRUCTION
+from social_reward.scoring.comparison import compare, markdown_table
+from social_reward.synthetic.shapes import make_pairs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from social_reward.models.clip import load_model  # noqa: E402
-from social_reward.scoring.comparison import compare, markdown_table  # noqa: E402
-from social_reward.scorers.hpsv3 import ASK, INSTRUCTION  # noqa: E402
-from social_reward.synthetic.shapes import make_pairs  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' tiny peer models, reused
 from test_imagereward import WORDS, tiny_imagereward_tensors  # noqa: E402
 from test_scorers_and_compare import save_tiny_pickscore  # noqa: E402
 from tiny_peers import save_tiny_hpsv3, save_tiny_mps  # noqa: E402

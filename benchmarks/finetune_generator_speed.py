@@ -1,15 +1,16 @@
-"""Seconds per fine-tuning step of finetune_generator.py and its peak memory, on the tiny pipelines, on this machine;
-and on paper, the FLOPs of one DRaFT-1 step of the real models.
+"""Seconds per fine-tuning step of scripts/finetune_generator.py and its peak memory, on the tiny pipelines, on this
+machine; and on paper, the FLOPs of one DRaFT-1 step of the real models.
 
     python benchmarks/finetune_generator_speed.py                      # about 6 minutes on a 2-CPU VM
     python benchmarks/finetune_generator_speed.py --steps 6 --json benchmarks/results-generator-cpu.json
     python benchmarks/finetune_generator_speed.py --flops      # the paper estimates' counts (meta tensors, a minute)
 
 Each configuration runs in its own process (so peak memory, the process's VmHWM, is that run's alone) and calls
-finetune_generator() as a user's run does: the tiny pipelines of the tests (generators.make_tiny_pipeline) at 64 px,
-8 sampling steps with guidance, batch 2, the tiny CLIP as the reward: for SD, DRaFT with --grad_steps 1 and 4, each
-with and without --gradient_checkpointing; for SDXL, SD3 and FLUX, DRaFT-1. A step's time is between two optimizer
-steps (median; the first step, a warm-up, left out), in wall-clock seconds and in the process's CPU seconds.
+social_reward.training.generator.finetune_generator() as a user's run does: the tiny pipelines of the tests
+(social_reward.synthetic.pipelines.make_tiny_pipeline) at 64 px, 8 sampling steps with guidance, batch 2, the tiny CLIP
+as the reward: for SD, DRaFT with --grad_steps 1 and 4, each with and without --gradient_checkpointing; for SDXL, SD3
+and FLUX, DRaFT-1. A step's time is between two optimizer steps (median; the first step, a warm-up, left out), in
+wall-clock seconds and in the process's CPU seconds.
 """
 import argparse
 import json
@@ -22,7 +23,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# bench.py beside this file (social_reward itself is pip-installed)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from bench import generator_run_files, peak_rss_gb  # noqa: E402

@@ -1,17 +1,19 @@
 """What crosses between the processes when validate.py scores under 2 processes (torchrun, gloo, CPUs): each process
-scores its share of the distinct images and gathers only scores (encoding.prompt_image_scores, across_processes), so
-each receives a float per request, where gathering the embeddings would be a row per distinct image and prompt.
+scores its share of the distinct images and gathers only scores (social_reward.scoring.encoding.prompt_image_scores,
+social_reward.dist.across_processes), so each receives a float per request, where gathering the embeddings would be a
+row per distinct image and prompt.
 
     python benchmarks/gathered_bytes.py                        # 256 and 2,048 pairs: a few minutes on 2 idle CPUs
     python benchmarks/gathered_bytes.py --pairs 64 128 --json /tmp/gathered.json     # a short check
 
-The pairs are the demo's synthetic ones (shapes.make_pairs: PNGs, 2 distinct images a pair, 53-54 distinct prompts), the
-model the tiny open_clip config (assets/tiny-clip.json) from a random init saved once, scored as validate.py scores
-(encoding.pair_scores, --batch_size 64, 1 thread a process) once on 1 process and once under torchrun on 2.
-torch.distributed.all_gather_object is wrapped in each process: every part it gathers is counted in elements and in
-pickled bytes (len(pickle.dumps(part)); all_gather_object pickles each part the same way, then pads every part to the
-largest). "embeddings" is what gathering every distinct image's and prompt's embedding would be, in float32: items x
-dim x 4 bytes, at the tiny model's dim and at ViT-L/14's (768). The 2-process scores must equal the 1-process ones.
+The pairs are the demo's synthetic ones (social_reward.synthetic.shapes.make_pairs: PNGs, 2 distinct images a pair,
+53-54 distinct prompts), the model the tiny open_clip config (assets/tiny-clip.json) from a random init saved once,
+scored as validate.py scores (social_reward.scoring.encoding.pair_scores, --batch_size 64, 1 thread a process) once on 1
+process and once under torchrun on 2. torch.distributed.all_gather_object is wrapped in each process: every part it
+gathers is counted in elements and in pickled bytes (len(pickle.dumps(part)); all_gather_object pickles each part the
+same way, then pads every part to the largest). "embeddings" is what gathering every distinct image's and prompt's
+embedding would be, in float32: items x dim x 4 bytes, at the tiny model's dim and at ViT-L/14's (768). The 2-process
+scores must equal the 1-process ones.
 """
 import argparse
 import glob
@@ -28,7 +30,6 @@ import numpy as np
 import pandas as pd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 TINY_CLIP = os.path.join(ROOT, "assets", "tiny-clip.json")
 VIT_L_14_DIM = 768
 LAUNCHERS = {1: [], 2: ["-m", "torch.distributed.run", "--nproc_per_node", "2"]}
@@ -146,8 +147,9 @@ def main():
     results["load_average_at_end"] = os.getloadavg()
     print(f"\n{results['date']}, {results['machine']}, load average {results['load_average_at_start'][0]:.1f} at "
           f"start, {results['load_average_at_end'][0]:.1f} at end: {results['command']}\n"
-          f"encoding.pair_scores (validate.py's scoring) under torchrun on 2 gloo processes, tiny config, random init, "
-          f"batch {args.batch_size}, 1 thread a process; bytes are each part's pickled size (own part included)\n")
+          f"social_reward.scoring.encoding.pair_scores (validate.py's scoring) under torchrun on 2 gloo processes, "
+          f"tiny config, random init, batch {args.batch_size}, 1 thread a process; bytes are each part's pickled size "
+          f"(own part included)\n")
     print(markdown(results))
     for pairs_count, size in results["sizes"].items():
         print(f"{pairs_count} pairs: 2-process scores equal the 1-process ones (largest difference "

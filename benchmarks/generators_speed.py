@@ -1,11 +1,12 @@
-"""evaluate_generators.py against validate.py on the same images, as whole processes, and reward.py's tensor path
-against its PIL path (the measured bound of tensor vs PIL resizing).
+"""scripts/evaluate_generators.py against validate.py on the same images, as whole processes, and the differentiable
+reward's tensor path (social_reward.reward.differentiable.Reward) against its PIL path (the measured bound of tensor vs
+PIL resizing).
 
     python benchmarks/generators_speed.py                       # ViT-L/14 (random weights, fp16 file), CPU
     python benchmarks/generators_speed.py --model small --images 24
 
 Two "generators" of `--images` 512 x 512 JPEGs each (cut from the photographs scikit-image ships), one prompt per
-item. evaluate_generators.py scores all of them under one scorer (an empty --out, so every image is encoded);
+item. scripts/evaluate_generators.py scores all of them under one scorer (an empty --out, so every image is encoded);
 validate.py scores the same images as pairs (generator A's image against generator B's for each prompt). Both encode
 each image and prompt once; the time per image is the process's wall time over the images it scored.
 """
@@ -19,7 +20,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# bench.py beside this file (social_reward itself is pip-installed)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from bench import MODELS, PROMPTS, make_photographs  # noqa: E402

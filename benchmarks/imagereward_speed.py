@@ -1,6 +1,7 @@
-"""Images per second of the ImageReward scorer against the CLIP ViT-L/14 one: both at full size with random weights
-(the arithmetic, and so the time, is that of the real weights), the same PNGs, one prompt each, scored through
-encoding.prompt_image_scores as validate.py, score.py and compare.py score them (decoding and preprocessing included).
+"""Images per second of the ImageReward scorer against the CLIP ViT-L/14 one: both at full size with random weights (the
+arithmetic, and so the time, is that of the real weights), the same PNGs, one prompt each, scored through
+social_reward.scoring.encoding.prompt_image_scores as validate.py, scripts/score.py and scripts/compare.py score them
+(decoding and preprocessing included).
 
     python benchmarks/imagereward_speed.py --images 32 --repeats 2 --out benchmarks/results-imagereward-cpu.json
 
@@ -19,12 +20,11 @@ import time
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from social_reward.cli import keep_freed_memory  # noqa: E402
-from social_reward.scoring.encoding import prompt_image_scores  # noqa: E402
+from social_reward.cli import keep_freed_memory
+from social_reward.scorers.clip import clip_scorer
 from social_reward.scorers.imagereward import (ImageReward, ImageRewardTokenizer, image_preprocess, text_config,
-    vit_config)  # noqa: E402
-from social_reward.scorers.clip import clip_scorer  # noqa: E402
+                                               vit_config)
+from social_reward.scoring.encoding import prompt_image_scores
 
 WORDS = ["a", "an", "the", "of", "in", "on", "with", "cat", "dog", "astronaut", "red", "blue", "green", "painting",
          "photo", "castle", "forest", "city", "night", "snow", "portrait", "digital", "art", "detailed", "sunset"]

@@ -1,7 +1,7 @@
 """Kept scores' write cost at 10K, 100K and 1M scores: bytes written, time and peak RSS of one run that keeps N new
-scores, 4,096 a flush (kept_scores.KeptScores; the scorer replaced by reading the score off the prompt, so only the
-keeping is measured). Each N runs in its own process, so its peak RSS is its own; "µs a score" is the run's seconds
-over N (flat when the keeping is linear).
+scores, 4,096 a flush (social_reward.scoring.kept.KeptScores; the scorer replaced by reading the score off the prompt,
+so only the keeping is measured). Each N runs in its own process, so its peak RSS is its own; "µs a score" is the run's
+seconds over N (flat when the keeping is linear).
 
     python benchmarks/kept_scores_writes.py                          # 10K, 100K, 1M: prints a markdown table
     python benchmarks/kept_scores_writes.py --scores 10000 100000    # a shorter check
@@ -15,11 +15,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def one(n, folder):
-    sys.path.insert(0, ROOT)
     import numpy as np
     from social_reward.scoring.kept import KeptScores
     image = os.path.join(folder, "image.png")

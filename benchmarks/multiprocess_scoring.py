@@ -1,5 +1,6 @@
 """Scoring throughput of validate.py with 1 and with 2 processes (torchrun, CPUs, 1 thread each), and whether the two
-print and write the same: each process encodes half the distinct images and prompts (encoding.across_processes).
+print and write the same: each process encodes half the distinct images and prompts
+(social_reward.dist.across_processes).
 
     python benchmarks/multiprocess_scoring.py                      # about 4 minutes on an idle 2-CPU machine
     python benchmarks/multiprocess_scoring.py --pairs 256 --model ViT-B-32 --json results-multiprocess-cpu.json
@@ -21,11 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from social_reward.models.clip import load_model
+from social_reward.synthetic.shapes import make_pairs  # demo.py's synthetic pairs
 
-from social_reward.models.clip import load_model  # noqa: E402
-from social_reward.synthetic.shapes import make_pairs  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LAUNCHERS = {1: [], 2: ["-m", "torch.distributed.run", "--nproc_per_node", "2"]}
 

@@ -7,18 +7,15 @@ overwritten by the weights file; images decoded at full scale in the training pr
 checkpoints at each epoch end; validation encoding every pair's prompt and images.
 """
 import os
-import sys
 
 import open_clip
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from social_reward.data.pairs import PromptImagePair  # data_set.py's
+from social_reward.models.clip import resolve_model_name
 from social_reward.models.training_modes import make_optimizer, trainable_parameters
-from social_reward.models.clip import resolve_model_name  # noqa: E402
-from data_set import PromptImagePair  # noqa: E402
-from losses import TripletLoss  # noqa: E402
+from social_reward.training.losses import TripletLoss  # losses.py's
 
 
 def original_model(model_name, weights_file):

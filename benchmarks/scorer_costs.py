@@ -5,12 +5,12 @@ follows.
     python benchmarks/scorer_costs.py --images 4 --repeats 2 --out benchmarks/results-scorer-costs-cpu.json
     python benchmarks/scorer_costs.py --scorers mps clip --images 2 --repeats 1      # a short run
 
-- clip (ours: OpenAI CLIP ViT-L/14), hpsv2 (open_clip ViT-H-14), pickscore (transformers' CLIPModel of ViT-H-14's
-  sizes, saved to a folder and loaded as `pickscore:FOLDER` loads it), aesthetic (ViT-L/14 and the LAION MLP's
-  shapes, loaded as `aesthetic:MLP,clip=...` loads it), imagereward (ViT-L/16 and BLIP's BERT), mps (CLIP-H and its
-  condition module): end to end through encoding.prompt_image_scores (PNG decoding, preprocessing, tokenizing
-  included), 512 px PNGs, a 12-word prompt each, float32 (MPS runs in fp16 on a GPU; a CPU without fp16 arithmetic
-  runs it in fp32).
+- clip (ours: OpenAI CLIP ViT-L/14), hpsv2 (open_clip ViT-H-14), pickscore (transformers' CLIPModel of ViT-H-14's sizes,
+  saved to a folder and loaded as `pickscore:FOLDER` loads it), aesthetic (ViT-L/14 and the LAION MLP's shapes, loaded
+  as `aesthetic:MLP,clip=...` loads it), imagereward (ViT-L/16 and BLIP's BERT), mps (CLIP-H and its condition module):
+  end to end through social_reward.scoring.encoding.prompt_image_scores (PNG decoding, preprocessing, tokenizing
+  included), 512 px PNGs, a 12-word prompt each, float32 (MPS runs in fp16 on a GPU; a CPU without fp16 arithmetic runs
+  it in fp32).
 - hpsv3_7b, hpsv3_2b: Qwen2-VL-7B (HPSv3's, 8.3B parameters: 17 GB in bf16, more than this machine can spare) and the
   smaller real Qwen2-VL-2B, timed by parts in bf16 (HPSv3's dtype): the vision tower (675M parameters, the same in both)
   on one 448 x 448 image (1024 patches, 256 tokens after merging), then one decoder layer on the whole sequence, times
@@ -29,9 +29,8 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # imagereward_speed.py beside this file
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' CLIP processor folder (tiny_peers.write_clip_processor)
 from imagereward_speed import imagereward_random, images_per_second, make_inputs  # noqa: E402
 
 H100_BF16 = 989e12  # H100 SXM dense bf16 peak, FLOP/s (the data sheet's 1979 is with 2:4 sparsity)
@@ -173,14 +172,15 @@ def random_scorer(name, folder):
 def mps_random(folder):
     """A full-size MPS (laion CLIP-ViT-H-14: vision 32 x 1280, text 24 x 1024; the condition module 4 layers of 1024, 16
     heads of 64) with random weights, its preprocessing and CLIP's tokenizer (the processor folder the tests write)."""
-    from social_reward.scorers.mps import CONDITION, MPS, MPSTokenizer, Preprocess
+    from social_reward.scorers.mps import CONDITION, MPS, MPSTokenizer
+    from social_reward.scorers.preprocess import ClipImageProcessor
     from tiny_peers import write_clip_processor
     tokenizer = MPSTokenizer(write_clip_processor(folder))
     torch.manual_seed(0)
     model = MPS(vit_h14_clip_config(), 4, 16, 64, 4096, tokenizer(CONDITION)).eval()
     for layer in model.condition:
         layer.inv_freq = 1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64)
-    model.tensor_preprocess = Preprocess()
+    model.tensor_preprocess = ClipImageProcessor(resample="pil")  # as mps: loads it (transformers 4's processor)
     return model, model.tensor_preprocess.pil, tokenizer
 
 

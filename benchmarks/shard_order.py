@@ -6,10 +6,11 @@ training epoch does; no model runs).
     python benchmarks/shard_order.py --rows 2000,4000 --row_group_sizes 100,1000 --windows 1,4,8,16 --json order.json
 
 The shards are made at run time in a temporary folder (each row two distinct JPEGs of about 100 KB, the Pick-a-Pic
-layout, benchmarks/pickapic_memory.py's writer). Bytes read are counted where the reader reads (pair_sources.
-ParquetCells.bytes_read: the compressed size of each row-group column chunk it reads). The uniform order reads a row
-group's column for nearly every image, so it is run on the epoch's first --uniform_pairs pairs and its bytes and time
-are scaled to the epoch (marked "scaled"). Each run is a process of its own (its peak RSS is its own).
+layout, benchmarks/pickapic_memory.py's writer). Bytes read are counted where the reader reads
+(social_reward.data.cells.ParquetCells.bytes_read: the compressed size of each row-group column chunk it reads). The
+uniform order reads a row group's column for nearly every image, so it is run on the epoch's first --uniform_pairs pairs
+and its bytes and time are scaled to the epoch (marked "scaled"). Each run is a process of its own (its peak RSS is its
+own).
 
 The window's cost and worth at Pick-a-Pic v2's size (959,040 pairs in row groups of 100) are computed from the order
 alone: the distinct row groups a batch of 128 draws from, and the image bytes a process holds (2 W row-group columns).
@@ -26,7 +27,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 TINY_CLIP = os.path.join(ROOT, "assets", "tiny-clip.json")
 PICKAPIC_V2_PAIRS = 959_040
 
@@ -36,11 +36,11 @@ def one_epoch(shard, order, window, pairs_limit, batch_size=32):
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
-    from social_reward.models.clip import load_model
-    from data_set import PromptImagePair
-    from social_reward.data.order import pair_order
     from social_reward.data.cells import cells
+    from social_reward.data.order import pair_order
+    from social_reward.data.pairs import PromptImagePair
     from social_reward.data.sources import read_source
+    from social_reward.models.clip import load_model
 
     torch.set_num_threads(1)
     source = read_source(shard)
@@ -96,7 +96,7 @@ def main():
                         help="pairs the uniform order loads (then scaled); 0: leave the uniform order out")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # pickapic_memory.py beside this file
     from pickapic_memory import jpeg_pool, write_shard
 
     results = {"machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}",

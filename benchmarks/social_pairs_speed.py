@@ -1,8 +1,8 @@
-"""social_pairs.py at a million posts: the whole command's time and peak RSS against pyarrow's time just to read the
-two tables (the floor), a straightforward pandas version of the same rule (checked to write the same pairs), and
-Spark local mode (checked too); scaling in events. Times are the least of --repeats runs, files in the page cache;
-peak RSS is the whole process's, as /usr/bin/time -v reports it, with DuckDB's memory limit and threads as
-social_pairs.py sets them from the machine. At the most events, issue 33's command (--pair_within group, every
+"""scripts/social_pairs.py at a million posts: the whole command's time and peak RSS against pyarrow's time just to read
+the two tables (the floor), a straightforward pandas version of the same rule (checked to write the same pairs), and
+Spark local mode (checked too); scaling in events. Times are the least of --repeats runs, files in the page cache; peak
+RSS is the whole process's, as /usr/bin/time -v reports it, with DuckDB's memory limit and threads as
+scripts/social_pairs.py sets them from the machine. At the most events, issue 33's command (--pair_within group, every
 candidate kept) on POSTS with request groups of --group_sizes posts (4: ~0.4M pairs; 20: ~3M), once each.
 
     python benchmarks/social_pairs_speed.py                        # 1M posts; 5M, 10M, 20M events; into /tmp
@@ -95,9 +95,9 @@ def timed_command(args):
 
 
 def pandas_rule(posts_file, events_file, out, window=pd.Timedelta("7D"), cap=16, seed=0, test_fraction=0.1):
-    """The same rule with social_pairs.py's defaults (creator_day strata, --split creator, the stratum cap, images in
-    one split) written the straightforward way in pandas: writes OUT/train.parquet and OUT/test.parquet, which must
-    equal social_pairs.py's, and returns the report's counts."""
+    """The same rule with scripts/social_pairs.py's defaults (creator_day strata, --split creator, the stratum cap,
+    images in one split) written the straightforward way in pandas: writes OUT/train.parquet and OUT/test.parquet,
+    which must equal scripts/social_pairs.py's, and returns the report's counts."""
     import hashlib
 
     def md5(texts):
@@ -173,7 +173,7 @@ def main():
     for n_events in args.events:
         posts_file, events_file = write_logs(args.data, args.posts, n_events)
         out = os.path.join(args.data, "pairs")
-        # no --memory_limit: DuckDB's limit and threads as social_pairs.py sets them from the machine
+        # no --memory_limit: DuckDB's limit and threads as scripts/social_pairs.py sets them from the machine
         command = ["scripts/social_pairs.py", posts_file, events_file, "--out", out, "--overwrite"]
         row = {"posts": args.posts, "events": n_events, "load_at_start": os.getloadavg(),
                "pyarrow_read_s": min(read_time(posts_file, events_file) for _ in range(args.repeats))}
@@ -198,7 +198,7 @@ def main():
                 row["pandas_s"], row["pandas_peak_rss_mb"] = min(r[0] for r in runs), max(r[1] for r in runs)
                 row["pandas_same_pairs"] = same_pairs(out, os.path.join(args.data, "pandas"))
                 if not row["pandas_same_pairs"]:
-                    raise SystemExit(f"pandas_rule wrote other pairs than social_pairs.py: {row}")
+                    raise SystemExit(f"pandas_rule wrote other pairs than scripts/social_pairs.py: {row}")
                 row["duckdb_speedup_over_pandas"] = row["pandas_s"] / row["duckdb_s"]
             if not args.skip_spark:
                 spark_out = os.path.join(args.data, "spark")
