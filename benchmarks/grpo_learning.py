@@ -1,19 +1,20 @@
-"""Whether GRPO learns: the validation reward before and after 40 steps of finetune_generator.py --method grpo with
-its defaults on each tiny pipeline, and the tuned generator against its base under evaluate_generators.py.
+"""Whether GRPO learns: the validation reward before and after 40 steps of scripts/finetune_generator.py --method grpo
+with its defaults on each tiny pipeline, and the tuned generator against its base under scripts/evaluate_generators.py.
 
     python benchmarks/grpo_learning.py                     # sd, sdxl, sd3, flux; about 4 min on a 2-CPU VM
     python benchmarks/grpo_learning.py --families sd sd3 --rewards pickscore_like clip --seeds 0 1 2 \\
         --json benchmarks/results-grpo-learning-cpu.json
     python benchmarks/grpo_learning.py --kl_beta 0.04 --low_noise 0   # the settings before issue 33
+    python benchmarks/grpo_learning.py --run num_inner_epochs=2         # two updates a round, the second off-policy
 
-Each run: the family's tiny pipeline (generators.make_tiny_pipeline) at 16 px, 6 sampling steps, its own guidance,
-2 prompts x a group of 8 a step, the GRPO flags at their defaults (--kl_beta 0, --clip_range 1e-4, every step that
-injects noise trained) and the tiny scale's learning rate (UNet families 2e-2, transformer families 4e-2: random
-16-wide layers; 3e-4, the default, is the references' at scale), one thread. Rewards (both unlike the test suite's
-seed-0 tiny CLIP): pickscore_like, a tiny random transformers CLIPModel read by pickscore: whose scores sit near 72
-(tests/test_finetune_grpo.py's), and clip, the tiny open_clip CLIP at random init seed 7. After training, generate.py
-makes 8 samples of each prompt with and without the LoRA (the same noise) and evaluate_generators.py scores them: the
-win rate of the tuned generator over its base and both means.
+Each run: the family's tiny pipeline (social_reward.synthetic.pipelines.make_tiny_pipeline) at 16 px, 6 sampling steps,
+its own guidance, 2 prompts x a group of 8 a step, the GRPO flags at their defaults (--kl_beta 0, --clip_range 1e-4,
+every step that injects noise trained) and the tiny scale's learning rate (UNet families 2e-2, transformer families
+4e-2: random 16-wide layers; 3e-4, the default, is the references' at scale), one thread. Rewards (both unlike the test
+suite's seed-0 tiny CLIP): pickscore_like, a tiny random transformers CLIPModel read by pickscore: whose scores sit near
+72 (tests/test_finetune_grpo.py's), and clip, the tiny open_clip CLIP at random init seed 7. After training,
+scripts/generate.py makes 8 samples of each prompt with and without the LoRA (the same noise) and
+scripts/evaluate_generators.py scores them: the win rate of the tuned generator over its base and both means.
 """
 import argparse
 import json
@@ -25,7 +26,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 TINY_CLIP = os.path.join(ROOT, "assets", "tiny-clip.json")
 PROMPTS = ["a red circle", "two blue squares"]
@@ -70,9 +70,10 @@ def save_clip(path, seed=7):
 def learn(pipeline, prompts, spec, folder, steps, learning_rate, seed, kl_beta, samples):
     """One GRPO run and its evaluation: a dict of the numbers."""
     import pandas as pd
+
+    from social_reward.generators.generate import generate
     from social_reward.scoring.leaderboard import evaluate_generators
     from social_reward.training.generator import finetune_generator
-    from social_reward.generators.generate import generate
     start, cpu = time.perf_counter(), time.process_time()
     final = finetune_generator(pipeline, prompts, f"r={spec}", learning_rate=learning_rate, max_train_steps=steps,
                                checkpointing_steps=steps, validation_prompts=prompts, seed=seed, kl_beta=kl_beta,
@@ -105,17 +106,23 @@ def main():
     parser.add_argument("--learning_rate", type=float, default=None, help="default: the family's in LEARNING_RATES")
     parser.add_argument("--kl_beta", type=float, default=0.0)
     parser.add_argument("--low_noise", type=float, default=None,
-                        help="grpo.LOW_NOISE for this run (0: train every step, as before issue 33)")
+                        help="social_reward.generators.grpo.LOW_NOISE for this run (0: train every step, as before "
+                             "issue 33)")
     parser.add_argument("--samples", type=int, default=8, help="evaluation samples a prompt")
+    parser.add_argument("--run", nargs="+", default=[], metavar="FLAG=VALUE",
+                        help="finetune_generator flags over RUN's (values as JSON), e.g. train_batch_size=1 "
+                             "sample_batch_size=2: GRPO's rounds of several minibatches")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
     import torch
-    import grpo
+
+    from social_reward.generators import grpo
     from social_reward.synthetic.pipelines import make_tiny_pipeline
     torch.set_num_threads(1)
     if args.low_noise is not None:
         grpo.LOW_NOISE = args.low_noise
+    RUN.update({flag: json.loads(value) for flag, value in (item.split("=", 1) for item in args.run)})
     rows, load = [], os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
         prompts = os.path.join(folder, "prompts.txt")

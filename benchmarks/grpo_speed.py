@@ -1,14 +1,15 @@
-"""Seconds per GRPO step against a DRaFT-1 step of finetune_generator.py, on the tiny pipelines, on this machine.
+"""Seconds per GRPO step against a DRaFT-1 step of scripts/finetune_generator.py, on the tiny pipelines, on this
+machine.
 
     python benchmarks/grpo_speed.py                                    # a few minutes on a 2-CPU VM
     python benchmarks/grpo_speed.py --steps 4 --families sd flux --json benchmarks/results-grpo-cpu.json
 
-Each configuration runs in its own process and calls finetune_generator() as a user's run does: the tests' tiny
-pipeline of the family (generators.make_tiny_pipeline) at 32 px, 8 sampling steps, no guidance, 2 prompts a step,
-the tiny CLIP as the reward, one thread. DRaFT-1 makes 2 images a step; GRPO makes 2 groups of --group_size
-(default 8), trains every step that injects noise (--timestep_fraction 1: 6 of DDIM's 8 steps, 7 of the flow's) and
-the KL to the base (--kl_beta 0.04, one more forward a trained step). A step's time is between two optimizer steps (median; the first, a warm-up, left out), wall clock
-and the process's CPU seconds.
+Each configuration runs in its own process and calls finetune_generator() as a user's run does: the tests' tiny pipeline
+of the family (social_reward.synthetic.pipelines.make_tiny_pipeline) at 32 px, 8 sampling steps, no guidance, 2 prompts
+a step, the tiny CLIP as the reward, one thread. DRaFT-1 makes 2 images a step; GRPO makes 2 groups of --group_size
+(default 8), trains every step that injects noise (--timestep_fraction 1: 6 of DDIM's 8 steps, 7 of the flow's) and the
+KL to the base (--kl_beta 0.04, one more forward a trained step). A step's time is between two optimizer steps (median;
+the first, a warm-up, left out), wall clock and the process's CPU seconds.
 """
 import argparse
 import json
@@ -21,7 +22,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# bench.py beside this file (social_reward itself is pip-installed)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from bench import generator_run_files, peak_rss_gb  # noqa: E402

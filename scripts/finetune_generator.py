@@ -13,12 +13,13 @@ Methods (--method):
   refl   ReFL (Xu et al. 2023, ImageReward's ReFL.py): sample without gradient up to a step drawn from the last quarter
          (ReFL's 30-39 of 40), predict the clean image from it in one step with gradient, decode,
          loss = relu(2 - reward) * 1e-3 for imagereward: scorers, -reward * 1e-3 for any other (docs/generators.md).
-  grpo   GRPO (DDPO, Black et al. 2023; Flow-GRPO, Liu et al. 2025): --group_size images a prompt sampled with noise
-         injected (DDIM eta > 0, or the flow sampler's SDE) at the trained steps (grpo.trained_steps: the first
-         --timestep_fraction of the steps that inject noise; the near-deterministic last ones, and any left out,
-         take the deterministic step), scored without gradient; advantages standardised within each group; a
-         clipped importance-ratio loss over the trained steps, plus --kl_beta times the KL to the base (the LoRA
-         switched off). metrics.csv and the progress bar show its diagnostics (GRPO_METRICS).
+  grpo   GRPO (DDPO, Black et al. 2023; Flow-GRPO, Liu et al. 2025) in rounds: --sample_batch_size prompts x
+         --group_size images sampled with noise injected (DDIM eta > 0, or the flow sampler's SDE) at the trained
+         steps (grpo.trained_steps), scored without gradient, advantages standardised within each group; then
+         --num_inner_epochs passes over the round in minibatches of --train_batch_size prompts' groups, an optimizer
+         step each (its images in --gradient_accumulation_steps micro-batches): a clipped importance-ratio loss over
+         the trained steps (the later minibatches off-policy, bounded by --clip_range), plus --kl_beta times the KL
+         to the base (the LoRA switched off). metrics.csv and the progress bar show its diagnostics (grpo.METRICS).
 Each scorer is normalised by --reward_norm (none, group, prompt, calibrated: docs/reward.md) before --reward_weights
 combine them.
 The result is diffusers LoRA weights, alpha in their metadata: `pipeline.load_lora_weights(output_dir)`. Devices,
@@ -29,7 +30,7 @@ import argparse
 
 from social_reward.cli import run_cli
 from social_reward.reward.normalization import REWARD_NORMS
-from social_reward.training.flags import LR_SCHEDULERS, METHODS
+from social_reward.training.flags import GRPO_INNER_EPOCHS, LR_SCHEDULERS, METHODS
 
 
 def main():
@@ -46,6 +47,11 @@ def main():
                         help="each scorer's normalisation before --reward_weights combine them (docs/reward.md)")
     parser.add_argument("--calibration", default=None, help="a calibration.json for --reward_norm calibrated")
     parser.add_argument("--group_size", type=int, default=8, help="grpo: images a prompt (--train_batch_size counts prompts)")
+    parser.add_argument("--sample_batch_size", type=int, default=None,
+                        help="grpo: prompts a round samples, per process (default --train_batch_size; a multiple of it)")
+    parser.add_argument("--num_inner_epochs", type=int, default=None,
+                        help=f"grpo: passes over a round, each in minibatches of --train_batch_size prompts' groups, an "
+                             f"optimizer step each (default {GRPO_INNER_EPOCHS})")
     parser.add_argument("--clip_range", type=float, default=1e-4, help="grpo: PPO's clip of the importance ratio")
     parser.add_argument("--timestep_fraction", type=float, default=1.0,
                         help="grpo: the first share of the steps that inject noise (grpo.trained_steps) to train")
@@ -61,8 +67,10 @@ def main():
                         "pipeline's own size)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--train_batch_size", "--batch_size", type=int, default=1, help="prompts per process and batch")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=None)
+    parser.add_argument("--train_batch_size", "--batch_size", type=int, default=1,
+                        help="prompts per process and batch (grpo: prompts whose groups make a minibatch)")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=None,
+                        help="batches per optimizer step (grpo: micro-batches a minibatch's images are split into)")
     parser.add_argument("--learning_rate", type=float, default=None, help="default 1e-4 (grpo: 3e-4, DDPO's and "
                         "Flow-GRPO's)")
     parser.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)

@@ -19,8 +19,8 @@ from social_reward.training import generator as finetune_generator
 from social_reward.errors import InputError
 from social_reward.models.clip import load_model
 from social_reward.training.generator import finetune_generator as finetune
-from social_reward.generators.draft import method_loss
-from social_reward.generators.refl import refl_stop
+from social_reward.generators.draft import draft_batch_loss
+from social_reward.generators.refl import refl_batch_loss, refl_stop
 from social_reward.generators.lora import LORA_WEIGHTS, add_lora
 from social_reward.generators.families import check_pipeline_folder, load_pipeline
 from social_reward.generators.sampling import generate_images, start_noise
@@ -140,8 +140,12 @@ def test_each_method_takes_gradient_through_its_steps_only(method, grad_steps, s
     rewards = RewardMix.load(finetune_generator.parse_scorers([files["scorer"]]), "cpu")
     stop = refl_stop(sampling_steps, 0, 1)
     assert sampling_steps - sampling_steps // 4 <= stop < sampling_steps  # ReFL's late range: its 30-39 of 40
-    loss, _, _ = method_loss(method, unet, pipeline, rewards, PROMPTS[:2], start_noise(pipeline, [(0,), (1,)], 32),
-                             sampling_steps, grad_steps, 1.0, stop, (32, 32))
+    noise = start_noise(pipeline, [(0,), (1,)], 32)
+    if method == "draft":
+        loss, _, _ = draft_batch_loss(unet, pipeline, rewards, PROMPTS[:2], noise, sampling_steps, grad_steps, 1.0,
+                                      (32, 32))
+    else:
+        loss, _, _ = refl_batch_loss(unet, pipeline, rewards, PROMPTS[:2], noise, sampling_steps, stop, 1.0, (32, 32))
     assert unet.with_grad == expected_with_grad
     assert unet.with_grad + unet.without_grad == (sampling_steps if method == "draft" else stop + 1)
     loss.backward()

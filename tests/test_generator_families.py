@@ -122,6 +122,20 @@ def test_refl_takes_its_one_step_clean_prediction_on_the_flow_families(family, t
     assert any(v.abs().sum() > 0 for k, v in load_file(out).items() if "lora_B" in k)
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_grpo_rounds_of_two_minibatches_in_micro_batches_train_every_family(family, tiny_pipelines, files, tmp_path):
+    # a round of 2 prompts' groups trained in 2 minibatches, each in 2 micro-batches whose conditioning is made anew
+    # (SDXL's time ids, SD3's pooled projections, FLUX's packing and guidance embedding), guidance on: the first step
+    # on-policy, the second off-policy, and at the tiny learning rate the clip binds on it
+    out = finetune(tiny_pipelines(family), files["prompts"], files["scorer"], method="grpo", sampling_steps=4,
+                   resolution=32, guidance_scale=GUIDANCE[family], learning_rate=2e-2, seed=0, train_batch_size=1,
+                   sample_batch_size=2, group_size=4, gradient_accumulation_steps=2, max_train_steps=2,
+                   checkpointing_steps=2, output_dir=str(tmp_path / "run"))
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert metrics.clipped[1] == 0 and metrics.clipped[2] > 0 and (metrics.grad_norm[1:] > 0).all()
+    assert any(v.abs().sum() > 0 for k, v in load_file(out).items() if "lora_B" in k or "lora.up" in k)
+
+
 # ---- bad input: one line naming the culprit ------------------------------------------------------------------------
 
 def test_an_unsupported_pipeline_class_is_named_with_the_supported_ones(tiny_pipelines, tmp_path):

@@ -10,7 +10,7 @@ from torch.distributions import Normal, kl_divergence
 
 from social_reward.errors import InputError
 from social_reward.generators.grpo import (check_noisy_sampler, clipped_policy_loss, group_advantages,
-    kl_to_reference, noisy_step, step_std, trained_steps)
+    kl_to_reference, minibatches, noisy_step, step_std, trained_steps, train_on_trajectory)
 
 require_extra('generators', 'diffusers', 'peft', 'transformers')
 
@@ -156,12 +156,24 @@ def test_a_sampler_that_cannot_inject_noise_ends_in_one_line():
     to_one = sd_ddim(set_alpha_to_one=True)
     to_one.set_timesteps(4)
     with pytest.raises(InputError, match="step 3 of DDIMScheduler injects no noise"):
-        check_noisy_sampler(to_one)
+        check_noisy_sampler(to_one, steps=[0, 1, 2, 3])  # asked to train its noiseless last step
     for scheduler in (sd_ddim(), FlowMatchEulerDiscreteScheduler(shift=3.0)):
         scheduler.set_timesteps(4)
         check_noisy_sampler(scheduler)
         with pytest.raises(InputError, match="--noise_level 0"):
             check_noisy_sampler(scheduler, 0)
+
+
+def test_a_ddim_scheduler_with_set_alpha_to_one_is_accepted_its_noiseless_last_step_untrained():
+    # set_alpha_to_one makes the last DDIM step's variance 0; only the trained steps need noise, and that step is not
+    # one of them (it samples deterministically)
+    for steps in (4, 6, 50):
+        to_one = sd_ddim(set_alpha_to_one=True)
+        to_one.set_timesteps(steps)
+        check_noisy_sampler(to_one)
+        trained = trained_steps(to_one)
+        assert step_std(to_one, steps - 1, torch.zeros(1, 1), 1.0).item() == 0 and steps - 1 not in trained
+        assert all(step_std(to_one, i, torch.zeros(1, 1), 1.0).item() > 0 for i in trained) and trained
 
 
 def test_trained_steps_leave_out_the_near_deterministic_steps_at_the_end():
@@ -252,3 +264,53 @@ def test_train_on_trajectory_back_propagates_the_mean_clipped_loss_and_the_kl_to
                                + 0.1 * kl_to_reference(step.mean, ref.mean, step.std).mean()) / 2
     expected.backward()
     assert torch.allclose(ours, weight.grad, atol=1e-6) and ours != 0
+
+
+def test_minibatches_keep_the_sampling_order_first_then_shuffle_each_pass_by_its_key():
+    order = minibatches(5, 2, 3, (42, 0, 7))
+    assert order[:3] == [[0, 1], [2, 3], [4]]  # the first pass as sampled, the last minibatch short
+    assert [len(m) for m in order] == [2, 2, 1] * 3
+    for inner in (1, 2):
+        assert sorted(sum(order[3 * inner:3 * inner + 3], [])) == [0, 1, 2, 3, 4]  # each pass sees every prompt once
+    assert order != minibatches(5, 2, 3, (42, 0, 8)) and order == minibatches(5, 2, 3, (42, 0, 7))
+    assert sum(order[3:], []) != list(range(5)) * 2
+
+
+@pytest.mark.parametrize("make_scheduler", [sd_ddim, lambda: FlowMatchEulerDiscreteScheduler(shift=3.0)],
+                         ids=["ddim", "flow"])
+def test_off_policy_minibatches_are_clipped_and_the_advantage_sign_sets_where_the_reward_goes(make_scheduler):
+    # rounds of 4 groups of 8, each trained in minibatches of 2 groups for 2 passes (4 optimizer steps a round, the
+    # last 3 off-policy), as finetune_generator's grpo does; the reward is the final latents' first coordinate, far
+    # from 0 (+ 65). With the advantages as computed the expected reward rises; with their sign flipped it falls
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(6)
+    offset = torch.zeros(2, requires_grad=True)
+    predict = lambda x, i: torch.zeros_like(x) + offset
+
+    def expected_reward():  # on 256 fixed noises: the final latents are linear in the offset, so no sampling noise
+        with torch.no_grad():
+            trajectory, _ = sample(predict, scheduler, gaussian((256, 2), -1), lambda i: gaussian((256, 2), -2 - i))
+        return trajectory[-1][:, 0].mean().item() + 65
+    base = expected_reward()
+    for sign in (1, -1):
+        with torch.no_grad():
+            offset.zero_()
+        optimizer = torch.optim.Adam([offset], lr=0.05)
+        clipped = []
+        for number in range(10):
+            with torch.no_grad():
+                trajectory, log_probs = sample(predict, scheduler, gaussian((32, 2), number),
+                                               lambda i: gaussian((32, 2), 1000 * number + i))
+            trajectory = torch.stack(trajectory)
+            advantages = sign * group_advantages(trajectory[-1][:, 0] + 65, 8)
+            for groups in minibatches(4, 2, 2, (0, number)):
+                images = [g * 8 + k for g in groups for k in range(8)]
+                optimizer.zero_grad()
+                stats = train_on_trajectory(predict, scheduler, trajectory[:, images], log_probs[:, images],
+                                            advantages[images], range(6), 1e-4, 0.0, lambda loss: loss.backward())
+                clipped.append(stats["clipped"])
+                optimizer.step()
+        # the first minibatch of each round is on-policy (ratio 1: nothing outside the clip), the later ones were
+        # sampled by weights one to three steps older and the clip binds on them
+        assert all(c == 0 for c in clipped[::4]) and np.mean([c for k, c in enumerate(clipped) if k % 4]) > 0.5
+        assert (expected_reward() - base) * sign > 0.03, (sign, expected_reward(), base)

@@ -25,6 +25,8 @@ METHODS = ("draft", "refl", "grpo")
 # DRaFT's or ReFL's (docs/generators.md), and DDPO and Flow-GRPO train it at 3e-4
 LEARNING_RATES = {"draft": 1e-4, "refl": 1e-4, "grpo": 3e-4}
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# GRPO's passes over a sampled round (--num_inner_epochs): DDPO's and Flow-GRPO's each sample once (docs/generators.md)
+GRPO_INNER_EPOCHS = 1
 
 
 def check_choice(flag, value, choices):
@@ -68,12 +70,18 @@ def check_generator_flags(method, sampling_steps, grad_steps, rank, train_batch_
     check_choice("lr_scheduler", lr_scheduler, LR_SCHEDULERS)
 
 
-def check_grpo_flags(method, group_size, clip_range, timestep_fraction, kl_beta, reward_norm, calibration):
+def check_grpo_flags(method, group_size, clip_range, timestep_fraction, kl_beta, reward_norm, calibration,
+                     sample_batch_size=None, num_inner_epochs=None, train_batch_size=1,
+                     gradient_accumulation_steps=None):
     reward_norm_for(reward_norm, calibration)
     if method != "grpo":
         if reward_norm == "group":
             raise InputError(f"--reward_norm group: --method {method} samples each prompt once, so each group would "
                              f"be one image; use it with --method grpo, or --reward_norm prompt")
+        for flag, value in (("sample_batch_size", sample_batch_size), ("num_inner_epochs", num_inner_epochs)):
+            if value is not None:
+                raise InputError(f"--{flag} {value}: a GRPO flag (its rounds); --method {method} trains on each "
+                                 f"batch as it samples it")
         return
     if group_size < 2:
         raise InputError(f"--group_size {group_size}: must be at least 2 (advantages compare the images of a prompt)")
@@ -81,3 +89,13 @@ def check_grpo_flags(method, group_size, clip_range, timestep_fraction, kl_beta,
         raise InputError(f"--timestep_fraction {timestep_fraction}: must be in (0, 1]")
     if not clip_range > 0 or kl_beta < 0:
         raise InputError(f"--clip_range {clip_range} must be above 0 and --kl_beta {kl_beta} at least 0")
+    for flag, value in (("sample_batch_size", sample_batch_size), ("num_inner_epochs", num_inner_epochs)):
+        check_at_least(flag, 1 if value is None else value, 1)  # unset: a round of one minibatch, the default passes
+    if (sample_batch_size or train_batch_size) % train_batch_size:
+        raise InputError(f"--sample_batch_size {sample_batch_size}: a round of {sample_batch_size} prompts does not "
+                         f"split into minibatches of --train_batch_size {train_batch_size}; make it a multiple")
+    images, micro_batches = train_batch_size * group_size, gradient_accumulation_steps or 1
+    if images % micro_batches:
+        raise InputError(f"--gradient_accumulation_steps {micro_batches}: a minibatch of --train_batch_size "
+                         f"{train_batch_size} x --group_size {group_size} = {images} images does not split into "
+                         f"{micro_batches} micro-batches; make it a divisor of {images}")

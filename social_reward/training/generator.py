@@ -5,27 +5,30 @@ images. Families: SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1 (generators/families.py); fl
         --prompts prompts.txt --validation_prompts val_prompts.txt \
         --scorer ours=clip:clip_epoch_4_global_step_final.pth --output_dir ./sdxl_lora
 
-Methods (--method):
+Methods (--method), a module each in generators/ behind the same three names (METRICS, run_flags, prepare):
   draft  DRaFT-K (Clark et al. 2023, "Directly Fine-Tuning Diffusion Models on Differentiable Rewards"): sample
          (DDIM, or the flow-matching Euler step for SD3/FLUX) in --sampling_steps steps, the last --grad_steps K of
          them with gradient, decode, loss = -reward.
   refl   ReFL (Xu et al. 2023, ImageReward's ReFL.py): sample without gradient up to a step drawn from the last quarter
          (ReFL's 30-39 of 40), predict the clean image from it in one step with gradient, decode,
          loss = relu(2 - reward) * 1e-3 for imagereward: scorers, -reward * 1e-3 for any other (docs/generators.md).
-  grpo   GRPO (DDPO, Black et al. 2023; Flow-GRPO, Liu et al. 2025): --group_size images a prompt sampled with noise
-         injected (DDIM eta > 0, or the flow sampler's SDE) at the trained steps (grpo.trained_steps: the first
-         --timestep_fraction of the steps that inject noise; the near-deterministic last ones, and any left out,
-         take the deterministic step), scored without gradient; advantages standardised within each group; a
-         clipped importance-ratio loss over the trained steps, plus --kl_beta times the KL to the base (the LoRA
-         switched off). metrics.csv and the progress bar show its diagnostics (GRPO_METRICS).
+  grpo   GRPO (DDPO, Black et al. 2023; Flow-GRPO, Liu et al. 2025) in rounds: --sample_batch_size prompts x
+         --group_size images sampled with noise injected (DDIM eta > 0, or the flow sampler's SDE) at the trained
+         steps (grpo.trained_steps), scored without gradient, advantages standardised within each group; then
+         --num_inner_epochs passes over the round in minibatches of --train_batch_size prompts' groups, an optimizer
+         step each: a clipped importance-ratio loss over the trained steps (the later minibatches off-policy, bounded
+         by --clip_range), plus --kl_beta times the KL to the base (the LoRA switched off). metrics.csv and the
+         progress bar show its diagnostics (grpo.METRICS).
 Each scorer is normalised by --reward_norm (none, group, prompt, calibrated: reward/normalization.py) before --reward_weights
 combine them.
 The result is diffusers LoRA weights, alpha in their metadata: `pipeline.load_lora_weights(output_dir)`. Devices,
 processes and --mixed_precision come from `accelerate launch` (or the flag here); --train_batch_size is per process.
 """
+import contextlib
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import torch
 from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -37,29 +40,21 @@ from tqdm import tqdm
 from social_reward.data.prompts import read_prompts
 from social_reward.dist import make_accelerator
 from social_reward.errors import InputError
-from social_reward.generators.draft import method_loss
+from social_reward.generators import draft, grpo, refl
 from social_reward.generators.families import check_pipeline_folder, check_size, default_size, denoiser, load_pipeline
 from social_reward.generators.generate import take_aliases
-from social_reward.generators.grpo import check_noisy_sampler, grpo_sample, grpo_train, trained_steps
 from social_reward.generators.lora import LORA_WEIGHTS, add_lora, save_lora, set_lora_state_dict
-from social_reward.generators.refl import refl_stop
-from social_reward.generators.sampling import generate_images, schedule, start_noise, to_pil
+from social_reward.generators.sampling import generate_images, to_pil
 from social_reward.reward.mix import RewardMix
 from social_reward.training.checkpoints import find_state, free_space, rotate, save_state_whole
-from social_reward.training.flags import LEARNING_RATES, check_generator_flags, check_grpo_flags
+from social_reward.training.flags import GRPO_INNER_EPOCHS, LEARNING_RATES, check_generator_flags, check_grpo_flags
 from social_reward.training.guard import NonFiniteGuard
 from social_reward.training.metrics import MetricsLog
 
 METRICS = ("step", "loss", "reward", "val_reward")
 
 
-# GRPO's diagnostics, per optimizer step: the clipped surrogate alone, the KL to the base, the share of ratios
-# clipped, the advantages' mean and spread (after the clamp), the mean within-group std of the total reward (the
-# signal the advantages standardise) and the LoRA gradient's norm before clipping
-GRPO_METRICS = ("policy_loss", "kl", "clipped", "adv_mean", "adv_std", "reward_std", "grad_norm")
-
-
-REFL_MARGIN, REFL_GRAD_SCALE = 2.0, 1e-3  # ReFL.py: loss = relu(2 - reward).mean() * grad_scale (1e-3)
+METHODS = {"draft": draft, "refl": refl, "grpo": grpo}  # --method -> its module: METRICS, run_flags, prepare
 
 
 def parse_scorers(named_specs, reward_weights=None):
@@ -113,11 +108,61 @@ def lora_hooks(accelerator, pipeline, model):
     accelerator.register_load_state_pre_hook(load)
 
 
-def state_bytes(lora_params, optimizer):
-    """About the bytes a checkpoint writes: the LoRA tensors and the optimizer's state."""
-    tensors = [p for p in lora_params] + [v for state in optimizer.state.values() for v in state.values()
-                                          if isinstance(v, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+def state_bytes(lora_params, optimizer, kept=()):
+    """About the bytes a checkpoint writes: the LoRA tensors, the optimizer's state and the tensors of what a method
+    keeps in checkpoints (`kept`: GRPO's round start, a copy of the LoRA)."""
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            return [value]
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else []
+        return [t for v in values for t in tensors(v)]
+    found = tensors(list(lora_params)) + tensors([state for state in optimizer.state.values()]) + tensors(
+        [obj.state_dict() for obj in kept])
+    return sum(t.numel() * t.element_size() for t in found)
+
+
+def prompt_batches(accelerator, loader, progress, seed):
+    """The training prompts, batch after batch from the position in progress (epoch, batches_done), epoch after epoch:
+    each epoch's shuffle is seeded by its number and each prompt's noise keyed by (seed, epoch, the prompt's index), so
+    a resume takes the same prompts and noise next, in any batching. Each batch: epoch, index, last (the epoch's last
+    batch), prompts, keys."""
+    epoch, skip = progress["epoch"], progress["batches_done"]
+    while True:
+        loader.set_epoch(epoch)
+        for index, (indices, prompts) in enumerate(accelerator.skip_first_batches(loader, skip) if skip else loader,
+                                                   start=skip):
+            yield SimpleNamespace(epoch=epoch, index=index, last=index == len(loader) - 1, prompts=prompts,
+                                  keys=[("train", seed, epoch, i) for i in indices])
+        epoch, skip = epoch + 1, 0
+
+
+def make_trainer(accelerator, model, pipeline, rewards, lora_params, guard, flags, size, progress, loader):
+    """What a method's prepare(trainer) works with: the run's objects and flags, its position (progress, and the
+    prompt batches from it) and the loop's helpers: accumulate(sync), the context of a micro-batch's forward and
+    backward (the processes' gradients averaged at the optimizer step's last micro-batch only: DDP's no_sync must
+    hold the forward too); finite(value, step, prompts, reward_message), the non-finite guard on every process's
+    value; average({name: number}), the means over the processes; gather, what --reward_norm prompt's buffers learn
+    from; keep_in_checkpoints(obj), accelerate's register_for_checkpointing (obj.state_dict() saved in each
+    checkpoint, load_state_dict on resume)."""
+    kept = []
+
+    def finite(value, step, prompts, reward_message=None):
+        values = accelerator.gather(value.detach().float().reshape(1))
+        return guard.finite(values, f"step {step}", nonfinite_cause(values, prompts, reward_message))
+
+    def average(values):
+        means = accelerator.gather(torch.tensor([float(v) for v in values.values()], device=accelerator.device)[None])
+        return dict(zip(values, means.mean(0).tolist()))
+
+    def keep_in_checkpoints(obj):
+        accelerator.register_for_checkpointing(obj)
+        kept.append(obj)
+    return SimpleNamespace(
+        accelerator=accelerator, model=model, pipeline=pipeline, rewards=rewards, lora_params=lora_params,
+        guard=guard, flags=flags, size=size, progress=progress, kept=kept, gather=every_process(accelerator),
+        batches=prompt_batches(accelerator, loader, progress, flags.seed), finite=finite, average=average,
+        keep_in_checkpoints=keep_in_checkpoints,
+        accumulate=lambda sync: contextlib.nullcontext() if sync else accelerator.no_sync(model))
 
 
 CHECKPOINT_PREFIX = "checkpoint-"  # diffusers' scripts' checkpoint-STEP folders
@@ -159,7 +204,9 @@ def check_data_order(checkpoint, progress, order):
 RUN_DEFAULTS = {"reward_norm": "none", "calibration": None}
 
 
-NOISY_STEPS = "the noisy steps (grpo.trained_steps)"  # what GRPO trains on; before 2026-12-03, a seeded random subset
+# what GRPO's checkpoints of the version before rounds (2026-12-03) trained; before it, a seeded random subset of the
+# steps; since, grpo.VERSION
+NOISY_STEPS = "the noisy steps (grpo.trained_steps)"
 
 
 def find_checkpoint(resume_from_checkpoint, save_folder, run):
@@ -180,7 +227,8 @@ def find_checkpoint(resume_from_checkpoint, save_folder, run):
         saved["grpo_steps"] = NOISY_STEPS if "policy_loss" in header else "a seeded random subset of the steps"
     for flag in run:
         if saved.get(flag) != run[flag]:
-            what = (f"GRPO trained {saved.get(flag)} there, {run[flag]} here: start a new run" if flag == "grpo_steps"
+            older = {NOISY_STEPS: f"{NOISY_STEPS}, one update a sampled batch"}.get(saved.get(flag), saved.get(flag))
+            what = (f"GRPO trained {older} there, {run[flag]} here: start a new run" if flag == "grpo_steps"
                     else f"--{flag} {saved.get(flag)} there, {run[flag]} here")
             raise InputError(f"--resume_from_checkpoint {resume_from_checkpoint}: a checkpoint of another run "
                              f"({what})")
@@ -233,12 +281,13 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
                        gradient_checkpointing=False, mixed_precision=None, resume_from_checkpoint=None,
                        skip_nonfinite_loss=False, report_to=None, group_size=8, clip_range=1e-4,
                        timestep_fraction=1.0, kl_beta=0.0, noise_level=None, reward_norm="none", calibration=None,
-                       **aliases):
+                       sample_batch_size=None, num_inner_epochs=None, **aliases):
     """Fine-tune LoRA adapters of a pipeline folder of any supported family (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) to
     raise the reward of its images; writes checkpoint-STEP folders, metrics.csv, validation grids and
     output_dir/pytorch_lora_weights.safetensors (returned). Today's names (pretrained_model, save_folder,
     batch_size, save_every) are accepted for diffusers' ones. guidance_scale and resolution default to the
-    pipeline's own (SDXL 5.0 at 1024 px, FLUX.1 3.5, ...).
+    pipeline's own (SDXL 5.0 at 1024 px, FLUX.1 3.5, ...); GRPO's sample_batch_size to train_batch_size (a round of
+    one minibatch) and num_inner_epochs to flags.GRPO_INNER_EPOCHS.
 
     Example (a notebook, one process, the tiny pipeline of the tests):
         finetune_generator("tiny-sd", "prompts.txt", ["clip:init.pth,model=assets/tiny-clip.json"],
@@ -251,12 +300,18 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
     check_generator_flags(method, sampling_steps, grad_steps, rank, train_batch_size, max_train_steps,
                           checkpointing_steps, gradient_accumulation_steps, checkpoints_total_limit, lr_scheduler,
                           lr_warmup_steps)
-    check_grpo_flags(method, group_size, clip_range, timestep_fraction, kl_beta, reward_norm, calibration)
-    # a launch whose processes would each run alone is refused here, before anything is read
+    check_grpo_flags(method, group_size, clip_range, timestep_fraction, kl_beta, reward_norm, calibration,
+                     sample_batch_size, num_inner_epochs, train_batch_size, gradient_accumulation_steps)
     accelerator = make_accelerator(gradient_accumulation_steps=gradient_accumulation_steps or 1,
                                    mixed_precision=mixed_precision, log_with=report_to, project_dir=output_dir,
-                                   dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
-                                                                             data_seed=seed))
+                                   dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
+    # the count is the flag's or accelerate launch's, but the accumulation is the methods' own (a GRPO minibatch's
+    # micro-batches are not the loader's batches): accelerate is set to 1, so it neither scales a loss nor skips a step
+    if accelerator.gradient_accumulation_steps != (gradient_accumulation_steps or 1):
+        gradient_accumulation_steps = accelerator.gradient_accumulation_steps
+        check_grpo_flags(method, group_size, clip_range, timestep_fraction, kl_beta, reward_norm, calibration,
+                         sample_batch_size, num_inner_epochs, train_batch_size, gradient_accumulation_steps)
+    accelerator.gradient_accumulation_steps = 1
     family = check_pipeline_folder(pretrained_model_name_or_path)
     guidance_scale = family.default_guidance if guidance_scale is None else guidance_scale
     scorers = parse_scorers(scorer if isinstance(scorer, (list, tuple)) else [scorer], reward_weights)
@@ -264,6 +319,13 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
     val_prompts = read_prompts(validation_prompts, "--validation_prompts") if validation_prompts else []
     lora_alpha = rank if lora_alpha is None else lora_alpha
     learning_rate = LEARNING_RATES[method] if learning_rate is None else learning_rate
+    # what the methods read (generators/draft.py, refl.py, grpo.py)
+    flags = SimpleNamespace(
+        sampling_steps=sampling_steps, grad_steps=grad_steps, guidance_scale=guidance_scale, seed=seed,
+        train_batch_size=train_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+        group_size=group_size, clip_range=clip_range, timestep_fraction=timestep_fraction, kl_beta=kl_beta,
+        noise_level=noise_level, sample_batch_size=train_batch_size if sample_batch_size is None else sample_batch_size,
+        num_inner_epochs=GRPO_INNER_EPOCHS if num_inner_epochs is None else num_inner_epochs)
     set_seed(seed)
     # frozen weights in the autocast precision, as diffusers' LoRA script keeps them; the LoRA tensors in fp32
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
@@ -278,10 +340,7 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
            "sampling_steps": sampling_steps, "grad_steps": grad_steps, "guidance_scale": guidance_scale,
            "resolution": size[0] if size[0] == size[1] else list(size), "rank": rank, "lora_alpha": lora_alpha,
            "batch_size": train_batch_size, "learning_rate": learning_rate, "seed": seed, "reward_norm": reward_norm,
-           "calibration": calibration and os.path.abspath(calibration)}
-    if method == "grpo":
-        run.update(group_size=group_size, clip_range=clip_range, timestep_fraction=timestep_fraction,
-                   kl_beta=kl_beta, noise_level=noise_level, grpo_steps=NOISY_STEPS)
+           "calibration": calibration and os.path.abspath(calibration), **METHODS[method].run_flags(flags)}
     run = json.loads(json.dumps(run))  # as progress.json holds it (lists, not tuples)
     # what decides which prompts come next, and the arithmetic: a resume must keep them
     order = {"num_processes": accelerator.num_processes,
@@ -299,25 +358,25 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
         model.enable_gradient_checkpointing()
         pipeline.vae.enable_gradient_checkpointing()
     rewards = RewardMix.load(scorers, accelerator.device, reward_norm, calibration, gradient_checkpointing)
-    if method == "grpo":
-        sampler = schedule(pipeline, sampling_steps, start_noise(pipeline, [()], size)).scheduler
-        check_noisy_sampler(sampler, noise_level)
-        grpo_steps = trained_steps(sampler, timestep_fraction, noise_level)
     optimizer = torch.optim.AdamW(lora_params, lr=learning_rate)
     # as diffusers' scripts: the prepared scheduler steps once per process each optimizer step
     scheduler = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=lr_warmup_steps * accelerator.num_processes,
                               num_training_steps=max_train_steps * accelerator.num_processes)
-    loader = DataLoader(list(enumerate(train_prompts)), batch_size=train_batch_size, shuffle=True,
+    # a batch of the loader: a GRPO round's prompts (sample_batch_size), else an optimizer step's micro-batch
+    loader = DataLoader(list(enumerate(train_prompts)), batch_size=flags.sample_batch_size, shuffle=True,
                         collate_fn=lambda rows: ([i for i, _ in rows], [p for _, p in rows]))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     lora_hooks(accelerator, pipeline, model)
+    guard = NonFiniteGuard(accelerator, output_dir, skip_nonfinite_loss)
+    trainer = make_trainer(accelerator, model, pipeline, rewards, lora_params, guard, flags, size, progress, loader)
+    updates = METHODS[method].prepare(trainer)  # checks what the method needs of the pipeline, before any writing
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
     if checkpoint:
         accelerator.load_state(checkpoint)
         rewards.load_prompt_state(progress.get("prompt_stats"))
         accelerator.print(f"resuming from {checkpoint}: step {progress['step']}")
-    columns = METRICS + (GRPO_METRICS if method == "grpo" else ()) + tuple(f"reward_{name}" for name in rewards.names)
+    columns = METRICS + METHODS[method].METRICS + tuple(f"reward_{name}" for name in rewards.names)
     metrics = MetricsLog(accelerator, output_dir, columns, progress["step"] if checkpoint else None,
                          "social_reward_generator", report_to and {k: v for k, v in run.items() if not isinstance(v, list)})
     validate = validation(accelerator, pipeline, rewards, val_prompts, output_dir, size, sampling_steps,
@@ -325,84 +384,36 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
     if not checkpoint:
         metrics.log(step=0, val_reward=validate(0))
 
-    guard = NonFiniteGuard(accelerator, output_dir, skip_nonfinite_loss)
     bar = tqdm(total=max_train_steps, initial=progress["step"], disable=not accelerator.is_local_main_process)
-    losses, batch_rewards, extra = [], [], []
-    gather = every_process(accelerator)
     while progress["step"] < max_train_steps:
-        loader.set_epoch(progress["epoch"])  # the epoch's shuffle, the same after a resume
-        skip = progress["batches_done"]
-        for batch_index, (indices, prompts_batch) in enumerate(
-                accelerator.skip_first_batches(loader, skip) if skip else loader, start=skip):
-            step = progress["step"] + 1
-            with accelerator.accumulate(model), accelerator.autocast():
-                # each prompt's noise is keyed by the run's seed, the epoch and the prompt: the same in any batching
-                keys = [("train", seed, progress["epoch"], i) for i in indices]
-                if method == "grpo":
-                    group_prompts, cond, latents, log_probs, raw, reward = grpo_sample(
-                        model, pipeline, rewards, prompts_batch, keys, group_size, sampling_steps, guidance_scale,
-                        size, noise_level, gather, grpo_steps)
-                    all_rewards = accelerator.gather(reward.sum()[None])
-                    finite = guard.finite(all_rewards, f"step {step}", nonfinite_cause(
-                        all_rewards, prompts_batch, rewards.nonfinite_message(raw, group_prompts)))
-                    if finite:
-                        stats = grpo_train(accelerator, model, pipeline, cond, latents, log_probs, reward, group_size,
-                                           sampling_steps, guidance_scale, noise_level, grpo_steps, clip_range,
-                                           kl_beta)
-                        loss = torch.tensor(stats["loss"], device=accelerator.device)
-                        extra.append(accelerator.gather(torch.tensor([stats[k] for k in GRPO_METRICS[:-1]],
-                                                                     device=accelerator.device)[None]).mean(0))
-                else:
-                    loss, reward, raw = method_loss(method, model, pipeline, rewards, prompts_batch,
-                                                    start_noise(pipeline, keys, size, accelerator.device),
-                                                    sampling_steps, grad_steps, guidance_scale,
-                                                    refl_stop(sampling_steps, seed, step), size, gather)
-                    all_losses = accelerator.gather(loss.detach()[None])
-                    finite = guard.finite(all_losses, f"step {step}", nonfinite_cause(
-                        all_losses, prompts_batch, rewards.nonfinite_message(raw, prompts_batch)))
-                    if finite:
-                        accelerator.backward(loss)
-                if finite:
-                    losses.append(accelerator.gather(loss.detach()[None]).mean())
-                    batch_rewards.append(torch.cat([accelerator.gather(v.detach()[None].float()).mean()[None]
-                                                    for v in [reward.mean()] + [raw[n].mean() for n in rewards.names]]))
-            if not accelerator.sync_gradients:
-                continue
-            grad_norm = None
-            window_ok = guard.end_window()  # a window with a non-finite micro-batch reaches no optimizer step
-            if window_ok:
-                if max_grad_norm and max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(lora_params, max_grad_norm)
-                elif method == "grpo":
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in lora_params if p.grad is not None])
-                optimizer.step()
-                scheduler.step()
+        step = progress["step"] + 1
+        with accelerator.autocast():
+            stats = next(updates)  # the method's forward and backward of this step; None: the guard dropped it
+        grad_norm = None
+        if stats is not None:
+            if max_grad_norm and max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(lora_params, max_grad_norm)
             else:
-                progress["skipped_steps"] += 1
-            optimizer.zero_grad()
-            progress.update(step=step, batches_done=batch_index + 1)
-            done = step == max_train_steps
-            val_reward = validate(step) if step % checkpointing_steps == 0 or done else None
-            means = torch.stack(batch_rewards).mean(0).tolist() if window_ok else [None] * (1 + len(rewards.names))
-            # (DeepSpeed's clip_grad_norm_ returns None: the column is then empty)
-            grpo_means = dict(zip(GRPO_METRICS, torch.stack(extra).mean(0).tolist() + [
-                None if grad_norm is None else float(grad_norm)])) if window_ok and extra else {}
-            metrics.log(step=step, loss=torch.stack(losses).mean().item() if window_ok else None, reward=means[0],
-                        val_reward=val_reward, **grpo_means,
-                        **{f"reward_{name}": value for name, value in zip(rewards.names, means[1:])})
-            bar.update(1)
-            if window_ok:
-                bar.set_postfix(loss=f"{losses[-1].item():.4f}", **{k: f"{v:.3g}" for k, v in grpo_means.items()
-                                                                     if v is not None})
-            losses, batch_rewards, extra = [], [], []
-            if step % checkpointing_steps == 0 or done:
-                save_checkpoint(accelerator, output_dir, {**progress, "run": run, "order": order,
-                                                          "prompt_stats": rewards.prompt_state()},
-                                state_bytes(lora_params, optimizer), checkpoints_total_limit)
-            if done:
-                break
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in lora_params if p.grad is not None])
+            optimizer.step()
+            scheduler.step()
         else:
-            progress.update(epoch=progress["epoch"] + 1, batches_done=0)
+            progress["skipped_steps"] += 1
+        optimizer.zero_grad()
+        progress["step"] = step
+        done = step == max_train_steps
+        val_reward = validate(step) if step % checkpointing_steps == 0 or done else None
+        # (DeepSpeed's clip_grad_norm_ returns None: the column is then empty)
+        row = {**(stats or {}), "grad_norm": None if grad_norm is None else float(grad_norm)}
+        metrics.log(step=step, val_reward=val_reward, **row)
+        bar.update(1)
+        if stats is not None:
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", **{k: f"{v:.3g}" for k, v in row.items()
+                                                            if k in METHODS[method].METRICS and v is not None})
+        if step % checkpointing_steps == 0 or done:
+            save_checkpoint(accelerator, output_dir, {**progress, "run": run, "order": order,
+                                                      "prompt_stats": rewards.prompt_state()},
+                            state_bytes(lora_params, optimizer, trainer.kept), checkpoints_total_limit)
     if progress["skipped_steps"]:
         accelerator.print(f"skipped {progress['skipped_steps']} steps with a non-finite loss")
     final = save_final_lora(accelerator, pipeline, model, output_dir)
