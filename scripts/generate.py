@@ -27,7 +27,8 @@ def main():
     # diffusers' names (its pipelines' arguments and LoRA scripts' flags); today's names stay as aliases
     parser.add_argument("--pretrained_model_name_or_path", "--pretrained_model", required=True,
                         help="a pipeline folder (save_pretrained) of SD 1.x/2.x, SDXL, SD3/3.5 or FLUX.1")
-    parser.add_argument("--lora", default=None, help="LoRA weights: a finetune_generator.py output_dir or checkpoint")
+    parser.add_argument("--lora", default=None,
+                        help="LoRA weights: a scripts/finetune_generator.py output_dir or checkpoint")
     parser.add_argument("--prompts", required=True, nargs="+",
                         help="a text file (one a line), a json list, or a pair source (its prompts)")
     parser.add_argument("--samples", type=int, default=1, help="images per prompt")

@@ -5,7 +5,7 @@
     python scripts/score.py --prompt "a cat astronaut" a.png b.png c.png --checkout_path clip_final.pth \\
         --calibration comparison/calibration.json
 
---calibration FILE (compare.py --calibrate or validate.py --calibrate writes one, for this very scorer) prints beside
+--calibration FILE (scripts/compare.py --calibrate or validate.py --calibrate writes one, for this scorer) prints beside
 each score the probability that the image beats the prompt's median image (the median score), or --reference IMAGE.
 The work is social_reward.scoring.ranking.rank_images.
 """

@@ -35,7 +35,7 @@ def main():
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when there is a GPU)")
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
-                        help="fp32 (the original's), or autocast to bf16/fp16, as score.py")
+                        help="fp32 (the original's), or autocast to bf16/fp16, as scripts/score.py")
     parser.add_argument("--reward_weights", type=float, nargs="+", default=None, help="one per SPEC (default 1 each)")
     parser.add_argument("--reward_norm", default=None, choices=REWARD_NORMS,
                         help="each scorer's normalisation within a request before the weights (docs/reward.md); "

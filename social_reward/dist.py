@@ -17,7 +17,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, get_int_from_env, parse_flag_from_env
 
-from social_reward.errors import InputError
+from social_reward.errors import InputError, described
 
 # where a launcher says how many processes it started: torchrun and accelerate launch (WORLD_SIZE), MPI's launchers
 LAUNCHED = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -58,17 +58,17 @@ def make_accelerator(**kwargs):
 
 
 def decided_together(check, *args):
-    """check(*args) on every process, and the first InputError any process raised raised on every process: a check
-    that fails on some processes only (a node-local disk) stops them all in one line, instead of leaving the others
-    waiting at the next barrier. With one process, check(*args)."""
+    """check(*args) on every process, and the first error any process raised raised on every process (as InputError,
+    in one line naming the process): a check that fails on some processes only (a node-local disk) stops them all,
+    instead of leaving the others waiting at the next barrier. With one process, check(*args)."""
     state = PartialState() if launched_processes() > 1 else None
     if state is None or state.num_processes == 1:
         return check(*args)
     try:
         check(*args)
         failed = None
-    except InputError as e:
-        failed = f"process {state.process_index}: {e}"
+    except Exception as e:  # any error (a folder missing on one node too): the others must not wait for this one
+        failed = f"process {state.process_index}: {e if isinstance(e, InputError) else described(e)}"
     failures = [message for message in gather_object([failed]) if message]
     if failures:
         raise InputError(failures[0])

@@ -299,3 +299,14 @@ def test_a_nonfinite_micro_batch_drops_its_whole_accumulation_window(nan_at, sha
     assert all(torch.equal(dropped[k], after_window_1[k]) for k in after_window_1)
     assert not all(torch.equal(dropped[k], v) for k, v in torch.load(
         clean / "clip_epoch_0_global_step_final.pth", weights_only=True).items())  # window 2 did move the clean run
+
+
+def test_a_run_into_a_folder_with_a_later_runs_state_keeps_its_own_newest_state(shapes_pairs, tiny_init, tmp_path):
+    """A second run into a save_folder whose earlier run got further (training_state_step_1600) keeps the state it
+    writes, so `--resume_from_checkpoint latest` resumes this run, not the earlier one."""
+    save_folder = tmp_path / "run"
+    (save_folder / "training_state_step_1600").mkdir(parents=True)
+    (save_folder / "training_state_step_1600" / "progress.json").write_text("{}")
+    finetune_model(shapes_pairs.iloc[:4], "visual_last_layer", batch_size=2, n_epochs=1, save_folder=str(save_folder),
+                   checkout_path=tiny_init, model=TINY_CLIP, num_workers=0)
+    assert sorted(f for f in os.listdir(save_folder) if f.startswith("training_state")) == ["training_state_step_2"]

@@ -88,3 +88,18 @@ def test_report_to_tensorboard_logs_the_same_metrics(shapes_pairs, tiny_init, tm
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert [s for s, _ in logged] == list(metrics.step)
     assert [v for _, v in logged] == pytest.approx(list(metrics.loss))
+
+
+def test_a_truncated_jpeg_decoded_in_a_loader_worker_is_drawn_too(shapes_pairs, tiny_init, tmp_path):
+    """The loader's worker reads the truncated JPEG as the original's loader did (the missing part grey); the main
+    process, which draws the contact sheet, must read it the same way, not fail on it."""
+    import io
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buffer, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    paths = [str(tmp_path / "cut.jpg"), *shapes_pairs.pos_path[:2]]
+    result = run_script("scripts/score.py", "--prompt", "three blue squares", *paths, "--checkout_path", tiny_init,
+                        "--model", TINY_CLIP, "--device", "cpu", "--num_workers", "1", "--grid",
+                        str(tmp_path / "grid.png"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "grid.png").exists() and str(tmp_path / "cut.jpg") in result.stdout

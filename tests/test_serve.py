@@ -455,6 +455,17 @@ def test_refusals_past_the_budget_wait_their_turn():
     assert pacer.turn() == 0.0 and pacer.tokens == 49
 
 
+def test_a_refusal_waits_at_most_its_bound_then_goes_at_once():
+    """A flood of connections past the bucket would hold one waiting refusal each, without end: past max_wait a
+    refusal takes no turn and is answered at once."""
+    from social_reward.serving.admission import Pacer
+    now = [0.0]
+    pacer = Pacer(rate=200, burst=50, max_wait=1.0, clock=lambda: now[0])
+    waits = [pacer.turn() for _ in range(300)]
+    assert waits[:250] == pytest.approx([0.0] * 50 + [k / 200 for k in range(1, 201)])  # up to a second's wait
+    assert waits[250:] == [0.0] * 50 and max(waits) == pytest.approx(1.0)  # then at once, taking no token
+
+
 def test_json_bodies_of_millions_of_prompts_are_refused_without_holding_up_health_or_scoring(core, local):
     # 40 MB of 14 million empty prompts: json.loads on the event loop held every connection for a second a body
     server = Server(make_app(LocalBackend(core, 64, 10)))  # the default limits: 64 MB bodies, 256 images
@@ -590,6 +601,32 @@ def test_a_scorer_stuck_past_the_request_timeout_turns_health_to_503_until_it_an
         assert abs(answer.json()["scores"][0] - local([images[1]], ["b"])[0].item()) < TOL
     finally:
         release.set()
+        server.stop()
+
+
+def test_batches_that_all_fail_turn_health_to_503_until_one_is_scored(core, local):
+    """A device error fails every request of a batch (500, the server's fault, not the request's): after
+    FAILING_BATCHES such batches in a row /health answers 503, so an orchestrator restarts the server."""
+    from social_reward.serving.batching import FAILING_BATCHES
+
+    class DeviceDown(FailingFirstBatch):
+        def score_batch(self, requests):
+            self.calls += 1
+            if self.calls <= FAILING_BATCHES:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return self.core.score_batch(requests)
+    server = Server(make_app(LocalBackend(DeviceDown(core), 64, 10), Limits(request_timeout=5)))
+    try:
+        images = pictures(FAILING_BATCHES + 1, 26)
+        for i in range(FAILING_BATCHES):
+            assert post(server.url, [f"p{i}"], [png(images[i])]).status_code == 500
+            health = requests.get(server.url + "/health", timeout=10)
+            assert health.status_code == (503 if i + 1 == FAILING_BATCHES else 200), health.text
+        assert "batches failed every request" in health.json()["error"] and "CUDA error" in health.json()["error"]
+        answer = post(server.url, ["b"], [png(images[-1])])  # the device is back: scored, and /health ok again
+        assert abs(answer.json()["scores"][0] - local([images[-1]], ["b"])[0].item()) < TOL
+        assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    finally:
         server.stop()
 
 

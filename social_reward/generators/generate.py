@@ -2,9 +2,9 @@
 SDXL, SD3/3.5, FLUX.1), with or without a fine-tuning's LoRA, appended to a generations table that
 evaluate_generators.py reads.
 
-    python scripts/generate.py --pretrained_model_name_or_path stable-diffusion-2-1-base/ --prompts prompts.txt --samples 4 \
+    python scripts/generate.py --pretrained_model_name_or_path stable-diffusion-2-1-base/ --prompts prompts.txt --samples 4 \\
         --generator base --output_dir generations/
-    python scripts/generate.py --pretrained_model_name_or_path stable-diffusion-2-1-base/ --lora sd_lora/ \
+    python scripts/generate.py --pretrained_model_name_or_path stable-diffusion-2-1-base/ --lora sd_lora/ \\
         --prompts prompts.txt --samples 4 --generator tuned --output_dir generations/
     python scripts/evaluate_generators.py generations/generations.parquet --scorer ours=clip:clip_final.pth --out table/
 

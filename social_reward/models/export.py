@@ -278,7 +278,7 @@ images made for the same prompt (a score's absolute value means little across pr
 
 ## Source
 - checkpoint: `{os.path.basename(checkpoint)}`, sha256 `{checkpoint_sha256}`
-- exported with the Social Reward repository's `export.py --to {to}` (weights in float32); checked on export: the
+- exported with the Social Reward repository's `scripts/export.py --to {to}` (weights in float32); checked on export: the
   image and text embeddings of this folder differ from the checkpoint's by at most {difference:.1e}
 """
 

@@ -67,7 +67,7 @@ class Reward(nn.Module):
     def load(cls, spec, device="cpu", gradient_checkpointing=False, calibration=None):
         """A Reward from a scorer spec ("clip:final.pth", "hpsv2:HPS_v2.1_compressed.pt", "pickscore:DIR", ...).
         gradient_checkpointing: recompute the image tower's blocks in the backward pass (memory at 512 px batches).
-        calibration: a calibration.json (compare.py --calibrate) holding this scorer's entry: the reward is then
+        calibration: a calibration.json (scripts/compare.py --calibrate) holding this scorer's entry: the reward is then
         t * score, in log-odds units (a file fitted for another scorer or weights is refused)."""
         temperature = None
         if calibration is not None:

@@ -41,7 +41,7 @@ class RewardMix(nn.Module):
             uncalibrated = [name for name, r in zip(self.names, rewards) if r.temperature is None]
             if uncalibrated:
                 raise InputError(f"--reward_norm calibrated: no calibration for {', '.join(uncalibrated)} "
-                                 f"(give --calibration FILE, compare.py --calibrate writes one)")
+                                 f"(give --calibration FILE, scripts/compare.py --calibrate writes one)")
         self.prompt_stats = {name: PromptStats() for name in self.names} if reward_norm == "prompt" else None
 
     @classmethod

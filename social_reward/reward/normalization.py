@@ -25,7 +25,7 @@ def reward_norm_for(reward_norm, calibration):
     reward_norm = check_reward_norm(reward_norm or ("none" if calibration is None else "calibrated"))
     if (calibration is None) == (reward_norm == "calibrated"):
         raise InputError("--calibration goes with --reward_norm calibrated" if calibration is not None else
-                         "--reward_norm calibrated: give --calibration FILE (compare.py --calibrate writes one)")
+                         "--reward_norm calibrated: give --calibration FILE (scripts/compare.py --calibrate writes one)")
     return reward_norm
 
 

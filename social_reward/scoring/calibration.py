@@ -249,7 +249,7 @@ def read_calibration(path, spec):
                          f"{str(e).splitlines()[0][:160]})") from None
     if not isinstance(entries, dict) or not all(isinstance(e, dict) and {"spec", "weights", "temperature"} <= set(e)
                                                 for e in entries.values()):
-        raise InputError(f"--calibration {path}: not a calibration file (compare.py --calibrate or validate.py "
+        raise InputError(f"--calibration {path}: not a calibration file (scripts/compare.py --calibrate or validate.py "
                          f"--calibrate writes one: {{scorer: {{spec, weights, temperature, ...}}}})")
     canonical, key = weights_key(spec)
     same_spec = [e for e in entries.values() if e["spec"] == canonical]

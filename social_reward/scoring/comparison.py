@@ -1,8 +1,8 @@
 """Compare reward models on the same pairs: a table of accuracies, how often they agree, and what each picks.
 
-    python scripts/compare.py val.parquet HPD/test.json --image_root HPD/test \
-        --scorer ours=clip:clip_epoch_4_global_step_final.pth --scorer clip=clip:ViT-L-14.pt \
-        --scorer hps=hpsv2:HPS_v2.1_compressed.pt --scorer pickscore=pickscore:PickScore_v1 \
+    python scripts/compare.py val.parquet HPD/test.json --image_root HPD/test \\
+        --scorer ours=clip:clip_epoch_4_global_step_final.pth --scorer clip=clip:ViT-L-14.pt \\
+        --scorer hps=hpsv2:HPS_v2.1_compressed.pt --scorer pickscore=pickscore:PickScore_v1 \\
         --scorer aesthetic=aesthetic:sac+logos+ava1-l14-linearMSE.pth,clip=ViT-L-14.pt --out comparison/
 
 Every source (any layout the scripts read) is scored by every scorer, one scorer's model in memory at a time, each

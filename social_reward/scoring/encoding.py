@@ -95,8 +95,9 @@ def encode_images(model, preprocess, paths, device, batch_size=1024, num_workers
 
 @torch.no_grad()
 def encode_prompts(model, tokenizer, prompts, device, batch_size=1024):
-    """L2-normalised embeddings of `prompts`, in order, as a float32 tensor on the CPU (under several processes each
-    encodes a share)."""
+    """The model's text embeddings of `prompts` (`encode_text(tokens, normalize=True)`: L2-normalised; PickScore's
+    scaled by its logit_scale, so that a dot product is its score), in order, as a float32 tensor on the CPU (under
+    several processes each encodes a share)."""
     return across_processes(lambda share: _prompt_features(model, tokenizer, share, device, batch_size), list(prompts))
 
 

@@ -1,7 +1,7 @@
 """Text-to-image models side by side under any rewards: a leaderboard of mean scores and the win rate of each model
 over each other on the prompts both have (the paper's table of a fine-tuned Stable Diffusion against its base).
 
-    python scripts/evaluate_generators.py generations.parquet --scorer ours=clip:clip_final.pth \
+    python scripts/evaluate_generators.py generations.parquet --scorer ours=clip:clip_final.pth \\
         --scorer hps=hpsv2:HPS_v2.1_compressed.pt --scorer pickscore=pickscore:PickScore_v1 --out generators/
     python scripts/evaluate_generators.py hps_images/ --prompts HPSv2/benchmark/ --scorer ours=clip:clip_final.pth
 

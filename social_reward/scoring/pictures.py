@@ -5,11 +5,13 @@ import os
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from social_reward.data.cells import image_file
+from social_reward.data.images import load_truncated_images
 
 
 def comparison_picture(picked, path, thumb=192, image_format=None):
     """One row per prompt, one column per name (a scorer, a generator): picked is [(prompt, {name: (image, score)})],
     each image captioned with its name and score."""
+    load_truncated_images()  # the images the scoring code read, as it read them (a truncated JPEG too)
     names = list(picked[0][1])
     header, caption = 34, 24
     sheet = Image.new("RGB", (len(names) * thumb, len(picked) * (header + thumb + caption)), "white")
@@ -27,6 +29,7 @@ def comparison_picture(picked, path, thumb=192, image_format=None):
 
 def contact_sheet(ranking, path, thumb=224, columns=5):
     """Draw the ranked images in a grid, each with its rank and score underneath, and save it to `path`."""
+    load_truncated_images()  # the images the scoring code read, as it read them (a truncated JPEG too)
     columns = min(columns, len(ranking))
     rows, label = math.ceil(len(ranking) / columns), 28
     sheet = Image.new("RGB", (columns * thumb, rows * (thumb + label)), "white")

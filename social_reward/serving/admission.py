@@ -18,6 +18,9 @@ import time
 from social_reward.serving.limits import Refusal
 
 REFUSALS_PER_SECOND, REFUSAL_BURST = 200, 50
+# the longest a refusal waits: past it (a flood of connections), it is answered at once, so that waiting refusals do
+# not hold connections without end (uvicorn's own --limit-concurrency counts them, /health included)
+MAX_REFUSAL_WAIT = 1.0
 
 
 class Admission:
@@ -27,7 +30,7 @@ class Admission:
     def __init__(self, limits, metrics, backend):
         self.limits, self.metrics, self.backend = limits, metrics, backend
         self.admitted, self.stopping = 0, False
-        self.pacer = Pacer(REFUSALS_PER_SECOND, REFUSAL_BURST)
+        self.pacer = Pacer(REFUSALS_PER_SECOND, REFUSAL_BURST, MAX_REFUSAL_WAIT)
 
     def refusal(self):
         """The Refusal a /score request arriving now gets, or None: it is admitted."""
@@ -70,15 +73,19 @@ class Admission:
 
 
 class Pacer:
-    """A token bucket: `rate` turns a second, `burst` at once; a turn taken past them waits until its token comes."""
+    """A token bucket: `rate` turns a second, `burst` at once; a turn taken past them waits until its token comes, up
+    to `max_wait` seconds: a turn that would wait longer takes no token and goes at once."""
 
-    def __init__(self, rate, burst, clock=time.monotonic):
-        self.rate, self.burst, self.clock = rate, burst, clock
+    def __init__(self, rate, burst, max_wait=float("inf"), clock=time.monotonic):
+        self.rate, self.burst, self.max_wait, self.clock = rate, burst, max_wait, clock
         self.tokens, self.refilled = float(burst), clock()
 
     def turn(self):
-        """Seconds until the turn taken now: 0 while tokens are left."""
+        """Seconds until the turn taken now: 0 while tokens are left (or when the wait would pass max_wait)."""
         now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate) - 1
+        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
         self.refilled = now
+        if (1 - self.tokens) / self.rate > self.max_wait:
+            return 0.0
+        self.tokens -= 1
         return max(0.0, -self.tokens / self.rate)

@@ -27,6 +27,9 @@ class Job:
         return len(self.prompts)
 
 
+FAILING_BATCHES = 3  # batches in a row whose every request failed (500) before /health answers 503
+
+
 class Batcher:
     """One scoring thread; requests coalesce into a batch of up to max_batch_size images, waiting at most max_wait_ms
     after the first request of the batch arrived (a request larger than max_batch_size is a batch of its own). The
@@ -40,6 +43,7 @@ class Batcher:
         self.seconds_per_image = 0.0  # measured, for Retry-After
         # when the thread last ended a batch, and when it took the batch it is scoring (None: none): /health's
         self.progress, self.scoring_since = time.monotonic(), None
+        self.failing = (0, None)  # the batches in a row whose every request failed (500), and the last one's line
         self.thread = threading.Thread(target=self._run, name="scoring", daemon=True)
 
     def start(self):
@@ -109,18 +113,21 @@ class Batcher:
     def _run(self):
         while (batch := self._next_batch()) is not None:
             try:
-                self._score(batch)
+                answers = self._score(batch)
             except BaseException as e:  # the server's only scoring thread: it answers the batch and goes on
-                failed = Refusal(500, f"scoring failed ({described(e)})")
-                for job in batch:
+                answers = [Refusal(500, f"scoring failed ({described(e)})")] * len(batch)
+                for job, answer in zip(batch, answers):
                     if not job.future.done():
-                        job.future.set_result(failed)
+                        job.future.set_result(answer)
             finally:
                 self.progress, self.scoring_since = time.monotonic(), None
+            failed = [a for a in answers if isinstance(a, Refusal) and a.status == 500]
+            if answers:  # a batch of requests whose clients all left says nothing
+                self.failing = (self.failing[0] + 1, failed[-1].message) if len(failed) == len(answers) else (0, None)
 
     def _score(self, batch):
         if not batch:
-            return
+            return []
         started = time.monotonic()
         answers = self.core.score_batch([(job.images, job.prompts) for job in batch])
         seconds, size = time.monotonic() - started, sum(len(job) for job in batch)
@@ -129,6 +136,7 @@ class Batcher:
         self.on_batch(size, seconds)
         for job, answer in zip(batch, answers):
             job.future.set_result(answer)
+        return answers
 
 
 class LocalBackend:
@@ -153,12 +161,16 @@ class LocalBackend:
 
     def fault(self, stalled_after):
         """Why the backend cannot answer, in one line (/health's 503), or None: its scoring thread is dead, or has
-        had requests for `stalled_after` seconds and answered none."""
+        had requests for `stalled_after` seconds and answered none, or its last FAILING_BATCHES batches failed every
+        request (500: the server's fault, a device error say, not the requests')."""
         if not self.batcher.alive():
             return "the scoring thread has died; restart the server"
         stalled = self.batcher.stalled_for()
         if stalled > stalled_after:
             return f"the scoring thread has answered no request for {stalled:.0f} s while requests wait"
+        batches, message = self.batcher.failing
+        if batches >= FAILING_BATCHES:
+            return f"the last {batches} batches failed every request ({message})"
         return None
 
     def retry_after(self, queued_images):

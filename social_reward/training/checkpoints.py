@@ -4,7 +4,7 @@ progress.json), each written whole or not at all after a free-space check every 
 
     save_state_whole(accelerator, os.path.join(save_folder, "checkpoint-100"), {"step": 100}, nbytes)
     folder = find_state(resume_from_checkpoint, save_folder, "checkpoint-", "checkpoint-STEP folder")
-    rotate(accelerator, save_folder, "checkpoint-", keep=3)
+    rotate(accelerator, os.path.join(save_folder, "checkpoint-100"), "checkpoint-", keep=3)
 """
 import glob
 import json
@@ -20,7 +20,7 @@ def save_state_whole(accelerator, folder, progress, nbytes):
     """accelerator.save_state plus progress.json (our position in the run) into `folder`, written under a temporary
     name and renamed when whole, so a run killed while saving leaves the previous state as it was. A disk without
     room for about `nbytes` on any process stops every process before anything is written."""
-    free_space(accelerator, os.path.dirname(folder), nbytes, os.path.basename(folder))
+    free_space(os.path.dirname(folder), nbytes, os.path.basename(folder))
     tmp = folder + ".tmp"
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -36,7 +36,7 @@ def save_state_whole(accelerator, folder, progress, nbytes):
     accelerator.wait_for_everyone()
 
 
-def free_space(accelerator, folder, nbytes, what):
+def free_space(folder, nbytes, what):
     """outputs.check_free_space on every process, decided together: a node-local disk short of room on one process
     stops them all in one line (dist.decided_together), before anything is written."""
     decided_together(check_free_space, folder, nbytes, what)
@@ -62,9 +62,12 @@ def find_state(resume_from_checkpoint, save_folder, prefix, described):
     return resume_from_checkpoint
 
 
-def rotate(accelerator, save_folder, prefix, keep):
-    """Delete all but the newest `keep` whole PREFIX<N> folders (none deleted when keep is None)."""
+def rotate(accelerator, written, prefix, keep):
+    """Keep `written` (the PREFIX<N> folder just written) and the newest `keep` - 1 others of its folder; delete the
+    rest (nothing when keep is None). The folder just written always stays, even when an earlier run into the same
+    folder left higher-numbered ones."""
     if accelerator.is_main_process and keep:
-        for old in state_folders(save_folder, prefix)[:-keep]:
+        others = [p for p in state_folders(os.path.dirname(written), prefix) if p != written]
+        for old in others[:len(others) - (keep - 1)]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

@@ -44,8 +44,8 @@ def save_checkpoint(accelerator, model, save_folder, names, save_format="pth"):
     Each file appears whole or not at all: written to a temporary name, then renamed.
     """
     state_dict = accelerator.get_state_dict(model)
-    free_space(accelerator, save_folder, sum(v.numel() * (4 if v.is_floating_point() else v.element_size())
-                                             for v in state_dict.values()), f"{names[0]}.{save_format}")
+    free_space(save_folder, sum(v.numel() * (4 if v.is_floating_point() else v.element_size())
+                                for v in state_dict.values()), f"{names[0]}.{save_format}")
     if accelerator.is_main_process:
         state_dict = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in state_dict.items()}
         paths = [os.path.join(save_folder, f"{name}.{save_format}") for name in names]
@@ -69,8 +69,9 @@ def save_training_state(accelerator, save_folder, progress, optimizer):
     folder renamed into place when whole; only the newest such folder is kept."""
     nbytes = sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
                  if isinstance(v, torch.Tensor))
-    save_state_whole(accelerator, os.path.join(save_folder, f"{STATE_PREFIX}{progress['step']}"), progress, nbytes)
-    rotate(accelerator, save_folder, STATE_PREFIX, keep=1)
+    folder = os.path.join(save_folder, f"{STATE_PREFIX}{progress['step']}")
+    save_state_whole(accelerator, folder, progress, nbytes)
+    rotate(accelerator, folder, STATE_PREFIX, keep=1)
 
 
 def start_position(state_dir, clip, save_folder, sharded):

@@ -1,8 +1,8 @@
 """Fine-tune a text-to-image pipeline through a reward: LoRA on its denoiser, gradient from the reward of its own
 images. Families: SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1 (generators/families.py); flags named as diffusers' LoRA scripts'.
 
-    accelerate launch scripts/finetune_generator.py --pretrained_model_name_or_path stable-diffusion-xl-base-1.0/ \
-        --prompts prompts.txt --validation_prompts val_prompts.txt \
+    accelerate launch scripts/finetune_generator.py --pretrained_model_name_or_path stable-diffusion-xl-base-1.0/ \\
+        --prompts prompts.txt --validation_prompts val_prompts.txt \\
         --scorer ours=clip:clip_epoch_4_global_step_final.pth --output_dir ./sdxl_lora
 
 Methods (--method), a module each in generators/ behind the same three names (METRICS, run_flags, prepare):
@@ -174,13 +174,13 @@ def save_checkpoint(accelerator, output_dir, progress, nbytes, checkpoints_total
     before writing. With checkpoints_total_limit, the oldest beyond it are deleted once the new one is whole."""
     folder = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{progress['step']}")
     save_state_whole(accelerator, folder, progress, nbytes)
-    rotate(accelerator, output_dir, CHECKPOINT_PREFIX, checkpoints_total_limit)
+    rotate(accelerator, folder, CHECKPOINT_PREFIX, checkpoints_total_limit)
 
 
 def save_final_lora(accelerator, pipeline, model, output_dir):
     """output_dir/pytorch_lora_weights.safetensors, the file pipeline.load_lora_weights(output_dir) reads."""
     lora_params = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
-    free_space(accelerator, output_dir, sum(p.numel() * p.element_size() for p in lora_params), LORA_WEIGHTS)
+    free_space(output_dir, sum(p.numel() * p.element_size() for p in lora_params), LORA_WEIGHTS)
     if accelerator.is_main_process:
         tmp = os.path.join(output_dir, "final.tmp")
         save_lora(pipeline, tmp, accelerator.unwrap_model(model))
