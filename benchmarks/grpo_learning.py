@@ -4,7 +4,7 @@ with its defaults on each tiny pipeline, and the tuned generator against its bas
     python benchmarks/grpo_learning.py                     # sd, sdxl, sd3, flux; about 4 min on a 2-CPU VM
     python benchmarks/grpo_learning.py --families sd sd3 --rewards pickscore_like clip --seeds 0 1 2 \\
         --json benchmarks/results-grpo-learning-cpu.json
-    python benchmarks/grpo_learning.py --kl_beta 0.04 --low_noise 0   # the settings before issue 33
+    python benchmarks/grpo_learning.py --kl_beta 0.04 --low_noise 0   # the settings before 2026-12-03
     python benchmarks/grpo_learning.py --run num_inner_epochs=2         # two updates a round, the second off-policy
 
 Each run: the family's tiny pipeline (social_reward.synthetic.pipelines.make_tiny_pipeline) at 16 px, 6 sampling steps,
@@ -107,7 +107,7 @@ def main():
     parser.add_argument("--kl_beta", type=float, default=0.0)
     parser.add_argument("--low_noise", type=float, default=None,
                         help="social_reward.generators.grpo.LOW_NOISE for this run (0: train every step, as before "
-                             "issue 33)")
+                             "2026-12-03)")
     parser.add_argument("--samples", type=int, default=8, help="evaluation samples a prompt")
     parser.add_argument("--run", nargs="+", default=[], metavar="FLAG=VALUE",
                         help="finetune_generator flags over RUN's (values as JSON), e.g. train_batch_size=1 "

@@ -58,18 +58,23 @@ def make_accelerator(**kwargs):
 
 
 def decided_together(check, *args):
-    """check(*args) on every process, and the first error any process raised raised on every process (as InputError,
-    in one line naming the process): a check that fails on some processes only (a node-local disk) stops them all,
-    instead of leaving the others waiting at the next barrier. With one process, check(*args)."""
+    """check(*args) on every process, the processes agreeing on the outcome: a check that fails on some processes only
+    (a node-local disk) stops them all, instead of leaving the others waiting at the next barrier. Every process
+    raises the first failure as one InputError line naming its process; a process whose own error was not an
+    InputError (a bug, say) raises that error itself, traceback and all. With one process, check(*args)."""
     state = PartialState() if launched_processes() > 1 else None
     if state is None or state.num_processes == 1:
         return check(*args)
+    error = None
     try:
         check(*args)
-        failed = None
     except Exception as e:  # any error (a folder missing on one node too): the others must not wait for this one
-        failed = f"process {state.process_index}: {e if isinstance(e, InputError) else described(e)}"
+        error = e
+    failed = None if error is None else \
+        f"process {state.process_index}: {error if isinstance(error, InputError) else described(error)}"
     failures = [message for message in gather_object([failed]) if message]
+    if error is not None and not isinstance(error, InputError):
+        raise error
     if failures:
         raise InputError(failures[0])
 

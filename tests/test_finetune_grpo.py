@@ -251,6 +251,8 @@ def test_a_grpo_run_resumed_mid_round_ends_on_the_uninterrupted_lora_and_prompt_
     whole = finetune(tiny_sd, files["prompts"], files["clip"], output_dir=str(tmp_path / "whole"), **run)
     checkpoint = shutil.copytree(tmp_path / "whole" / "checkpoint-7", tmp_path / "resumed" / "checkpoint-7")
     assert json.load(open(checkpoint / "progress.json"))["round_updates"] == 3
+    # the round's start (its LoRA) is kept as safetensors, read back without unpickling anything
+    assert (checkpoint / "kept-0.safetensors").exists() and not list(checkpoint.glob("custom_checkpoint_*"))
     # the metrics.csv of a version that logged fewer columns: the resumed file gets them, empty in the old rows
     rows = pd.read_csv(tmp_path / "whole" / "metrics.csv")
     rows[rows.step <= 7].drop(columns=["grad_norm", "adv_std"]).to_csv(tmp_path / "resumed" / "metrics.csv",

@@ -310,3 +310,21 @@ def test_a_run_into_a_folder_with_a_later_runs_state_keeps_its_own_newest_state(
     finetune_model(shapes_pairs.iloc[:4], "visual_last_layer", batch_size=2, n_epochs=1, save_folder=str(save_folder),
                    checkout_path=tiny_init, model=TINY_CLIP, num_workers=0)
     assert sorted(f for f in os.listdir(save_folder) if f.startswith("training_state")) == ["training_state_step_2"]
+
+
+def test_rotation_keeps_the_state_just_written_and_the_newest_others_it_wrote(tmp_path):
+    """checkpoints.rotate with a limit of 4 over six checkpoints written one after the other: the four written last
+    stay; a higher-numbered folder an earlier run left goes before this run's own."""
+    from types import SimpleNamespace
+
+    from social_reward.training.checkpoints import rotate
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    (tmp_path / "checkpoint-900").mkdir()  # an earlier run's, written before this run's
+    os.utime(tmp_path / "checkpoint-900", (1, 1))
+    for step in range(1, 7):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        os.utime(tmp_path / f"checkpoint-{step}", (step + 10, step + 10))
+        rotate(accelerator, str(tmp_path / f"checkpoint-{step}"), "checkpoint-", keep=4)
+        assert (tmp_path / f"checkpoint-{step}").exists()
+    assert sorted(os.listdir(tmp_path), key=lambda n: int(n.split("-")[1])) == [
+        "checkpoint-3", "checkpoint-4", "checkpoint-5", "checkpoint-6"]

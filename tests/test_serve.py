@@ -455,15 +455,15 @@ def test_refusals_past_the_budget_wait_their_turn():
     assert pacer.turn() == 0.0 and pacer.tokens == 49
 
 
-def test_a_refusal_waits_at_most_its_bound_then_goes_at_once():
+def test_a_refusal_waits_at_most_its_bound():
     """A flood of connections past the bucket would hold one waiting refusal each, without end: past max_wait a
-    refusal takes no turn and is answered at once."""
+    refusal takes no turn and waits max_wait (still slowed, its connection held at most that long)."""
     from social_reward.serving.admission import Pacer
     now = [0.0]
     pacer = Pacer(rate=200, burst=50, max_wait=1.0, clock=lambda: now[0])
     waits = [pacer.turn() for _ in range(300)]
     assert waits[:250] == pytest.approx([0.0] * 50 + [k / 200 for k in range(1, 201)])  # up to a second's wait
-    assert waits[250:] == [0.0] * 50 and max(waits) == pytest.approx(1.0)  # then at once, taking no token
+    assert waits[250:] == [1.0] * 50  # then the bound, taking no token: a connection held at most a second
 
 
 def test_json_bodies_of_millions_of_prompts_are_refused_without_holding_up_health_or_scoring(core, local):

@@ -18,8 +18,8 @@ import time
 from social_reward.serving.limits import Refusal
 
 REFUSALS_PER_SECOND, REFUSAL_BURST = 200, 50
-# the longest a refusal waits: past it (a flood of connections), it is answered at once, so that waiting refusals do
-# not hold connections without end (uvicorn's own --limit-concurrency counts them, /health included)
+# the longest a refusal waits: past it (a flood of connections) it waits that long and takes no turn, so that waiting
+# refusals do not hold connections without end (uvicorn's own --limit-concurrency counts them, /health included)
 MAX_REFUSAL_WAIT = 1.0
 
 
@@ -74,18 +74,19 @@ class Admission:
 
 class Pacer:
     """A token bucket: `rate` turns a second, `burst` at once; a turn taken past them waits until its token comes, up
-    to `max_wait` seconds: a turn that would wait longer takes no token and goes at once."""
+    to `max_wait` seconds: a turn that would wait longer waits `max_wait` and takes no token (a connection is held
+    at most that long, and a flood past the bucket is still slowed)."""
 
     def __init__(self, rate, burst, max_wait=float("inf"), clock=time.monotonic):
         self.rate, self.burst, self.max_wait, self.clock = rate, burst, max_wait, clock
         self.tokens, self.refilled = float(burst), clock()
 
     def turn(self):
-        """Seconds until the turn taken now: 0 while tokens are left (or when the wait would pass max_wait)."""
+        """Seconds until the turn taken now: 0 while tokens are left, at most max_wait."""
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
         self.refilled = now
         if (1 - self.tokens) / self.rate > self.max_wait:
-            return 0.0
+            return self.max_wait
         self.tokens -= 1
         return max(0.0, -self.tokens / self.rate)

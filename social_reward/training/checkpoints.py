@@ -11,15 +11,18 @@ import json
 import os
 import shutil
 
+from safetensors.torch import save_file
+
 from social_reward.dist import decided_together
 from social_reward.errors import InputError
 from social_reward.outputs import check_free_space
 
 
-def save_state_whole(accelerator, folder, progress, nbytes):
-    """accelerator.save_state plus progress.json (our position in the run) into `folder`, written under a temporary
-    name and renamed when whole, so a run killed while saving leaves the previous state as it was. A disk without
-    room for about `nbytes` on any process stops every process before anything is written."""
+def save_state_whole(accelerator, folder, progress, nbytes, tensors=None):
+    """accelerator.save_state plus progress.json (our position in the run) into `folder`, and `tensors` ({file name:
+    {key: tensor}}, written as safetensors: read back without unpickling anything), written under a temporary name
+    and renamed when whole, so a run killed while saving leaves the previous state as it was. A disk without room for
+    about `nbytes` on any process stops every process before anything is written."""
     free_space(os.path.dirname(folder), nbytes, os.path.basename(folder))
     tmp = folder + ".tmp"
     if accelerator.is_main_process and os.path.exists(tmp):
@@ -30,6 +33,9 @@ def save_state_whole(accelerator, folder, progress, nbytes):
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "progress.json"), "w") as f:
             json.dump(progress, f)
+        for name, named in (tensors or {}).items():
+            save_file({key: value.detach().contiguous().cpu() for key, value in named.items()},
+                      os.path.join(tmp, name))
         if os.path.exists(folder):
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -63,11 +69,13 @@ def find_state(resume_from_checkpoint, save_folder, prefix, described):
 
 
 def rotate(accelerator, written, prefix, keep):
-    """Keep `written` (the PREFIX<N> folder just written) and the newest `keep` - 1 others of its folder; delete the
-    rest (nothing when keep is None). The folder just written always stays, even when an earlier run into the same
-    folder left higher-numbered ones."""
+    """Keep `written` (the PREFIX<N> folder just written) and the `keep` - 1 others of its folder written last; delete
+    the rest (nothing when keep is None). Ordered by when they were written, not by N: an earlier run into the same
+    folder may have left higher-numbered ones, which go first."""
     if accelerator.is_main_process and keep:
-        others = [p for p in state_folders(os.path.dirname(written), prefix) if p != written]
-        for old in others[:len(others) - (keep - 1)]:
+        others = [p for p in state_folders(os.path.dirname(written), prefix)
+                  if os.path.basename(p) != os.path.basename(written)]
+        others.sort(key=os.path.getmtime)
+        for old in others[:max(0, len(others) - (keep - 1))]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

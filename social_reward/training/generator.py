@@ -31,7 +31,7 @@ import shutil
 from types import SimpleNamespace
 
 import torch
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
@@ -142,8 +142,8 @@ def make_trainer(accelerator, model, pipeline, rewards, lora_params, guard, flag
     backward (the processes' gradients averaged at the optimizer step's last micro-batch only: DDP's no_sync must
     hold the forward too); finite(value, step, prompts, reward_message), the non-finite guard on every process's
     value; average({name: number}), the means over the processes; gather, what --reward_norm prompt's buffers learn
-    from; keep_in_checkpoints(obj), accelerate's register_for_checkpointing (obj.state_dict() saved in each
-    checkpoint, load_state_dict on resume)."""
+    from; keep_in_checkpoints(obj): obj.state_dict() (lists of tensors, and JSON) saved in each checkpoint
+    (kept_state), load_state_dict on resume (restore_kept)."""
     kept = []
 
     def finite(value, step, prompts, reward_message=None):
@@ -155,7 +155,6 @@ def make_trainer(accelerator, model, pipeline, rewards, lora_params, guard, flag
         return dict(zip(values, means.mean(0).tolist()))
 
     def keep_in_checkpoints(obj):
-        accelerator.register_for_checkpointing(obj)
         kept.append(obj)
     return SimpleNamespace(
         accelerator=accelerator, model=model, pipeline=pipeline, rewards=rewards, lora_params=lora_params,
@@ -168,12 +167,38 @@ def make_trainer(accelerator, model, pipeline, rewards, lora_params, guard, flag
 CHECKPOINT_PREFIX = "checkpoint-"  # diffusers' scripts' checkpoint-STEP folders
 
 
-def save_checkpoint(accelerator, output_dir, progress, nbytes, checkpoints_total_limit=None):
-    """output_dir/checkpoint-STEP: the LoRA weights (diffusers format), optimizer, scheduler and RNG states and
-    progress.json, written under a temporary name and renamed when whole; a disk without room for it is refused
-    before writing. With checkpoints_total_limit, the oldest beyond it are deleted once the new one is whole."""
+def kept_state(kept):
+    """What a method keeps in checkpoints (GRPO's round start), in files read back without unpickling: each kept
+    object's lists of tensors as kept-I.safetensors, the rest of its state_dict (JSON) for progress.json."""
+    tensors, rest = {}, []
+    for i, obj in enumerate(kept):
+        state = obj.state_dict()
+        lists = {k for k, v in state.items()
+                 if isinstance(v, list) and v and all(isinstance(t, torch.Tensor) for t in v)}
+        tensors[f"kept-{i}.safetensors"] = {f"{k}.{j}": t for k in lists for j, t in enumerate(state[k])}
+        rest.append({k: v for k, v in state.items() if k not in lists})
+    return tensors, rest
+
+
+def restore_kept(kept, checkpoint, rest):
+    """kept_state's files of `checkpoint` back into the kept objects (load_state_dict)."""
+    from safetensors.torch import load_file
+    for i, (obj, state) in enumerate(zip(kept, rest)):
+        tensors = load_file(os.path.join(checkpoint, f"kept-{i}.safetensors"))
+        lists = {}
+        for key in sorted(tensors, key=lambda key: int(key.rpartition(".")[2])):
+            lists.setdefault(key.rpartition(".")[0], []).append(tensors[key])
+        obj.load_state_dict({**state, **lists})
+
+
+def save_checkpoint(accelerator, output_dir, progress, nbytes, checkpoints_total_limit=None, kept=()):
+    """output_dir/checkpoint-STEP: the LoRA weights (diffusers format), optimizer, scheduler and RNG states,
+    progress.json and what the method keeps (kept_state), written under a temporary name and renamed when whole; a
+    disk without room for it is refused before writing. With checkpoints_total_limit, the oldest beyond it are
+    deleted once the new one is whole."""
     folder = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{progress['step']}")
-    save_state_whole(accelerator, folder, progress, nbytes)
+    tensors, rest = kept_state(kept)
+    save_state_whole(accelerator, folder, {**progress, "kept": rest}, nbytes, tensors)
     rotate(accelerator, folder, CHECKPOINT_PREFIX, checkpoints_total_limit)
 
 
@@ -312,6 +337,10 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
         check_grpo_flags(method, group_size, clip_range, timestep_fraction, kl_beta, reward_norm, calibration,
                          sample_batch_size, num_inner_epochs, train_batch_size, gradient_accumulation_steps)
     accelerator.gradient_accumulation_steps = 1
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # its engine steps the optimizer at each backward unless accelerate accumulates, which the methods do instead
+        raise InputError("scripts/finetune_generator.py under DeepSpeed: not supported (the methods accumulate a "
+                         "step's micro-batches themselves, and DeepSpeed would step at each); use DDP or FSDP")
     family = check_pipeline_folder(pretrained_model_name_or_path)
     guidance_scale = family.default_guidance if guidance_scale is None else guidance_scale
     scorers = parse_scorers(scorer if isinstance(scorer, (list, tuple)) else [scorer], reward_weights)
@@ -374,6 +403,7 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
         os.makedirs(output_dir, exist_ok=True)
     if checkpoint:
         accelerator.load_state(checkpoint)
+        restore_kept(trainer.kept, checkpoint, progress.get("kept", []))
         rewards.load_prompt_state(progress.get("prompt_stats"))
         accelerator.print(f"resuming from {checkpoint}: step {progress['step']}")
     columns = METRICS + METHODS[method].METRICS + tuple(f"reward_{name}" for name in rewards.names)
@@ -413,7 +443,7 @@ def finetune_generator(pretrained_model_name_or_path=None, prompts=None, scorer=
         if step % checkpointing_steps == 0 or done:
             save_checkpoint(accelerator, output_dir, {**progress, "run": run, "order": order,
                                                       "prompt_stats": rewards.prompt_state()},
-                            state_bytes(lora_params, optimizer, trainer.kept), checkpoints_total_limit)
+                            state_bytes(lora_params, optimizer, trainer.kept), checkpoints_total_limit, trainer.kept)
     if progress["skipped_steps"]:
         accelerator.print(f"skipped {progress['skipped_steps']} steps with a non-finite loss")
     final = save_final_lora(accelerator, pipeline, model, output_dir)
