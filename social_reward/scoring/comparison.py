@@ -1,18 +1,9 @@
-"""Compare reward models on the same pairs: a table of accuracies, how often they agree, and what each picks.
+"""Reward models compared on the same pairs, the work of scripts/compare.py: every source scored by every scorer
+through the kept scores (one scorer's model in memory at a time, only what --out lacks scored), then the table of
+accuracies with intervals, how often the scorers agree, what each picks, and optionally each one's calibration.
 
-    python scripts/compare.py val.parquet HPD/test.json --image_root HPD/test \\
-        --scorer ours=clip:clip_epoch_4_global_step_final.pth --scorer clip=clip:ViT-L-14.pt \\
-        --scorer hps=hpsv2:HPS_v2.1_compressed.pt --scorer pickscore=pickscore:PickScore_v1 \\
-        --scorer aesthetic=aesthetic:sac+logos+ava1-l14-linearMSE.pth,clip=ViT-L-14.pt --out comparison/
-
-Every source (any layout the scripts read) is scored by every scorer, one scorer's model in memory at a time, each
-distinct image and prompt encoded once. Scores are kept in --out as they are made: run again after an interruption,
-and only what is missing is scored. Writes table.csv, table.md, agreement.csv and comparison.png into --out; with
---calibrate also calibration.json and calibration.png (calibration.py: each scorer's temperature, fitted on the
-pairs of 80% of the prompts, its ECE reported on the other 20%, every source pooled).
-
-An accuracy's 95% interval treats the prompt as the unit (intervals.py): a benchmark with several pairs a prompt
-(HPD v2, ImageReward) has fewer independent prompts than pairs.
+    table = compare(["val.parquet"], {"ours": "clip:final.pth", "hps": "hpsv2:HPS_v2.1_compressed.pt"}, out="cmp/")
+    print(markdown_table(table))
 """
 import os
 

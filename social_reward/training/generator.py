@@ -1,28 +1,11 @@
-"""Fine-tune a text-to-image pipeline through a reward: LoRA on its denoiser, gradient from the reward of its own
-images. Families: SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1 (generators/families.py); flags named as diffusers' LoRA scripts'.
+"""Fine-tune a text-to-image pipeline through a reward: the work of scripts/finetune_generator.py (its --help
+describes the methods and flags; docs/generators.md the rest). LoRA on the family's denoiser, one training loop for
+every method: a method module (generators/draft.py, refl.py, grpo.py) yields each optimizer step's forward and
+backward, and the loop clips, steps, logs, validates and checkpoints (checkpoint-STEP folders, resumable), then writes
+diffusers' LoRA weights.
 
-    accelerate launch scripts/finetune_generator.py --pretrained_model_name_or_path stable-diffusion-xl-base-1.0/ \\
-        --prompts prompts.txt --validation_prompts val_prompts.txt \\
-        --scorer ours=clip:clip_epoch_4_global_step_final.pth --output_dir ./sdxl_lora
-
-Methods (--method), a module each in generators/ behind the same three names (METRICS, run_flags, prepare):
-  draft  DRaFT-K (Clark et al. 2023, "Directly Fine-Tuning Diffusion Models on Differentiable Rewards"): sample
-         (DDIM, or the flow-matching Euler step for SD3/FLUX) in --sampling_steps steps, the last --grad_steps K of
-         them with gradient, decode, loss = -reward.
-  refl   ReFL (Xu et al. 2023, ImageReward's ReFL.py): sample without gradient up to a step drawn from the last quarter
-         (ReFL's 30-39 of 40), predict the clean image from it in one step with gradient, decode,
-         loss = relu(2 - reward) * 1e-3 for imagereward: scorers, -reward * 1e-3 for any other (docs/generators.md).
-  grpo   GRPO (DDPO, Black et al. 2023; Flow-GRPO, Liu et al. 2025) in rounds: --sample_batch_size prompts x
-         --group_size images sampled with noise injected (DDIM eta > 0, or the flow sampler's SDE) at the trained
-         steps (grpo.trained_steps), scored without gradient, advantages standardised within each group; then
-         --num_inner_epochs passes over the round in minibatches of --train_batch_size prompts' groups, an optimizer
-         step each: a clipped importance-ratio loss over the trained steps (the later minibatches off-policy, bounded
-         by --clip_range), plus --kl_beta times the KL to the base (the LoRA switched off). metrics.csv and the
-         progress bar show its diagnostics (grpo.METRICS).
-Each scorer is normalised by --reward_norm (none, group, prompt, calibrated: reward/normalization.py) before --reward_weights
-combine them.
-The result is diffusers LoRA weights, alpha in their metadata: `pipeline.load_lora_weights(output_dir)`. Devices,
-processes and --mixed_precision come from `accelerate launch` (or the flag here); --train_batch_size is per process.
+    finetune_generator("tiny-sd", "prompts.txt", ["clip:init.pth,model=assets/tiny-clip.json"], method="grpo",
+                       sampling_steps=4, resolution=32, max_train_steps=10, output_dir="tiny_lora")
 """
 import contextlib
 import json
