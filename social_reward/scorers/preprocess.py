@@ -106,8 +106,9 @@ class ClipImageProcessor:
         return self.tensor(images)
 
     def pil(self, image):
-        # RGB first: PIL resizes a palette or 1-bit image with nearest neighbour whatever the filter asked for
-        image = image.convert("RGB")
+        # RGB first: PIL resizes a palette or 1-bit image with nearest neighbour whatever the filter asked for (an RGB
+        # image is not copied: open_clip's MaybeConvertMode, which PickScore's path used before, skipped it too)
+        image = image if image.mode == "RGB" else image.convert("RGB")
         if self.resample == "uint8":
             return self.tensor(TF.pil_to_tensor(image))
         height, width = ((self.size, int(self.size * image.width / image.height)) if image.height <= image.width
